@@ -1,0 +1,3 @@
+from carlos.cli import main
+
+main()

@@ -1,0 +1,285 @@
+"""What Lightning does not already do for a carlos run: metrics.jsonl records, text samples, the seed's
+checkpoint layout (step_XXXXXX.pt, best.pt, last.pt) written atomically, and a progress bar that shows
+loss and tokens/s."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+
+from carlos.config import CarlosError
+from carlos.generate import generate
+
+
+def write_atomically(path: Path, write) -> None:
+    """write(file) into a temporary file beside path, fsync, then rename over path: readers (and a
+    crash at any moment) see either the old file or the new one, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CarlosError(f"cannot write {path} ({e.strerror}); free some space or choose another --workdir") from None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's TorchCheckpointIO writes straight into the target file, so a kill mid-write leaves a
+    truncated checkpoint; this one writes a temporary file and renames it."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        write_atomically(Path(path), lambda f: torch.save(checkpoint, f))
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+class JsonlLogger(Logger):
+    """metrics.jsonl: one JSON object a line. On resume, records past the checkpoint's step are dropped
+    so steps never repeat."""
+
+    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+        super().__init__()
+        self.path = path
+        if rank_zero_only.rank == 0:
+            kept = []
+            if resume_step is not None and path.exists():
+                for line in path.read_text(encoding="utf-8").splitlines():
+                    try:
+                        if json.loads(line).get("step", 0) <= resume_step:
+                            kept.append(line + "\n")
+                    except ValueError:  # a line cut short by a crash
+                        continue
+            write_atomically(path, lambda f: f.write("".join(kept).encode("utf-8")))
+
+    @property
+    def name(self) -> str:
+        return "jsonl"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass  # the config snapshot is .hydra/config.yaml
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        record = {"step": step, **metrics}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def log_record(trainer: L.Trainer, record: dict[str, float]) -> None:
+    """Send one record to every logger (metrics.jsonl, W&B)."""
+    step = record.pop("step")
+    for logger in trainer.loggers:
+        logger.log_metrics(record, step=step)
+
+
+class TrainMetrics(Callback):
+    """Train records every log_interval optimizer steps, validation records after each validation."""
+
+    def __init__(self, log_interval: int, tokens_per_step: int) -> None:
+        self.log_interval = log_interval
+        self.tokens_per_step = tokens_per_step
+        self.last: dict[str, float] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self.mark_time = time.perf_counter()
+        self.mark_step = self.seen_step = trainer.global_step
+        self.lr = trainer.optimizers[0].param_groups[0]["lr"]
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module, optimizer) -> None:
+        self.lr = optimizer.param_groups[0]["lr"]  # the lr of the update about to happen
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self.seen_step:  # mid-accumulation
+            return
+        self.seen_step = step
+        if step % self.log_interval:
+            return
+        now = time.perf_counter()
+        record = {
+            "step": step,
+            "tokens": step * self.tokens_per_step,
+            "lr": self.lr,
+            "train_loss": pl_module.pop_train_loss(),
+            "tokens_per_s": (step - self.mark_step) * self.tokens_per_step / max(now - self.mark_time, 1e-9),
+            "elapsed_s": round(pl_module.elapsed_s(), 3),
+        }
+        self.mark_time, self.mark_step = now, step
+        self.last.update(loss=record["train_loss"], tokens_per_s=record["tokens_per_s"])
+        if record["train_loss"] is not None and not math.isfinite(record["train_loss"]):
+            raise CarlosError(
+                f"train loss is {record['train_loss']} at step {step}; lower --peak_lr or raise warmup. "
+                "Checkpoints written before this step are kept"
+            )
+        log_record(trainer, record)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        m = pl_module.val_metrics
+        step = trainer.global_step
+        self.last.update(val_loss=m["loss"], val_bpb=m["bpb"])
+        log_record(trainer, {
+            "step": step,
+            "tokens": step * self.tokens_per_step,
+            "val_loss": m["loss"],
+            "val_ppl": m["ppl"],
+            "val_bpb": m["bpb"],
+            "elapsed_s": round(pl_module.elapsed_s(), 3),
+        })
+        # time spent validating is not training throughput
+        self.mark_time += time.perf_counter() - getattr(self, "_val_started", time.perf_counter())
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._val_started = time.perf_counter()
+
+
+class SampleText(Callback):
+    """After each validation, sample.tokens tokens from sample.prefix into samples/step_XXXXXX.txt (and W&B)."""
+
+    def __init__(self, samples_dir: Path, prefix_ids: list[int], prefix: str, tokens: int, temperature: float,
+                 top_k: int, top_p: float, seed: int, eos_id: int | None) -> None:
+        self.dir = samples_dir
+        self.prefix_ids, self.prefix, self.tokens = prefix_ids, prefix, tokens
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.seed, self.eos_id = seed, eos_id
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.sanity_checking or self.tokens <= 0 or not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        model = pl_module.model
+        was_training = model.training
+        model.eval()
+        # a private generator: sampling must not move the training RNG
+        gen = torch.Generator(device=pl_module.device).manual_seed(self.seed + step)
+        ids = generate(model, self.prefix_ids, self.tokens, self.temperature, self.top_k, self.top_p, gen, self.eos_id)
+        model.train(was_training)
+        text = self.prefix + bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        write_atomically(self.dir / f"{step_name(step)}.txt", lambda f: f.write(text.encode("utf-8")))
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_text"):
+                logger.log_text(key="samples", columns=["step", "text"], data=[[step, text]], step=step)
+
+
+class Checkpoints(Callback):
+    """checkpoints/step_XXXXXX.pt every ckpt_interval optimizer steps and at the end, best.pt at the lowest
+    val loss, last.pt a copy of the newest step file.
+
+    Written here rather than by two ModelCheckpoint callbacks because the order matters for resuming:
+    at a step that both validates and checkpoints, best.pt must be written first and last.pt after it,
+    so that last.pt's record of the best loss includes that validation. ModelCheckpoint saves its step
+    files before validation runs."""
+
+    def __init__(self, dirpath: Path, ckpt_interval: int, eval_interval: int) -> None:
+        self.dir = dirpath
+        self.every, self.eval_every = ckpt_interval, eval_interval
+        self.best = self.best_bpb = math.inf
+        self.best_step = -1
+        self.saved_step = -1
+        self.seen_step = -1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_bpb": self.best_bpb, "best_step": self.best_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_bpb, self.best_step = float(state["best"]), float(state["best_bpb"]), int(state["best_step"])
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self.seen_step = self.saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self.seen_step:  # mid-accumulation
+            return
+        self.seen_step = step
+        if 0 < trainer.max_steps <= step:
+            trainer.should_stop = True  # makes Lightning validate now; on_validation_end saves
+        elif step % self.every == 0 and step % self.eval_every != 0:
+            self.save(trainer, step)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        step = trainer.global_step
+        loss = pl_module.val_metrics["loss"]
+        if loss < self.best:
+            self.best, self.best_bpb, self.best_step = loss, pl_module.val_metrics["bpb"], step
+            trainer.save_checkpoint(self.dir / "best.pt", weights_only=False)
+        if step % self.every == 0 or trainer.should_stop:
+            self.save(trainer, step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.global_step != self.saved_step:
+            self.save(trainer, trainer.global_step)
+
+    def save(self, trainer: L.Trainer, step: int) -> None:
+        if step == self.saved_step and (self.dir / "last.pt").exists():
+            return
+        loss_sum = getattr(trainer.lightning_module, "loss_sum", None)
+        if loss_sum is not None and not torch.isfinite(loss_sum):
+            raise CarlosError(
+                f"train loss became {loss_sum.item()} before step {step}; not checkpointing it. Lower --peak_lr "
+                "or raise --warmup_steps; the checkpoints already written are kept"
+            )
+        path = self.dir / f"{step_name(step)}.pt"
+        trainer.save_checkpoint(path, weights_only=False)  # False: full training state
+        if trainer.is_global_zero:
+            write_atomically(self.dir / "last.pt", lambda f: f.write(path.read_bytes()))
+        self.saved_step = step
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar counting optimizer steps (Lightning counts micro-batches) and showing the
+    latest train loss, tokens/s and val bpb."""
+
+    def __init__(self, metrics: TrainMetrics) -> None:
+        super().__init__()
+        self.metrics = metrics
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        super().on_train_epoch_start(trainer)
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
+        bar.n = bar.initial = trainer.global_step
+        bar.set_description("train")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        bar = self.train_progress_bar
+        if bar is not None and trainer.global_step != bar.n:
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            bar.refresh()
+
+    def get_metrics(self, trainer: L.Trainer, pl_module) -> dict[str, str]:
+        last = self.metrics.last
+        shown = {}
+        if last.get("loss") is not None:
+            shown["loss"] = f"{last['loss']:.3f}"
+        if "tokens_per_s" in last:
+            shown["tok/s"] = f"{last['tokens_per_s']:,.0f}"
+        if "val_bpb" in last:
+            shown["val_bpb"] = f"{last['val_bpb']:.3f}"
+        return shown

@@ -1,0 +1,358 @@
+"""`carlos <command>`: the seed's flags turned into Hydra overrides, checked up front, then the Hydra app.
+
+    carlos train --workdir ./run --peak_lr 3e-3          (seed spelling)
+    carlos train workdir=./run optimizer.lr=3e-3           (Hydra spelling; both mix)
+    python scripts/train.py model=baseline trainer.precision=bf16-mixed
+
+Every problem a user can fix is one line on stderr and exit code 2; CARLOS_DEBUG=1 adds the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from carlos.config import CarlosError, nearest
+
+COMMANDS = ("prepare", "train", "eval", "sample")
+
+# the seed's flags, per command -> config key
+SEED_FLAGS: dict[str, dict[str, str]] = {
+    "prepare": {
+        "input": "input", "workdir": "workdir", "seed": "seed", "overwrite": "overwrite",
+        "seq_len": "data.seq_len", "normalize_nfkc": "data.normalize_nfkc", "add_bos": "data.add_bos",
+        "add_eos": "data.add_eos", "val_fraction": "data.val_fraction", "test_fraction": "data.test_fraction",
+        "separator": "data.separator",
+    },
+    "train": {
+        "workdir": "workdir", "seed": "seed", "resume": "resume", "overwrite": "overwrite",
+        "micro_batch_size": "data.micro_batch_size", "grad_accum_steps": "trainer.accumulate_grad_batches",
+        "precision": "trainer.precision", "max_steps": "trainer.max_steps", "max_time": "trainer.max_time",
+        "peak_lr": "optimizer.lr", "weight_decay": "optimizer.weight_decay", "grad_clip": "trainer.gradient_clip_val",
+        "warmup_steps": "schedule.warmup_steps", "min_lr": "schedule.min_lr",
+        "eval_interval": "eval_interval", "ckpt_interval": "ckpt_interval", "log_interval": "log_interval",
+        "sample_prefix": "sample.prefix", "sample_tokens": "sample.tokens",
+        "wandb_project": "wandb.project", "wandb_entity": "wandb.entity", "wandb_run_name": "wandb.run_name",
+        "wandb_tags": "wandb.tags", "wandb_mode": "wandb.mode",
+    },
+    "eval": {
+        "workdir": "workdir", "checkpoint": "checkpoint", "split": "split", "json": "json",
+        "batch_size": "batch_size", "device": "device",
+    },
+    "sample": {
+        "workdir": "workdir", "checkpoint": "checkpoint", "prompt": "prompt", "max_new_tokens": "max_new_tokens",
+        "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "num_samples": "num_samples",
+        "seed": "seed", "device": "device",
+    },
+}
+# keys whose values are always text, even when they look like numbers (a prompt of "42")
+TEXT_KEYS = {"input", "workdir", "checkpoint", "split", "prompt", "sample.prefix", "data.separator",
+             "wandb.project", "wandb.entity", "wandb.run_name", "wandb.mode", "trainer.max_time",
+             "trainer.precision", "device"}
+# Hydra's own command-line flags, passed through unchanged (True: takes a value)
+HYDRA_FLAGS = {
+    "-m": False, "--multirun": False, "-h": False, "--help": False, "--hydra-help": False, "--version": False,
+    "--resolve": False, "-r": False, "--run": False, "-sc": False, "--shell-completion": False,
+    "-c": True, "--cfg": True, "-p": True, "--package": True, "-cp": True, "--config-path": True,
+    "-cn": True, "--config-name": True, "-cd": True, "--config-dir": True, "--experimental-rerun": True,
+    "-i": None, "--info": None,  # optional value
+}
+INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+BOOL_WORDS = {"true": "true", "yes": "true", "on": "true", "1": "true",
+              "false": "false", "no": "false", "off": "false", "0": "false", "auto": "auto"}
+PLAIN_VALUE = re.compile(r"^[-+]?[0-9][0-9_.eE+-]*(,[-+]?[0-9][0-9_.eE+-]*)*$|^(true|false|null)$")
+SWEEP_FUNCTION = re.compile(r"^(range|choice|interval|glob|tag|shuffle|sort)\(.*\)$")
+
+
+def conf_dir() -> Path:
+    """conf/ beside the package in a clone or editable install; carlos/conf inside an installed wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise CarlosError(f"carlos's configs are missing (looked in {here / 'conf'}); reinstall carlos")
+
+
+def hydra_quote(value: str) -> str:
+    """Quote text for Hydra's override grammar so that the config receives exactly `value`: spaces,
+    commas, quotes, backslashes, Windows paths and a literal '${' included."""
+    if "${" in value:  # OmegaConf would read it as an interpolation: escape it, keeping backslashes before it
+        value = re.sub(r"(\\*)\$\{", lambda m: "\\" * (2 * len(m.group(1)) + 1) + "${", value)
+    # Hydra's quoted strings: \' is a quote; backslashes before a quote or at the end are doubled
+    value = re.sub(r"(\\*)('|\Z)", lambda m: "\\" * (2 * len(m.group(1))) + ("\\'" if m.group(2) else ""), value)
+    return f"'{value}'"
+
+
+# ---------------------------------------------------------------- composing without running
+
+
+def compose(command: str, overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+            return hydra_compose(config_name=command, overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def flat_keys(cfg, prefix: str = "") -> dict[str, Any]:
+    from omegaconf import DictConfig
+
+    out = {}
+    for k in cfg.keys():
+        node = cfg._get_node(k)
+        full = f"{prefix}{k}"
+        if isinstance(node, DictConfig):
+            out.update(flat_keys(node, full + "."))
+        else:
+            out[full] = node._value()
+    return out
+
+
+def _group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def _explain_hydra_error(e: Exception, keys: list[str]) -> str:
+    msg = str(e).strip()
+    first = msg.splitlines()[0] if msg else type(e).__name__
+    m = re.search(r"Could not override '([^']+)'", msg) or re.search(r"Key '([^']+)' is not in struct", msg)
+    if m:
+        key = m.group(1)
+        return f"unknown key '{key}'{nearest(key, keys)}; prefix it with + to add a new key (+{key}=...)"
+    m = re.search(r"Could not find '([^/']+)/([^']+)'", msg) or re.search(r"Could not load '([^/']+)/([^']+)'", msg)
+    if m:
+        group, option = m.groups()
+        options = _group_options(group)
+        return f"unknown {group} '{option}'{nearest(option, options)}; choose {group}={'|'.join(options)}"
+    if type(e).__name__ == "OverrideParseException":
+        return f"cannot parse override: {first}; quote values with spaces or commas, e.g. key='a, b'"
+    return first
+
+
+def validate(command: str, overrides: list[str], keys: list[str]) -> None:
+    """Compose the config the run will get and check it against its schema, before Hydra creates any
+    directory: a typo costs a second, and a refused command writes nothing. In a sweep, each swept
+    key is checked with its first value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from carlos import config as schemas
+
+    parser = OverridesParser.create()
+    single = []
+    for text in overrides:
+        try:
+            o = parser.parse_override(text)
+        except Exception as e:
+            raise CarlosError(_explain_hydra_error(e, keys)) from None
+        key = o.get_key_element()
+        if key.startswith(("hydra.", "hydra/", "+hydra", "~hydra")) or key == "hydra":
+            continue
+        if o.is_sweep_override():
+            first = next(iter(o.sweep_string_iterator()), None)
+            if first is None:
+                continue
+            text = f"{key}={first}"
+        single.append(text)
+    try:
+        cfg = compose(command, single)
+    except CarlosError:
+        raise
+    except Exception as e:
+        raise CarlosError(_explain_hydra_error(e, keys)) from None
+    schema = {"prepare": schemas.PrepareConfig, "train": schemas.TrainConfig,
+              "eval": schemas.EvalConfig, "sample": schemas.GenerateConfig}[command]
+    schemas.parse(cfg, schema)
+
+
+# ---------------------------------------------------------------- seed flags -> overrides
+
+
+def _format(key: str, value: str, default: Any) -> str:
+    if key in TEXT_KEYS or isinstance(default, str):
+        return f"{key}={hydra_quote(value)}"
+    if PLAIN_VALUE.match(value) or SWEEP_FUNCTION.match(value):
+        return f"{key}={value}"
+    return f"{key}={hydra_quote(value)}"
+
+
+def translate(command: str, args: list[str], defaults: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(Hydra flags, overrides) for the seed-style and Hydra-style arguments of one command;
+    defaults maps every config key to its default value."""
+    flags = SEED_FLAGS[command]
+    leaves: dict[str, list[str]] = {}
+    for key in defaults:
+        leaves.setdefault(key.rsplit(".", 1)[-1], []).append(key)
+
+    hydra_args: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg in HYDRA_FLAGS:
+            hydra_args.append(arg)
+            takes = HYDRA_FLAGS[arg]
+            if takes or (takes is None and i < len(args) and args[i] in INFO_CHOICES):
+                if i >= len(args):
+                    raise CarlosError(f"{arg} needs a value")
+                hydra_args.append(args[i])
+                i += 1
+            continue
+        if not arg.startswith("--"):
+            overrides.append(arg)  # key=value, group=option, +key=value: Hydra's grammar
+            continue
+        name, eq, inline = arg[2:].partition("=")
+        if command == "train" and name == "seq_len":
+            raise CarlosError("seq_len is fixed when the data is prepared; run carlos prepare --seq_len N")
+        if name in flags:
+            key = flags[name]
+        elif name in defaults:
+            key = name
+        elif len(leaves.get(name, [])) == 1:
+            key = leaves[name][0]
+        else:
+            known = [f"--{f}" for f in flags] + [f"--{k}" for k in defaults]
+            raise CarlosError(f"unknown flag --{name}{nearest('--' + name, known)}; see: carlos {command} --help")
+        default = defaults.get(key)
+        if eq:
+            values = [inline]
+        elif isinstance(default, bool) or key == "resume":
+            values = ["true"]
+            if i < len(args) and args[i].lower() in BOOL_WORDS:
+                values = [args[i]]
+                i += 1
+        elif isinstance(default, list) or key == "wandb.tags":
+            values = []
+            while i < len(args) and not args[i].startswith("-") and "=" not in args[i]:
+                values.append(args[i])
+                i += 1
+            overrides.append(f"{key}=[{','.join(hydra_quote(v) for v in values)}]")
+            continue
+        else:
+            if i >= len(args):
+                raise CarlosError(f"--{name} needs a value")
+            values = [args[i]]
+            i += 1
+        value = values[0]
+        if isinstance(default, bool) or key == "resume":
+            overrides.append(f"{key}={BOOL_WORDS[value.lower()]}")
+        else:
+            overrides.append(_format(key, value, default))
+    return hydra_args, overrides
+
+
+# ---------------------------------------------------------------- running
+
+
+def report(e: BaseException) -> None:
+    if os.environ.get("CARLOS_DEBUG"):
+        traceback.print_exception(e)
+    print(f"carlos: error: {e}", file=sys.stderr)
+
+
+def _runner(command: str) -> Callable:
+    if command == "prepare":
+        from carlos.config import PrepareConfig, parse
+        from carlos.prepare import prepare
+
+        def run(cfg):
+            rec = prepare(parse(cfg, PrepareConfig))
+            print(
+                f"prepared {cfg.workdir}: "
+                + ", ".join(f"{s} {rec['splits'][s]['bytes']:,} bytes -> {rec['windows'][s]:,} windows"
+                            for s in ("train", "val", "test"))
+                + f" of {rec['seq_len'] + 1} tokens ({rec['dtype']})"
+            )
+
+        return run
+    if command == "train":
+        from carlos.train import train
+
+        return train
+    if command == "eval":
+        from carlos.config import EvalConfig, parse
+        from carlos.evaluate import evaluate
+
+        return lambda cfg: evaluate(parse(cfg, EvalConfig))
+    from carlos.config import GenerateConfig, parse
+    from carlos.generate import sample
+
+    return lambda cfg: sample(parse(cfg, GenerateConfig))
+
+
+def run_hydra(command: str, hydra_args: list[str], overrides: list[str]) -> Any:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    runner = _runner(command)
+
+    def task(cfg):
+        try:
+            return runner(cfg)
+        except CarlosError as e:
+            if HydraConfig.get().mode == RunMode.MULTIRUN:
+                raise  # a failed job must not end the sweep: Hydra records it
+            report(e)
+            sys.exit(2)
+
+    app = hydra.main(version_base=None, config_path=str(conf_dir()), config_name=command)(task)
+    argv = sys.argv
+    sys.argv = [argv[0], *hydra_args, *overrides]
+    try:
+        return app()
+    finally:
+        sys.argv = argv
+
+
+USAGE = """usage: carlos <command> [--flag value ...] [key=value ...] [-m] [--cfg job] [--help]
+
+commands:
+  prepare   split a UTF-8 corpus, byte-level tokens, packed windows   (carlos prepare --input corpus.txt)
+  train     train the tiny GPT on a prepared workdir                  (carlos train --max_steps 2000)
+  eval      loss, perplexity and bits-per-byte of a checkpoint        (carlos eval --split test)
+  sample    generate text from a checkpoint                           (carlos sample --prompt "\\n")
+
+`carlos <command> --help` lists the command's flags, config groups and keys."""
+
+
+def _flag_help(command: str) -> str:
+    lines = [f"carlos {command}: seed flags (each maps onto a config key; key=value works too)"]
+    for flag, key in SEED_FLAGS[command].items():
+        lines.append(f"  --{flag:<18} {key}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    command = argv[0]
+    try:
+        if command not in COMMANDS:
+            raise CarlosError(f"unknown command '{command}'{nearest(command, COMMANDS)}; commands: {', '.join(COMMANDS)}")
+        defaults = flat_keys(compose(command, []))
+        hydra_args, overrides = translate(command, argv[1:], defaults)
+        if any(a in ("-h", "--help") for a in hydra_args):
+            print(_flag_help(command))
+        elif not any(a in ("--hydra-help", "--version", "-i", "--info", "-sc", "--shell-completion")
+                     for a in hydra_args):
+            validate(command, overrides, list(defaults))
+    except CarlosError as e:
+        report(e)
+        sys.exit(2)
+    run_hydra(command, hydra_args, overrides)
+
+
+if __name__ == "__main__":
+    main()

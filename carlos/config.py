@@ -1,0 +1,320 @@
+"""Typed schemas for each command: Hydra composes the YAML under conf/, these validate it.
+
+Defaults live in the YAML only; the dataclasses give types and check values (unknown keys are
+refused by OmegaConf's structured merge, values in ``__post_init__``), the way litgpt's Config does.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Optional, TypeVar
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
+
+
+class CarlosError(Exception):
+    """A problem the user can fix; printed as one line, exit code 2."""
+
+
+def nearest(word: str, choices) -> str:
+    """' (did you mean X?)' for the closest choice, or '' when none is close."""
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\", "'": "'", '"': '"'}
+
+
+def decode_escapes(text: str) -> str:
+    r"""Interpret \n, \t, \r, \0, \\, \xNN and \uNNNN in prompts and separators; other text is kept."""
+
+    def sub(m: re.Match) -> str:
+        s = m.group(1)
+        if s[0] in "xu":
+            return chr(int(s[1:], 16))
+        return _ESCAPES[s]
+
+    return re.sub(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|[ntr0\\'\"])", sub, text)
+
+
+def _positive(name: str, value, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise CarlosError(f"{name} must be {bound}, got {value}")
+
+
+# ---------------------------------------------------------------- prepare
+
+
+@dataclass
+class PrepareDataConfig:
+    seq_len: int
+    normalize_nfkc: bool
+    add_bos: bool
+    add_eos: bool
+    val_fraction: float
+    test_fraction: float
+    separator: str
+
+    def __post_init__(self) -> None:
+        _positive("data.seq_len", self.seq_len)
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not 0 < value < 1:
+                raise CarlosError(f"data.{name} must be between 0 and 1, got {value}")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise CarlosError("data.val_fraction + data.test_fraction must leave some text for training (< 1)")
+        self.separator = decode_escapes(self.separator)
+        if not self.separator:
+            raise CarlosError("data.separator must not be empty; the default is a blank line ('\\n\\n')")
+
+
+@dataclass
+class PrepareConfig:
+    input: Optional[str]
+    workdir: str
+    seed: int
+    overwrite: bool
+    data: PrepareDataConfig
+
+
+# ---------------------------------------------------------------- train
+
+
+@dataclass
+class ModelConfig:
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    dropout: float
+    bias: bool
+
+
+@dataclass
+class TrainDataConfig:
+    micro_batch_size: int
+    eval_batch_size: int
+    num_workers: int
+
+    def __post_init__(self) -> None:
+        _positive("data.micro_batch_size", self.micro_batch_size)
+        _positive("data.eval_batch_size", self.eval_batch_size)
+        _positive("data.num_workers", self.num_workers, allow_zero=True)
+
+
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16", "bf16-true", "16-true", "64-true", "64")
+
+
+def parse_max_time(value: str | None) -> timedelta | None:
+    """Seconds ('600', '90.5') or Lightning's 'DD:HH:MM:SS'."""
+    if value is None or str(value).strip().lower() in ("", "none", "null"):
+        return None
+    text = str(value).strip()
+    try:
+        if ":" in text:
+            parts = [int(p) for p in text.split(":")]
+            if len(parts) != 4:
+                raise ValueError
+            d, h, m, s = parts
+            delta = timedelta(days=d, hours=h, minutes=m, seconds=s)
+        else:
+            delta = timedelta(seconds=float(text))
+    except ValueError:
+        raise CarlosError(
+            f"trainer.max_time={text!r} is not a duration; give seconds (600) or DD:HH:MM:SS (00:00:10:00)"
+        ) from None
+    if delta.total_seconds() <= 0:
+        raise CarlosError(f"trainer.max_time must be positive, got {text!r}")
+    return delta
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str
+    devices: Any
+    num_nodes: int
+    strategy: str
+    precision: str
+    max_steps: int
+    max_time: Optional[str]
+    accumulate_grad_batches: int
+    gradient_clip_val: Optional[float]
+    deterministic: Optional[bool]
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise CarlosError(
+                f"trainer.precision={self.precision!r} is not known{nearest(self.precision, PRECISIONS)}; "
+                f"choose one of {', '.join(PRECISIONS)}"
+            )
+        _positive("trainer.accumulate_grad_batches (--grad_accum_steps)", self.accumulate_grad_batches)
+        if self.max_steps <= 0 and parse_max_time(self.max_time) is None:
+            raise CarlosError("trainer.max_steps must be > 0 unless trainer.max_time (--max_time) bounds the run")
+        parse_max_time(self.max_time)
+        if self.gradient_clip_val is not None:
+            _positive("trainer.gradient_clip_val", self.gradient_clip_val)
+
+    @property
+    def max_time_delta(self) -> timedelta | None:
+        return parse_max_time(self.max_time)
+
+
+@dataclass
+class SampleConfig:
+    prefix: str
+    tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+
+    def __post_init__(self) -> None:
+        _positive("sample.tokens (--sample_tokens)", self.tokens, allow_zero=True)
+        check_sampling(self.temperature, self.top_k, self.top_p, prefix="sample.")
+        self.prefix = decode_escapes(self.prefix)
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float, prefix: str = "") -> None:
+    if temperature < 0:
+        raise CarlosError(f"{prefix}temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k < 0:
+        raise CarlosError(f"{prefix}top_k must be >= 0 (0 turns it off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise CarlosError(f"{prefix}top_p must be in (0, 1] (1 turns it off), got {top_p}")
+
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass
+class WandbConfig:
+    project: Optional[str]
+    entity: Optional[str]
+    run_name: Optional[str]
+    tags: list[str]
+    mode: Optional[str]
+
+    def __post_init__(self) -> None:
+        if self.mode is not None and self.mode not in WANDB_MODES:
+            raise CarlosError(f"wandb.mode must be one of {', '.join(WANDB_MODES)}, got {self.mode!r}")
+
+
+@dataclass
+class TrainConfig:
+    workdir: str
+    seed: int
+    resume: Any  # false, true or auto
+    overwrite: bool
+    eval_interval: int
+    ckpt_interval: int
+    log_interval: int
+    model: ModelConfig
+    optimizer: dict[str, Any]
+    schedule: dict[str, Any]
+    data: TrainDataConfig
+    trainer: TrainerConfig
+    sample: SampleConfig
+    wandb: WandbConfig
+
+    def __post_init__(self) -> None:
+        resume = str(self.resume).lower()
+        if resume not in ("false", "true", "auto"):
+            raise CarlosError(f"resume must be false, true or auto, got {self.resume!r}")
+        self.resume = resume
+        for name in ("eval_interval", "ckpt_interval", "log_interval"):
+            _positive(name, getattr(self, name))
+        lr = self.optimizer.get("lr")
+        if not isinstance(lr, (int, float)) or lr <= 0:
+            raise CarlosError(f"optimizer.lr (--peak_lr) must be a number > 0, got {lr!r}")
+        min_lr = self.schedule.get("min_lr", 0.0)
+        if not isinstance(min_lr, (int, float)) or min_lr < 0:
+            raise CarlosError(f"schedule.min_lr must be a number >= 0, got {min_lr!r}")
+        if min_lr > lr:
+            raise CarlosError(f"schedule.min_lr={min_lr} is above the peak lr optimizer.lr={lr}; lower --min_lr")
+        warmup = self.schedule.get("warmup_steps", 0)
+        if not isinstance(warmup, int) or warmup < 0:
+            raise CarlosError(f"schedule.warmup_steps must be an integer >= 0, got {warmup!r}")
+
+
+# ---------------------------------------------------------------- eval and sample
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class EvalConfig:
+    workdir: str
+    checkpoint: str
+    split: str
+    json: bool
+    batch_size: int
+    device: str
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise CarlosError(f"unknown split {self.split!r}{nearest(self.split, SPLITS)}; choose train, val or test")
+        _positive("batch_size", self.batch_size)
+
+
+@dataclass
+class GenerateConfig:
+    workdir: str
+    checkpoint: str
+    prompt: Optional[str]
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    num_samples: int
+    seed: int
+    device: str
+
+    def __post_init__(self) -> None:
+        _positive("max_new_tokens", self.max_new_tokens, allow_zero=True)
+        _positive("num_samples", self.num_samples)
+        check_sampling(self.temperature, self.top_k, self.top_p)
+        if self.prompt is not None:
+            self.prompt = decode_escapes(self.prompt)
+
+
+# ---------------------------------------------------------------- parsing
+
+T = TypeVar("T")
+
+
+def _keys(node, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            child = node._get_node(k)
+            if isinstance(child, DictConfig):
+                keys += _keys(child, full + ".")
+    return keys
+
+
+def parse(cfg: DictConfig, schema: type[T]) -> T:
+    """Validate a composed config against its schema; every failure becomes a one-line CarlosError."""
+    base = OmegaConf.structured(schema)
+    try:
+        merged = OmegaConf.merge(base, cfg)
+        return OmegaConf.to_object(merged)
+    except ConfigKeyError as e:
+        key = e.full_key or str(e.key)
+        raise CarlosError(f"unknown key '{key}'{nearest(key, _keys(cfg))}") from None
+    except MissingMandatoryValue as e:
+        raise CarlosError(f"missing value for '{e.full_key}'") from None
+    except ValidationError as e:
+        raise CarlosError(f"invalid value for '{e.full_key}': {e.msg.splitlines()[0]}") from None
+
+
+def to_plain(cfg: DictConfig | ListConfig) -> Any:
+    """Resolved plain containers (dicts, lists, numbers, strings) for checkpoints and loggers."""
+    return OmegaConf.to_container(cfg, resolve=True)
+

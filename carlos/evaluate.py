@@ -1,0 +1,78 @@
+"""Loss, perplexity and bits-per-byte: the sums of one batch, their summary, and `carlos eval`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from carlos.config import CarlosError, EvalConfig
+from carlos.model import GPT
+from carlos.tokenizer import BYTES
+
+
+def score_batch(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[total nats, scored tokens, bytes of text among them] of one batch, as float64 on x's device.
+    Targets of -1 are not scored; BOS/EOS targets count as tokens but not as bytes."""
+    nats = model.loss(x, y, reduction="sum")
+    scored = y >= 0
+    text = scored & (y < BYTES)
+    return torch.stack([nats.double(), scored.sum().double(), text.sum().double()])
+
+
+def summarize(nats: float, tokens: float, n_bytes: float) -> dict[str, float]:
+    """loss in nats per token, perplexity, and bits per byte = total nats / ln 2 / bytes predicted."""
+    loss = nats / max(tokens, 1.0)
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 700.0)),
+        "bpb": nats / math.log(2) / max(n_bytes, 1.0),
+        "tokens": int(tokens),
+        "bytes": int(n_bytes),
+    }
+
+
+@torch.inference_mode()
+def score_split(model: GPT, dataset, batch_size: int, device: torch.device) -> dict[str, float]:
+    """A deterministic full pass: every window once, in order."""
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for start in range(0, len(dataset), batch_size):
+        x, y = dataset[list(range(start, min(start + batch_size, len(dataset))))]
+        sums += score_batch(model, x.to(device), y.to(device))
+    return summarize(*sums.tolist())
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """`carlos eval`: prints loss, perplexity and bpb of a checkpoint on a split; returns them."""
+    from carlos.data import PreparedData
+    from carlos.generate import load_checkpoint, model_from_checkpoint, pick_device, resolve_checkpoint
+
+    data = PreparedData.load(cfg.workdir)
+    path = resolve_checkpoint(cfg.workdir, cfg.checkpoint)
+    device = pick_device(cfg.device)
+    ckpt = load_checkpoint(path)
+    model, tok = model_from_checkpoint(ckpt, device)
+    if tok != data.tokenizer:
+        raise CarlosError(
+            f"checkpoint {path.name} was trained with vocabulary {tok.vocab_size} (add_bos={tok.add_bos}, "
+            f"add_eos={tok.add_eos}) but {cfg.workdir} is prepared with {data.tokenizer.vocab_size}; "
+            "evaluate it on a workdir prepared like its training data"
+        )
+    if data.seq_len > model.cfg.block_size:
+        raise CarlosError(
+            f"{cfg.workdir} is prepared with seq_len={data.seq_len}, beyond the model's context of "
+            f"{model.cfg.block_size}; prepare with --seq_len {model.cfg.block_size} or less"
+        )
+    m = score_split(model, data.windows(cfg.split), cfg.batch_size, device)
+    step = ckpt["carlos"].get("step")
+    print(f"checkpoint: {path} (step {step})")
+    print(f"split: {cfg.split} ({m['tokens']} tokens, {m['bytes']} bytes)")
+    print(f"loss: {m['loss']:.4f} nats/token")
+    print(f"perplexity: {m['ppl']:.4f}")
+    print(f"bits-per-byte: {m['bpb']:.4f}")
+    result = {"split": cfg.split, "loss": m["loss"], "perplexity": m["ppl"], "bpb": m["bpb"], "tokens": m["tokens"],
+              "bytes": m["bytes"], "checkpoint": str(path), "step": step}
+    if cfg.json:
+        print(json.dumps(result))
+    return result

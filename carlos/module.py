@@ -1,0 +1,214 @@
+"""LitGPT: the LightningModule around GPT (steps, optimizer groups, lr schedule, val loss/ppl/bpb)
+and the lr schedules that conf/schedule/*.yaml point at."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import random
+import time
+from typing import Any, Callable
+
+import lightning as L
+import numpy as np
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from torch.optim.lr_scheduler import LambdaLR
+
+from carlos.config import CarlosError, nearest
+from carlos.evaluate import score_batch, summarize
+from carlos.model import GPT, GPTConfig
+
+# ---------------------------------------------------------------- lr schedules
+# Written as closed-form functions of the step rather than chained torch schedulers: one formula is
+# easy to test value by value and needs no scheduler state beyond the step that Lightning restores.
+
+WARMUP_CAP = 0.2  # a warmup longer than this fraction of the run is clipped to it
+
+
+def clip_warmup(warmup_steps: int, total_steps: int) -> int:
+    return min(warmup_steps, int(WARMUP_CAP * total_steps))
+
+
+def _warmup(step: int, warmup: int, peak_lr: float) -> float | None:
+    """Linear warmup: the update at step s (0-based) uses peak * (s + 1) / warmup."""
+    return peak_lr * (step + 1) / warmup if step < warmup else None
+
+
+def warmup_cosine(step: int, *, total_steps: int, peak_lr: float, warmup_steps: int, min_lr: float) -> float:
+    """Linear warmup, then cosine from peak_lr at the end of warmup to min_lr at total_steps."""
+    warmup = clip_warmup(warmup_steps, total_steps)
+    lr = _warmup(step, warmup, peak_lr)
+    if lr is not None:
+        return lr
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_stable_decay(
+    step: int, *, total_steps: int, peak_lr: float, warmup_steps: int, min_lr: float, decay_fraction: float
+) -> float:
+    """Warmup-stable-decay: linear warmup, peak_lr held, then a linear decay to min_lr over the last
+    decay_fraction of the run."""
+    if not 0 < decay_fraction <= 1:
+        raise CarlosError(f"schedule.decay_fraction must be in (0, 1], got {decay_fraction}")
+    warmup = clip_warmup(warmup_steps, total_steps)
+    lr = _warmup(step, warmup, peak_lr)
+    if lr is not None:
+        return lr
+    decay_start = max(warmup, total_steps - int(decay_fraction * total_steps))
+    if step < decay_start:
+        return peak_lr
+    progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
+    return peak_lr + (min_lr - peak_lr) * progress
+
+
+def warmup_constant(step: int, *, total_steps: int, peak_lr: float, warmup_steps: int, min_lr: float = 0.0) -> float:
+    """Linear warmup, then peak_lr to the end (min_lr is unused)."""
+    lr = _warmup(step, clip_warmup(warmup_steps, total_steps), peak_lr)
+    return peak_lr if lr is None else lr
+
+
+# ---------------------------------------------------------------- building from config
+
+
+def _instantiate(cfg: dict, what: str) -> Callable:
+    """instantiate a `_partial_` config; a wrong key names the nearest argument of its target."""
+    try:
+        return instantiate(cfg, _convert_="all")
+    except InstantiationException as e:
+        raise CarlosError(f"{what} config is invalid: {str(e).splitlines()[-1].strip()}") from None
+
+
+def _check_kwargs(fn: Callable, cfg: dict, what: str, supplied: tuple[str, ...] = ()) -> None:
+    target = fn.func if hasattr(fn, "func") else fn
+    params = inspect.signature(target).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    for key in cfg:
+        if not key.startswith("_") and key not in params:
+            raise CarlosError(f"unknown key '{what}.{key}'{nearest(key, [p for p in params if p not in supplied])}")
+
+
+def build_optimizer(cfg: dict, params) -> torch.optim.Optimizer:
+    partial = _instantiate(cfg, "optimizer")
+    _check_kwargs(partial, cfg, "optimizer", supplied=("params",))
+    try:
+        return partial(params)
+    except (TypeError, ValueError) as e:
+        raise CarlosError(f"optimizer config is invalid: {e}") from None
+
+
+def build_schedule(cfg: dict, peak_lr: float, total_steps: int) -> Callable[[int], float]:
+    """lr as a function of the optimizer step."""
+    partial = _instantiate(cfg, "schedule")
+    _check_kwargs(partial, cfg, "schedule", supplied=("step", "total_steps", "peak_lr"))
+
+    def lr_at(step: int) -> float:
+        return partial(step, total_steps=total_steps, peak_lr=peak_lr)
+
+    lr_at(0)  # surfaces bad values now, before training starts
+    return lr_at
+
+
+# ---------------------------------------------------------------- the module
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class LitGPT(L.LightningModule):
+    """Holds only plain hyperparameters (dicts, numbers, strings), so checkpoints load with weights_only."""
+
+    def __init__(self, model: dict, optimizer: dict, schedule: dict, total_steps: int, run: dict[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = GPT(GPTConfig(**model))
+        self.elapsed_before = 0.0  # training seconds of earlier sessions of a resumed run
+        self.val_metrics: dict[str, float] = {}
+
+    # -- training
+    def on_train_start(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.loss_count = 0
+        self.started = time.perf_counter()
+
+    def elapsed_s(self) -> float:
+        """Training seconds so far, earlier sessions of a resumed run included."""
+        return self.elapsed_before + time.perf_counter() - getattr(self, "started", time.perf_counter())
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = self.model.loss(x, y)
+        # summed on the device; read (one host sync) only when a train record is logged
+        self.loss_sum += loss.detach()
+        self.loss_count += 1
+        return loss
+
+    def pop_train_loss(self) -> float | None:
+        if not self.loss_count:
+            return None
+        value = (self.loss_sum / self.loss_count).item()
+        self.loss_sum.zero_()
+        self.loss_count = 0
+        return value
+
+    # -- validation: sums over the whole split, reduced across ranks, then loss/ppl/bpb
+    def on_validation_epoch_start(self) -> None:
+        self.val_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.val_sums += score_batch(self.model, x, y)
+
+    def on_validation_epoch_end(self) -> None:
+        sums = self.trainer.strategy.reduce(self.val_sums, reduce_op="sum")
+        self.val_metrics = summarize(*sums.tolist())
+        self.log("val_loss", self.val_metrics["loss"], prog_bar=True, logger=False)
+        self.log("val_bpb", self.val_metrics["bpb"], logger=False)
+
+    # -- optimizer and schedule
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = self.model.param_groups(hp.optimizer.get("weight_decay", 0.0))
+        optimizer = build_optimizer(hp.optimizer, groups)
+        peak = hp.optimizer["lr"]
+        lr_at = build_schedule(hp.schedule, peak, hp.total_steps)
+        scheduler = LambdaLR(optimizer, lambda step: lr_at(step) / peak)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoint extras: what eval and sample need without this class, plus RNG and time
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["carlos"] = {
+            "model": self.model.cfg.to_dict(),
+            **self.hparams.run,
+            "step": self.global_step,
+            "elapsed_s": self.elapsed_s(),
+            "val": dict(self.val_metrics),
+            "rng": _rng_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        extra = checkpoint.get("carlos", {})
+        self.elapsed_before = float(extra.get("elapsed_s", 0.0))
+        if "rng" in extra:
+            _set_rng_state(extra["rng"])

@@ -1,0 +1,239 @@
+"""train(cfg): builds data, module, callbacks, loggers and the Lightning Trainer; returns the best val bpb.
+
+Everything that can be refused is checked before anything is written, so a refused run leaves the
+workdir as it was (not even a config snapshot).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from carlos.config import CarlosError, TrainConfig, parse, to_plain
+from carlos.data import PreparedData
+from carlos.generate import load_checkpoint, prompt_ids
+from carlos.model import GPTConfig, ModelConfigError
+from carlos.prepare import remove_run_outputs
+
+log = logging.getLogger("carlos")
+
+
+def device_type(accelerator: str) -> str:
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "cuda"
+    if accelerator == "mps" or (accelerator in ("auto", "gpu") and torch.backends.mps.is_available()):
+        return "mps"
+    return "cpu"
+
+
+def resolve_precision(asked: str, device: str, stored: str | None = None) -> tuple[str, str]:
+    """(Lightning precision, why). auto: bf16-mixed on GPUs with bf16, 16-mixed on older GPUs, 32-true on
+    CPU: CPU autocast to bf16 casts around every op, and for models this small it measured slower even
+    on a CPU with AMX bf16 (48K vs 75K tokens/s, baseline model); a resumed run keeps its stored choice."""
+    if asked == "auto":
+        if stored:
+            return stored, "kept from the checkpoint being resumed"
+        if device == "cuda":
+            if torch.cuda.is_bf16_supported():
+                return "bf16-mixed", "GPU supports bf16"
+            return "16-mixed", "GPU without bf16"
+        return "32-true", f"{device.upper()}: see README, precision"
+    if device == "cpu" and asked in ("16-mixed", "16", "16-true"):
+        raise CarlosError(
+            f"trainer.precision={asked} needs a CUDA GPU and this run is on the CPU; use bf16-mixed, 32-true or auto"
+        )
+    return asked, "asked for"
+
+
+def run_dir_for(workdir: Path) -> Path:
+    """A single run writes into the workdir; a multirun job into the directory Hydra made for it."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().runtime.output_dir)
+    return workdir
+
+
+def save_snapshot(cfg: DictConfig, run_dir: Path) -> None:
+    """Hydra's snapshot (config, hydra, overrides), written only once the run is accepted: Hydra itself
+    writes it before the task starts, so conf/ turns Hydra's own writing off (output_subdir: null)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    out = run_dir / ".hydra"
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out / "config.yaml")
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        OmegaConf.save(OmegaConf.create({"hydra": hc}), out / "hydra.yaml")
+        OmegaConf.save(hc.overrides.task, out / "overrides.yaml")
+
+
+def _resume_from(tc: TrainConfig, ckpt_dir: Path) -> Path | None:
+    last = ckpt_dir / "last.pt"
+    if tc.resume != "false" and tc.overwrite:
+        raise CarlosError("--resume and --overwrite contradict each other; pass one of them")
+    if tc.resume == "true" and not last.exists():
+        raise CarlosError(f"nothing to resume: {last} does not exist; start a new run without --resume")
+    if tc.resume in ("true", "auto") and last.exists():
+        return last
+    if any(ckpt_dir.glob("*.pt")) and not tc.overwrite:
+        raise CarlosError(
+            f"{ckpt_dir.parent} already holds checkpoints of an earlier run; pass --resume to continue it "
+            "or --overwrite to delete it and start over"
+        )
+    return None
+
+
+def _wandb_logger(tc: TrainConfig, run_dir: Path):
+    """W&B through Lightning's logger, on when a project comes from the config, the environment or a .env
+    in the current directory; wandb is not even imported otherwise."""
+    from dotenv import load_dotenv
+
+    load_dotenv(Path.cwd() / ".env", override=False)
+    project = tc.wandb.project or os.environ.get("WANDB_PROJECT")
+    mode = tc.wandb.mode or os.environ.get("WANDB_MODE")
+    if not project or mode == "disabled":
+        return None
+    from lightning.pytorch.loggers import WandbLogger
+
+    return WandbLogger(
+        project=project, entity=tc.wandb.entity or os.environ.get("WANDB_ENTITY"), name=tc.wandb.run_name,
+        tags=list(tc.wandb.tags) or None, mode=mode, save_dir=str(run_dir),
+    )
+
+
+def _quiet_lightning() -> None:
+    # Lightning's start-up chatter (GPU/TPU availability, tips) is not useful for a tiny model on one box
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    # the sampler resumes from trainer.global_step itself, so this Lightning warning does not apply
+    warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\(treespec, LeafSpec\).*")
+
+
+def train(cfg: DictConfig) -> float:
+    """Train on a prepared workdir; returns the best validation bits-per-byte."""
+    import lightning as L
+
+    from carlos.callbacks import AtomicCheckpointIO, Checkpoints, JsonlLogger, ProgressBar, SampleText, TrainMetrics
+    from carlos.data import ByteDataModule
+    from carlos.module import LitGPT, build_optimizer, build_schedule
+
+    tc = parse(cfg, TrainConfig)
+    workdir = Path(tc.workdir).expanduser()
+    data = PreparedData.load(workdir)
+    run_dir = run_dir_for(workdir)
+    ckpt_dir = run_dir / "checkpoints"
+    resume = _resume_from(tc, ckpt_dir)
+    prev = load_checkpoint(resume)["carlos"] if resume else None
+
+    tok = data.tokenizer
+    m = tc.model
+    try:
+        model_cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=data.seq_len, d_model=m.d_model,
+                              n_layers=m.n_layers, n_heads=m.n_heads, d_ff=m.d_ff, dropout=m.dropout, bias=m.bias)
+    except ModelConfigError as e:
+        raise CarlosError(str(e)) from None
+    if prev is not None and prev["model"] != model_cfg.to_dict():
+        diff = [f"{k}: {prev['model'][k]} -> {v}" for k, v in model_cfg.to_dict().items() if prev["model"].get(k) != v]
+        raise CarlosError(
+            f"cannot resume: the model differs from the checkpoint ({'; '.join(diff)}); "
+            "resume with the same model and prepared data, or start over with --overwrite"
+        )
+    device = device_type(tc.trainer.accelerator)
+    precision, why = resolve_precision(tc.trainer.precision, device, prev.get("precision") if prev else None)
+    max_steps = tc.trainer.max_steps if tc.trainer.max_steps > 0 else -1
+    # the schedule's horizon: max_steps, or for a time-only budget a nominal one (see README)
+    total_steps = max_steps if max_steps > 0 else 10**6
+    optimizer_cfg, schedule_cfg = dict(tc.optimizer), dict(tc.schedule)
+    build_optimizer(optimizer_cfg, [torch.zeros(1, requires_grad=True)])
+    build_schedule(schedule_cfg, optimizer_cfg["lr"], total_steps)
+
+    # -------- accepted: from here on the run writes into run_dir
+    if tc.overwrite:
+        remove_run_outputs(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_snapshot(cfg, run_dir)
+    except OSError as e:
+        raise CarlosError(f"cannot write to {run_dir} ({e.strerror}); choose a writable --workdir") from None
+    if resume:
+        for p in (run_dir / "samples").glob("step_*.txt"):
+            if int(p.stem.split("_")[1]) > prev["step"]:
+                p.unlink()
+
+    _quiet_lightning()
+    L.seed_everything(tc.seed, workers=True, verbose=False)
+    world = _world_size(tc)
+    tokens_per_step = data.seq_len * tc.data.micro_batch_size * tc.trainer.accumulate_grad_batches * world
+    run = {
+        "tokenizer": tok.to_dict(), "seq_len": data.seq_len, "precision": precision, "seed": tc.seed,
+        "tokens_per_step": tokens_per_step, "workdir": str(workdir), "data_sha256": data.info["sha256"],
+        "config": to_plain(cfg),
+    }
+    module = LitGPT(model_cfg.to_dict(), optimizer_cfg, schedule_cfg, total_steps, run)
+    dm = ByteDataModule(data, tc.data.micro_batch_size, tc.data.eval_batch_size, tc.seed, tc.data.num_workers)
+
+    metrics = TrainMetrics(tc.log_interval, tokens_per_step)
+    s = tc.sample
+    callbacks = [
+        metrics,
+        SampleText(run_dir / "samples", prompt_ids(tok, s.prefix), s.prefix, s.tokens, s.temperature, s.top_k,
+                   s.top_p, tc.seed, tok.eos_id),
+        Checkpoints(ckpt_dir, tc.ckpt_interval, tc.eval_interval),
+        ProgressBar(metrics),
+    ]
+    loggers = [JsonlLogger(run_dir / "metrics.jsonl", resume_step=prev["step"] if prev else None)]
+    wandb = _wandb_logger(tc, run_dir)
+    if wandb is not None:
+        loggers.append(wandb)
+
+    t = tc.trainer
+    trainer = L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+        precision=precision, max_steps=max_steps, max_epochs=-1, max_time=t.max_time_delta,
+        accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
+        # validation every eval_interval optimizer steps; Lightning counts micro-batches here
+        val_check_interval=tc.eval_interval * t.accumulate_grad_batches, check_val_every_n_epoch=None,
+        num_sanity_val_steps=0, logger=loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+        enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(run_dir),
+        use_distributed_sampler=False, deterministic=t.deterministic,
+    )
+    if trainer.is_global_zero:
+        print(f"model: {module.model.num_params():,} parameters ({_shape(model_cfg)})")
+        print(f"precision: {precision} ({why}); {tokens_per_step:,} tokens per optimizer step")
+        if resume:
+            print(f"resuming from {resume} at step {prev['step']}")
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
+    ck = next(c for c in callbacks if isinstance(c, Checkpoints))
+    best_bpb = ck.best_bpb
+    if trainer.is_global_zero:
+        step = trainer.global_step
+        secs = time.perf_counter() - started
+        print(
+            f"done: {step} steps, {step * tokens_per_step:,} tokens, {secs:.1f} s this session; "
+            f"best val_loss {ck.best:.4f} (bpb {best_bpb:.4f}) at step {ck.best_step}; "
+            f"checkpoints in {ckpt_dir}"
+        )
+    return best_bpb
+
+
+def _shape(c: GPTConfig) -> str:
+    return (f"d_model={c.d_model}, n_layers={c.n_layers}, n_heads={c.n_heads}, d_ff={c.d_ff}, "
+            f"vocab={c.vocab_size}, context={c.block_size}")
+
+
+def _world_size(tc: TrainConfig) -> int:
+    devices = tc.trainer.devices
+    n = devices if isinstance(devices, int) and devices > 0 else 1
+    return n * tc.trainer.num_nodes
+
