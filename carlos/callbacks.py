@@ -141,14 +141,17 @@ class TrainMetrics(Callback):
         m = pl_module.val_metrics
         step = trainer.global_step
         self.last.update(val_loss=m["loss"], val_bpb=m["bpb"])
-        log_record(trainer, {
-            "step": step,
-            "tokens": step * self.tokens_per_step,
-            "val_loss": m["loss"],
-            "val_ppl": m["ppl"],
-            "val_bpb": m["bpb"],
-            "elapsed_s": round(pl_module.elapsed_s(), 3),
-        })
+        log_record(
+            trainer,
+            {
+                "step": step,
+                "tokens": step * self.tokens_per_step,
+                "val_loss": m["loss"],
+                "val_ppl": m["ppl"],
+                "val_bpb": m["bpb"],
+                "elapsed_s": round(pl_module.elapsed_s(), 3),
+            },
+        )
         # time spent validating is not training throughput
         self.mark_time += time.perf_counter() - getattr(self, "_val_started", time.perf_counter())
 
@@ -159,8 +162,18 @@ class TrainMetrics(Callback):
 class SampleText(Callback):
     """After each validation, sample.tokens tokens from sample.prefix into samples/step_XXXXXX.txt (and W&B)."""
 
-    def __init__(self, samples_dir: Path, prefix_ids: list[int], prefix: str, tokens: int, temperature: float,
-                 top_k: int, top_p: float, seed: int, eos_id: int | None) -> None:
+    def __init__(
+        self,
+        samples_dir: Path,
+        prefix_ids: list[int],
+        prefix: str,
+        tokens: int,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        seed: int,
+        eos_id: int | None,
+    ) -> None:
         self.dir = samples_dir
         self.prefix_ids, self.prefix, self.tokens = prefix_ids, prefix, tokens
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
@@ -205,7 +218,11 @@ class Checkpoints(Callback):
         return {"best": self.best, "best_bpb": self.best_bpb, "best_step": self.best_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best, self.best_bpb, self.best_step = float(state["best"]), float(state["best_bpb"]), int(state["best_step"])
+        self.best, self.best_bpb, self.best_step = (
+            float(state["best"]),
+            float(state["best_bpb"]),
+            int(state["best_step"]),
+        )
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         self.seen_step = self.saved_step = trainer.global_step

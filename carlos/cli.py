@@ -13,8 +13,9 @@ import os
 import re
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from carlos.config import CarlosError, nearest
 
@@ -23,47 +24,121 @@ COMMANDS = ("prepare", "train", "eval", "sample")
 # the seed's flags, per command -> config key
 SEED_FLAGS: dict[str, dict[str, str]] = {
     "prepare": {
-        "input": "input", "workdir": "workdir", "seed": "seed", "overwrite": "overwrite",
-        "seq_len": "data.seq_len", "normalize_nfkc": "data.normalize_nfkc", "add_bos": "data.add_bos",
-        "add_eos": "data.add_eos", "val_fraction": "data.val_fraction", "test_fraction": "data.test_fraction",
+        "input": "input",
+        "workdir": "workdir",
+        "seed": "seed",
+        "overwrite": "overwrite",
+        "seq_len": "data.seq_len",
+        "normalize_nfkc": "data.normalize_nfkc",
+        "add_bos": "data.add_bos",
+        "add_eos": "data.add_eos",
+        "val_fraction": "data.val_fraction",
+        "test_fraction": "data.test_fraction",
         "separator": "data.separator",
     },
     "train": {
-        "workdir": "workdir", "seed": "seed", "resume": "resume", "overwrite": "overwrite",
-        "micro_batch_size": "data.micro_batch_size", "grad_accum_steps": "trainer.accumulate_grad_batches",
-        "precision": "trainer.precision", "max_steps": "trainer.max_steps", "max_time": "trainer.max_time",
-        "peak_lr": "optimizer.lr", "weight_decay": "optimizer.weight_decay", "grad_clip": "trainer.gradient_clip_val",
-        "warmup_steps": "schedule.warmup_steps", "min_lr": "schedule.min_lr",
-        "eval_interval": "eval_interval", "ckpt_interval": "ckpt_interval", "log_interval": "log_interval",
-        "sample_prefix": "sample.prefix", "sample_tokens": "sample.tokens",
-        "wandb_project": "wandb.project", "wandb_entity": "wandb.entity", "wandb_run_name": "wandb.run_name",
-        "wandb_tags": "wandb.tags", "wandb_mode": "wandb.mode",
+        "workdir": "workdir",
+        "seed": "seed",
+        "resume": "resume",
+        "overwrite": "overwrite",
+        "micro_batch_size": "data.micro_batch_size",
+        "grad_accum_steps": "trainer.accumulate_grad_batches",
+        "precision": "trainer.precision",
+        "max_steps": "trainer.max_steps",
+        "max_time": "trainer.max_time",
+        "peak_lr": "optimizer.lr",
+        "weight_decay": "optimizer.weight_decay",
+        "grad_clip": "trainer.gradient_clip_val",
+        "warmup_steps": "schedule.warmup_steps",
+        "min_lr": "schedule.min_lr",
+        "eval_interval": "eval_interval",
+        "ckpt_interval": "ckpt_interval",
+        "log_interval": "log_interval",
+        "sample_prefix": "sample.prefix",
+        "sample_tokens": "sample.tokens",
+        "wandb_project": "wandb.project",
+        "wandb_entity": "wandb.entity",
+        "wandb_run_name": "wandb.run_name",
+        "wandb_tags": "wandb.tags",
+        "wandb_mode": "wandb.mode",
     },
     "eval": {
-        "workdir": "workdir", "checkpoint": "checkpoint", "split": "split", "json": "json",
-        "batch_size": "batch_size", "device": "device",
+        "workdir": "workdir",
+        "checkpoint": "checkpoint",
+        "split": "split",
+        "json": "json",
+        "batch_size": "batch_size",
+        "device": "device",
     },
     "sample": {
-        "workdir": "workdir", "checkpoint": "checkpoint", "prompt": "prompt", "max_new_tokens": "max_new_tokens",
-        "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "num_samples": "num_samples",
-        "seed": "seed", "device": "device",
+        "workdir": "workdir",
+        "checkpoint": "checkpoint",
+        "prompt": "prompt",
+        "max_new_tokens": "max_new_tokens",
+        "temperature": "temperature",
+        "top_p": "top_p",
+        "top_k": "top_k",
+        "num_samples": "num_samples",
+        "seed": "seed",
+        "device": "device",
     },
 }
 # keys whose values are always text, even when they look like numbers (a prompt of "42")
-TEXT_KEYS = {"input", "workdir", "checkpoint", "split", "prompt", "sample.prefix", "data.separator",
-             "wandb.project", "wandb.entity", "wandb.run_name", "wandb.mode", "trainer.max_time",
-             "trainer.precision", "device"}
+TEXT_KEYS = {
+    "input",
+    "workdir",
+    "checkpoint",
+    "split",
+    "prompt",
+    "sample.prefix",
+    "data.separator",
+    "wandb.project",
+    "wandb.entity",
+    "wandb.run_name",
+    "wandb.mode",
+    "trainer.max_time",
+    "trainer.precision",
+    "device",
+}
 # Hydra's own command-line flags, passed through unchanged (True: takes a value)
 HYDRA_FLAGS = {
-    "-m": False, "--multirun": False, "-h": False, "--help": False, "--hydra-help": False, "--version": False,
-    "--resolve": False, "-r": False, "--run": False, "-sc": False, "--shell-completion": False,
-    "-c": True, "--cfg": True, "-p": True, "--package": True, "-cp": True, "--config-path": True,
-    "-cn": True, "--config-name": True, "-cd": True, "--config-dir": True, "--experimental-rerun": True,
-    "-i": None, "--info": None,  # optional value
+    "-m": False,
+    "--multirun": False,
+    "-h": False,
+    "--help": False,
+    "--hydra-help": False,
+    "--version": False,
+    "--resolve": False,
+    "-r": False,
+    "--run": False,
+    "-sc": False,
+    "--shell-completion": False,
+    "-c": True,
+    "--cfg": True,
+    "-p": True,
+    "--package": True,
+    "-cp": True,
+    "--config-path": True,
+    "-cn": True,
+    "--config-name": True,
+    "-cd": True,
+    "--config-dir": True,
+    "--experimental-rerun": True,
+    "-i": None,
+    "--info": None,  # optional value
 }
 INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
-BOOL_WORDS = {"true": "true", "yes": "true", "on": "true", "1": "true",
-              "false": "false", "no": "false", "off": "false", "0": "false", "auto": "auto"}
+BOOL_WORDS = {
+    "true": "true",
+    "yes": "true",
+    "on": "true",
+    "1": "true",
+    "false": "false",
+    "no": "false",
+    "off": "false",
+    "0": "false",
+    "auto": "auto",
+}
 PLAIN_VALUE = re.compile(r"^[-+]?[0-9][0-9_.eE+-]*(,[-+]?[0-9][0-9_.eE+-]*)*$|^(true|false|null)$")
 SWEEP_FUNCTION = re.compile(r"^(range|choice|interval|glob|tag|shuffle|sort)\(.*\)$")
 
@@ -107,7 +182,7 @@ def flat_keys(cfg, prefix: str = "") -> dict[str, Any]:
     from omegaconf import DictConfig
 
     out = {}
-    for k in cfg.keys():
+    for k in cfg:
         node = cfg._get_node(k)
         full = f"{prefix}{k}"
         if isinstance(node, DictConfig):
@@ -127,14 +202,13 @@ def _explain_hydra_error(e: Exception, keys: list[str]) -> str:
     m = re.search(r"Could not override '([^']+)'", msg) or re.search(r"Key '([^']+)' is not in struct", msg)
     if m:
         key = m.group(1)
-        return f"unknown key '{key}'{nearest(key, keys)}; prefix it with + to add a new key (+{key}=...)"
+        public = [k for k in keys if not k.rsplit(".", 1)[-1].startswith("_")]
+        return f"unknown key '{key}'{nearest(key, public)}; see the keys with --cfg job"
     m = re.search(r"Could not find '([^/']+)/([^']+)'", msg) or re.search(r"Could not load '([^/']+)/([^']+)'", msg)
     if m:
         group, option = m.groups()
         options = _group_options(group)
         return f"unknown {group} '{option}'{nearest(option, options)}; choose {group}={'|'.join(options)}"
-    if type(e).__name__ == "OverrideParseException":
-        return f"cannot parse override: {first}; quote values with spaces or commas, e.g. key='a, b'"
     return first
 
 
@@ -152,7 +226,10 @@ def validate(command: str, overrides: list[str], keys: list[str]) -> None:
         try:
             o = parser.parse_override(text)
         except Exception as e:
-            raise CarlosError(_explain_hydra_error(e, keys)) from None
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CarlosError(
+                f"cannot parse override {text!r}: {first}; quote values with spaces or commas, e.g. key='a, b'"
+            ) from None
         key = o.get_key_element()
         if key.startswith(("hydra.", "hydra/", "+hydra", "~hydra")) or key == "hydra":
             continue
@@ -168,8 +245,12 @@ def validate(command: str, overrides: list[str], keys: list[str]) -> None:
         raise
     except Exception as e:
         raise CarlosError(_explain_hydra_error(e, keys)) from None
-    schema = {"prepare": schemas.PrepareConfig, "train": schemas.TrainConfig,
-              "eval": schemas.EvalConfig, "sample": schemas.GenerateConfig}[command]
+    schema = {
+        "prepare": schemas.PrepareConfig,
+        "train": schemas.TrainConfig,
+        "eval": schemas.EvalConfig,
+        "sample": schemas.GenerateConfig,
+    }[command]
     schemas.parse(cfg, schema)
 
 
@@ -268,8 +349,10 @@ def _runner(command: str) -> Callable:
             rec = prepare(parse(cfg, PrepareConfig))
             print(
                 f"prepared {cfg.workdir}: "
-                + ", ".join(f"{s} {rec['splits'][s]['bytes']:,} bytes -> {rec['windows'][s]:,} windows"
-                            for s in ("train", "val", "test"))
+                + ", ".join(
+                    f"{s} {rec['splits'][s]['bytes']:,} bytes -> {rec['windows'][s]:,} windows"
+                    for s in ("train", "val", "test")
+                )
                 + f" of {rec['seq_len'] + 1} tokens ({rec['dtype']})"
             )
 
@@ -340,13 +423,16 @@ def main(argv: list[str] | None = None) -> None:
     command = argv[0]
     try:
         if command not in COMMANDS:
-            raise CarlosError(f"unknown command '{command}'{nearest(command, COMMANDS)}; commands: {', '.join(COMMANDS)}")
+            raise CarlosError(
+                f"unknown command '{command}'{nearest(command, COMMANDS)}; commands: {', '.join(COMMANDS)}"
+            )
         defaults = flat_keys(compose(command, []))
         hydra_args, overrides = translate(command, argv[1:], defaults)
         if any(a in ("-h", "--help") for a in hydra_args):
             print(_flag_help(command))
-        elif not any(a in ("--hydra-help", "--version", "-i", "--info", "-sc", "--shell-completion")
-                     for a in hydra_args):
+        elif not any(
+            a in ("--hydra-help", "--version", "-i", "--info", "-sc", "--shell-completion") for a in hydra_args
+        ):
             validate(command, overrides, list(defaults))
     except CarlosError as e:
         report(e)

@@ -10,7 +10,7 @@ import difflib
 import re
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Optional, TypeVar
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
@@ -76,7 +76,7 @@ class PrepareDataConfig:
 
 @dataclass
 class PrepareConfig:
-    input: Optional[str]
+    input: str | None
     workdir: str
     seed: int
     overwrite: bool
@@ -142,10 +142,10 @@ class TrainerConfig:
     strategy: str
     precision: str
     max_steps: int
-    max_time: Optional[str]
+    max_time: str | None
     accumulate_grad_batches: int
-    gradient_clip_val: Optional[float]
-    deterministic: Optional[bool]
+    gradient_clip_val: float | None
+    deterministic: bool | None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -193,11 +193,11 @@ WANDB_MODES = ("online", "offline", "disabled")
 
 @dataclass
 class WandbConfig:
-    project: Optional[str]
-    entity: Optional[str]
-    run_name: Optional[str]
+    project: str | None
+    entity: str | None
+    run_name: str | None
     tags: list[str]
-    mode: Optional[str]
+    mode: str | None
 
     def __post_init__(self) -> None:
         if self.mode is not None and self.mode not in WANDB_MODES:
@@ -265,7 +265,7 @@ class EvalConfig:
 class GenerateConfig:
     workdir: str
     checkpoint: str
-    prompt: Optional[str]
+    prompt: str | None
     max_new_tokens: int
     temperature: float
     top_k: int
@@ -290,7 +290,7 @@ T = TypeVar("T")
 def _keys(node, prefix: str = "") -> list[str]:
     keys = []
     if isinstance(node, DictConfig):
-        for k in node.keys():
+        for k in node:
             full = f"{prefix}{k}"
             keys.append(full)
             child = node._get_node(k)
@@ -317,4 +317,3 @@ def parse(cfg: DictConfig, schema: type[T]) -> T:
 def to_plain(cfg: DictConfig | ListConfig) -> Any:
     """Resolved plain containers (dicts, lists, numbers, strings) for checkpoints and loggers."""
     return OmegaConf.to_container(cfg, resolve=True)
-

@@ -148,16 +148,22 @@ class ByteDataModule(L.LightningDataModule):
         accumulate = trainer.accumulate_grad_batches
         # called after Lightning restored a checkpoint, so global_step is the resumed step
         start = trainer.global_step * accumulate
-        if trainer.max_steps > 0:
-            length = trainer.max_steps * accumulate
-        else:  # bounded by max_time only
-            length = 10**12
+        # the whole run is one epoch; a run bounded by max_time only gets an endless one
+        length = trainer.max_steps * accumulate if trainer.max_steps > 0 else 10**12
         sampler = ShuffledBatches(
-            len(self.train_set), self.micro_batch_size, self.seed, start=start, length=max(length, start),
-            rank=trainer.global_rank, world=trainer.world_size,
+            len(self.train_set),
+            self.micro_batch_size,
+            self.seed,
+            start=start,
+            length=max(length, start),
+            rank=trainer.global_rank,
+            world=trainer.world_size,
         )
         return DataLoader(
-            self.train_set, sampler=sampler, batch_size=None, num_workers=self.num_workers,
+            self.train_set,
+            sampler=sampler,
+            batch_size=None,
+            num_workers=self.num_workers,
             # a private generator: creating the iterator must not draw from the global RNG
             generator=torch.Generator(),
             persistent_workers=self.num_workers > 0,

@@ -71,8 +71,16 @@ def evaluate(cfg: EvalConfig) -> dict:
     print(f"loss: {m['loss']:.4f} nats/token")
     print(f"perplexity: {m['ppl']:.4f}")
     print(f"bits-per-byte: {m['bpb']:.4f}")
-    result = {"split": cfg.split, "loss": m["loss"], "perplexity": m["ppl"], "bpb": m["bpb"], "tokens": m["tokens"],
-              "bytes": m["bytes"], "checkpoint": str(path), "step": step}
+    result = {
+        "split": cfg.split,
+        "loss": m["loss"],
+        "perplexity": m["ppl"],
+        "bpb": m["bpb"],
+        "tokens": m["tokens"],
+        "bytes": m["bytes"],
+        "checkpoint": str(path),
+        "step": step,
+    }
     if cfg.json:
         print(json.dumps(result))
     return result

@@ -7,8 +7,8 @@ import codecs
 import pickle
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -40,9 +40,13 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
-        raise CarlosError(f"checkpoint {path} was refused by the safe loader ({first}); use a carlos checkpoint") from None
+        raise CarlosError(
+            f"checkpoint {path} was refused by the safe loader ({first}); use a carlos checkpoint"
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CarlosError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); use another checkpoint") from None
+        raise CarlosError(
+            f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); use another checkpoint"
+        ) from None
     if not isinstance(ckpt, dict) or "carlos" not in ckpt or "state_dict" not in ckpt:
         raise CarlosError(f"{path} is not a carlos checkpoint (no model metadata); use one from workdir/checkpoints")
     return ckpt
@@ -165,8 +169,17 @@ def sample(cfg: GenerateConfig) -> list[str]:
         stream = Utf8Stream()
         if cfg.prompt is not None:
             sys.stdout.write(cfg.prompt)
-        new = generate(model, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                       generator, tok.eos_id, on_token=stream)
+        new = generate(
+            model,
+            ids,
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.top_k,
+            cfg.top_p,
+            generator,
+            tok.eos_id,
+            on_token=stream,
+        )
         stream.close()
         sys.stdout.write("\n")
         sys.stdout.flush()

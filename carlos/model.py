@@ -137,9 +137,7 @@ class GPT(nn.Module):
         """Parameter count; the tied embedding is counted once."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(
-        self, idx: torch.Tensor, cache: KVCache | None = None
-    ) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids idx (B, T); with a cache, idx continues it."""
         B, T = idx.shape
         start = 0 if cache is None else cache.length

@@ -178,8 +178,11 @@ def _write_atomically(workdir: Path, record: dict, arrays: dict, tok: ByteTokeni
         for name, arr in arrays.items():
             np.save(tmp / "data" / f"{name}.npy", arr)
         tok.save(tmp / "tokenizer.json")
-        rng = {"seed": cfg.seed, "prepare": "deterministic, no random numbers drawn",
-               "train": "windows are shuffled by torch.Generator(seed + epoch) with the train seed"}
+        rng = {
+            "seed": cfg.seed,
+            "prepare": "deterministic, no random numbers drawn",
+            "train": "windows are shuffled by torch.Generator(seed + epoch) with the train seed",
+        }
         (tmp / "rng_state.json").write_text(json.dumps(rng, indent=2) + "\n", encoding="utf-8")
         (tmp / "splits.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 

@@ -104,8 +104,12 @@ def _wandb_logger(tc: TrainConfig, run_dir: Path):
     from lightning.pytorch.loggers import WandbLogger
 
     return WandbLogger(
-        project=project, entity=tc.wandb.entity or os.environ.get("WANDB_ENTITY"), name=tc.wandb.run_name,
-        tags=list(tc.wandb.tags) or None, mode=mode, save_dir=str(run_dir),
+        project=project,
+        entity=tc.wandb.entity or os.environ.get("WANDB_ENTITY"),
+        name=tc.wandb.run_name,
+        tags=list(tc.wandb.tags) or None,
+        mode=mode,
+        save_dir=str(run_dir),
     )
 
 
@@ -116,7 +120,7 @@ def _quiet_lightning() -> None:
     # the sampler resumes from trainer.global_step itself, so this Lightning warning does not apply
     warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 def train(cfg: DictConfig) -> float:
@@ -138,8 +142,16 @@ def train(cfg: DictConfig) -> float:
     tok = data.tokenizer
     m = tc.model
     try:
-        model_cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=data.seq_len, d_model=m.d_model,
-                              n_layers=m.n_layers, n_heads=m.n_heads, d_ff=m.d_ff, dropout=m.dropout, bias=m.bias)
+        model_cfg = GPTConfig(
+            vocab_size=tok.vocab_size,
+            block_size=data.seq_len,
+            d_model=m.d_model,
+            n_layers=m.n_layers,
+            n_heads=m.n_heads,
+            d_ff=m.d_ff,
+            dropout=m.dropout,
+            bias=m.bias,
+        )
     except ModelConfigError as e:
         raise CarlosError(str(e)) from None
     if prev is not None and prev["model"] != model_cfg.to_dict():
@@ -175,8 +187,13 @@ def train(cfg: DictConfig) -> float:
     world = _world_size(tc)
     tokens_per_step = data.seq_len * tc.data.micro_batch_size * tc.trainer.accumulate_grad_batches * world
     run = {
-        "tokenizer": tok.to_dict(), "seq_len": data.seq_len, "precision": precision, "seed": tc.seed,
-        "tokens_per_step": tokens_per_step, "workdir": str(workdir), "data_sha256": data.info["sha256"],
+        "tokenizer": tok.to_dict(),
+        "seq_len": data.seq_len,
+        "precision": precision,
+        "seed": tc.seed,
+        "tokens_per_step": tokens_per_step,
+        "workdir": str(workdir),
+        "data_sha256": data.info["sha256"],
         "config": to_plain(cfg),
     }
     module = LitGPT(model_cfg.to_dict(), optimizer_cfg, schedule_cfg, total_steps, run)
@@ -186,8 +203,17 @@ def train(cfg: DictConfig) -> float:
     s = tc.sample
     callbacks = [
         metrics,
-        SampleText(run_dir / "samples", prompt_ids(tok, s.prefix), s.prefix, s.tokens, s.temperature, s.top_k,
-                   s.top_p, tc.seed, tok.eos_id),
+        SampleText(
+            run_dir / "samples",
+            prompt_ids(tok, s.prefix),
+            s.prefix,
+            s.tokens,
+            s.temperature,
+            s.top_k,
+            s.top_p,
+            tc.seed,
+            tok.eos_id,
+        ),
         Checkpoints(ckpt_dir, tc.ckpt_interval, tc.eval_interval),
         ProgressBar(metrics),
     ]
@@ -198,14 +224,28 @@ def train(cfg: DictConfig) -> float:
 
     t = tc.trainer
     trainer = L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-        precision=precision, max_steps=max_steps, max_epochs=-1, max_time=t.max_time_delta,
-        accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=precision,
+        max_steps=max_steps,
+        max_epochs=-1,
+        max_time=t.max_time_delta,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val,
         # validation every eval_interval optimizer steps; Lightning counts micro-batches here
-        val_check_interval=tc.eval_interval * t.accumulate_grad_batches, check_val_every_n_epoch=None,
-        num_sanity_val_steps=0, logger=loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
-        enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(run_dir),
-        use_distributed_sampler=False, deterministic=t.deterministic,
+        val_check_interval=tc.eval_interval * t.accumulate_grad_batches,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        logger=loggers,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=str(run_dir),
+        use_distributed_sampler=False,
+        deterministic=t.deterministic,
     )
     if trainer.is_global_zero:
         print(f"model: {module.model.num_params():,} parameters ({_shape(model_cfg)})")
@@ -228,12 +268,13 @@ def train(cfg: DictConfig) -> float:
 
 
 def _shape(c: GPTConfig) -> str:
-    return (f"d_model={c.d_model}, n_layers={c.n_layers}, n_heads={c.n_heads}, d_ff={c.d_ff}, "
-            f"vocab={c.vocab_size}, context={c.block_size}")
+    return (
+        f"d_model={c.d_model}, n_layers={c.n_layers}, n_heads={c.n_heads}, d_ff={c.d_ff}, "
+        f"vocab={c.vocab_size}, context={c.block_size}"
+    )
 
 
 def _world_size(tc: TrainConfig) -> int:
     devices = tc.trainer.devices
     n = devices if isinstance(devices, int) and devices > 0 else 1
     return n * tc.trainer.num_nodes
-
