@@ -246,6 +246,7 @@ def train(cfg: DictConfig) -> float:
         default_root_dir=str(run_dir),
         use_distributed_sampler=False,
         deterministic=t.deterministic,
+        log_every_n_steps=tc.log_interval,  # silences a warning; carlos logs through its own callback
     )
     if trainer.is_global_zero:
         print(f"model: {module.model.num_params():,} parameters ({_shape(model_cfg)})")

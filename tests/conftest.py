@@ -1,0 +1,65 @@
+"""Shared fixtures: a small generated corpus, a prepared workdir, and config composition."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from carlos.cli import compose
+from carlos.config import PrepareConfig, parse
+from carlos.prepare import prepare
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+WORDS = "the of and to in is that it for on with as was by at be this from or have an but not are his".split()
+
+
+def make_corpus(path: Path, n_lines: int = 600, seed: int = 0) -> Path:
+    """Deterministic text with paragraphs (blank lines), some non-ASCII, ~25 KB."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n_lines):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(3, 12))]
+        if i % 17 == 0:
+            words.append("café ﬁn")  # a ligature NFKC rewrites
+        lines.append(" ".join(words).capitalize() + ".")
+        if i % 5 == 4:
+            lines.append("")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    return make_corpus(tmp_path / "corpus.txt")
+
+
+def prepare_workdir(corpus: Path, workdir: Path, *overrides: str) -> Path:
+    cfg = compose("prepare", [f"input={corpus}", f"workdir={workdir}", "data.seq_len=32", *overrides])
+    prepare(parse(cfg, PrepareConfig))
+    return workdir
+
+
+@pytest.fixture
+def workdir(corpus: Path, tmp_path: Path) -> Path:
+    return prepare_workdir(corpus, tmp_path / "run")
+
+
+def train_cfg(workdir: Path, *overrides: str):
+    """A tiny, fast training config on a prepared workdir."""
+    return compose(
+        "train",
+        [
+            f"workdir={workdir}",
+            "trainer.max_steps=12",
+            "trainer.accumulate_grad_batches=2",
+            "data.micro_batch_size=4",
+            "eval_interval=6",
+            "ckpt_interval=4",
+            "log_interval=3",
+            "sample.tokens=16",
+            "schedule.warmup_steps=2",
+            *overrides,
+        ],
+    )

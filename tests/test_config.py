@@ -1,0 +1,130 @@
+from pathlib import Path
+
+import pytest
+
+from carlos.cli import SEED_FLAGS, compose, conf_dir, flat_keys, hydra_quote, translate, validate
+from carlos.config import CarlosError, EvalConfig, GenerateConfig, PrepareConfig, TrainConfig, decode_escapes, parse
+from carlos.module import build_optimizer, build_schedule
+
+GROUPS = {g: sorted(p.stem for p in (conf_dir() / g).glob("*.yaml")) for g in ("model", "optimizer", "schedule", "precision")}
+
+
+def test_groups_have_real_choices():
+    assert GROUPS == {
+        "model": ["baseline", "medium"],
+        "optimizer": ["adamw", "sgd"],
+        "schedule": ["constant", "cosine", "wsd"],
+        "precision": ["auto", "bf16", "fp16", "fp32"],
+    }
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_option_composes_and_validates(group, option):
+    tc = parse(compose("train", [f"{group}={option}"]), TrainConfig)
+    opt = build_optimizer(tc.optimizer, [__import__("torch").zeros(1, requires_grad=True)])
+    lr_at = build_schedule(tc.schedule, tc.optimizer["lr"], 100)
+    assert opt.param_groups[0]["lr"] == tc.optimizer["lr"]
+    assert 0 < lr_at(0) <= tc.optimizer["lr"]
+
+
+@pytest.mark.parametrize("command, schema", [("prepare", PrepareConfig), ("train", TrainConfig),
+                                             ("eval", EvalConfig), ("sample", GenerateConfig)])
+def test_primary_configs_validate(command, schema):
+    cfg = parse(compose(command, []), schema)
+    assert cfg.workdir == "./carlos_run"
+
+
+def test_baseline_matches_the_seed():
+    tc = parse(compose("train", []), TrainConfig)
+    m = tc.model
+    assert (m.d_model, m.n_layers, m.n_heads, m.d_ff) == (64, 2, 4, 192)
+    assert tc.data.micro_batch_size == 4 and tc.trainer.accumulate_grad_batches == 4
+    assert tc.schedule["min_lr"] == 1e-5 and 1000 <= tc.schedule["warmup_steps"] <= 2000
+
+
+def test_precision_group_and_explicit_key():
+    assert compose("train", []).trainer.precision == "auto"
+    assert compose("train", ["precision=bf16"]).trainer.precision == "bf16-mixed"
+    assert compose("train", ["precision=fp32"]).trainer.precision == "32-true"
+    assert compose("train", ["precision=fp16"]).trainer.precision == "16-mixed"
+    # the plain key wins over the group, whatever the order on the command line
+    assert compose("train", ["trainer.precision=32-true", "precision=bf16"]).trainer.precision == "32-true"
+    assert compose("train", ["precision=bf16", "trainer.precision=32-true"]).trainer.precision == "32-true"
+
+
+def test_unknown_keys_and_bad_values_are_refused():
+    with pytest.raises(CarlosError, match="unknown key 'optimizer.lrr'.*optimizer.lr"):
+        validate("train", ["optimizer.lrr=1"], list(flat_keys(compose("train", []))))
+    with pytest.raises(CarlosError, match="unknown model 'basline'.*baseline"):
+        validate("train", ["model=basline"], [])
+    with pytest.raises(CarlosError, match="unknown key 'data.seqlen'"):
+        parse(compose("prepare", ["+data.seqlen=3"]), PrepareConfig)
+    with pytest.raises(CarlosError, match="micro_batch_size must be > 0"):
+        parse(compose("train", ["data.micro_batch_size=0"]), TrainConfig)
+    with pytest.raises(CarlosError, match="invalid value for 'trainer.max_steps'"):
+        parse(compose("train", ["trainer.max_steps=abc"]), TrainConfig)
+    with pytest.raises(CarlosError, match="top_k must be >= 0"):
+        parse(compose("sample", ["top_k=-1"]), GenerateConfig)
+    with pytest.raises(CarlosError, match="max_new_tokens must be >= 0"):
+        parse(compose("sample", ["max_new_tokens=-1"]), GenerateConfig)
+
+
+def _overrides(command, args):
+    return translate(command, args, flat_keys(compose(command, [])))[1]
+
+
+def test_every_seed_flag_maps_onto_an_existing_key():
+    for command, flags in SEED_FLAGS.items():
+        keys = flat_keys(compose(command, []))
+        for flag, key in flags.items():
+            assert key in keys, (command, flag, key)
+
+
+def test_seed_readme_flags_translate():
+    assert _overrides("prepare", ["--input", "corpus.txt", "--seq_len", "512", "--normalize_nfkc"]) == [
+        "input='corpus.txt'", "data.seq_len=512", "data.normalize_nfkc=true"]
+    cfg = compose("train", _overrides("train", [
+        "--workdir", "./carlos_run", "--precision", "auto", "--micro_batch_size", "4", "--grad_accum_steps", "4",
+        "--sample_prefix", "\\n", "--sample_tokens", "200", "--wandb_project", "tiny-models",
+        "--wandb_run_name", "carlos-demo", "--wandb_tags", "baseline", "byte-level", "--peak_lr", "1e-3",
+        "--max_time", "00:00:10:00", "--resume", "auto"]))
+    tc = parse(cfg, TrainConfig)
+    assert tc.wandb.tags == ["baseline", "byte-level"] and tc.wandb.project == "tiny-models"
+    assert tc.sample.prefix == "\n" and tc.optimizer["lr"] == 1e-3 and tc.resume == "auto"
+    assert tc.trainer.max_time_delta.total_seconds() == 600
+    assert _overrides("train", ["--resume"]) == ["resume=true"]
+    assert _overrides("train", ["--max_time=90"]) == ["trainer.max_time='90'"]
+    assert _overrides("train", ["--d_model", "128"]) == ["model.d_model=128"]
+    assert _overrides("train", ["--trainer.gradient_clip_val", "0.5"]) == ["trainer.gradient_clip_val=0.5"]
+    assert _overrides("eval", ["--checkpoint", "best", "--split", "test", "--json"]) == [
+        "checkpoint='best'", "split='test'", "json=true"]
+
+
+def test_unknown_flag_names_the_nearest():
+    with pytest.raises(CarlosError, match="unknown flag --peak_lrr.*--peak_lr"):
+        _overrides("train", ["--peak_lrr", "1"])
+    with pytest.raises(CarlosError, match="seq_len is fixed when the data is prepared"):
+        _overrides("train", ["--seq_len", "64"])
+
+
+NASTY = ["hello world", "a, b, c", "it's \"quoted\"", "${oc.env:HOME}", "back\\slash\\", "C:\\Users\\me\\corpus.txt",
+         "tail\\'", "\\${x}", "=[]{}()", "line\nbreak", "é🙂", "%d %s", "", "  spaced  ", "123", "null", "true"]
+
+
+@pytest.mark.parametrize("text", NASTY)
+def test_values_pass_through_hydra_unchanged(text):
+    cfg = compose("sample", [f"prompt={hydra_quote(text)}"])
+    assert cfg.prompt == text
+    assert compose("sample", _overrides("sample", ["--prompt", text])).prompt == text
+    assert compose("prepare", _overrides("prepare", ["--input", text])).input == text
+
+
+def test_prompt_escapes():
+    assert decode_escapes("a\\nb\\tc\\\\n\\x41\\u00e9") == "a\nb\tc\\nAé"
+    assert parse(compose("sample", ["prompt='\\n'"]), GenerateConfig).prompt == "\n"
+
+
+def test_configs_hold_no_run_time_outputs_dir():
+    for name in ("prepare", "train", "eval", "sample"):
+        text = (Path(conf_dir()) / f"{name}.yaml").read_text()
+        assert "output_subdir: null" in text and "dir: ." in text

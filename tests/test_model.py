@@ -1,0 +1,137 @@
+import math
+
+import pytest
+import torch
+
+from carlos.generate import filter_logits, generate
+from carlos.model import GPT, GPTConfig, KVCache, ModelConfigError
+
+
+def small(**kw) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**{"vocab_size": 256, "block_size": 32, **kw}))
+
+
+def test_logits_shape():
+    model = small()
+    x = torch.randint(0, 256, (3, 20))
+    assert model(x).shape == (3, 20, 256)
+
+
+def test_baseline_has_about_100k_parameters():
+    n = GPT(GPTConfig(vocab_size=256, block_size=256)).num_params()
+    assert n == 116_352  # tied embedding counted once
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+    model = small().eval()
+    x = torch.randint(0, 256, (1, 16))
+    y = x.clone()
+    y[0, 10:] = (y[0, 10:] + 1) % 256
+    assert torch.allclose(model(x)[0, :10], model(y)[0, :10], atol=1e-6)
+    assert not torch.allclose(model(x)[0, 10:], model(y)[0, 10:])
+
+
+def test_loss_at_init_is_near_uniform():
+    model = small(block_size=64)
+    x = torch.randint(0, 256, (8, 64))
+    loss = model.loss(x, torch.randint(0, 256, (8, 64)))
+    assert abs(loss.item() - math.log(256)) < 0.1
+
+
+def test_ignored_targets_are_not_scored():
+    model = small()
+    x = torch.randint(0, 256, (2, 8))
+    y = torch.randint(0, 256, (2, 8))
+    y_masked = y.clone()
+    y_masked[:, :3] = -1
+    full = model.loss(x, y, reduction="none").view(2, 8)
+    assert torch.allclose(model.loss(x, y_masked, reduction="sum"), full[:, 3:].sum())
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"n_heads": 5}, "does not divide"),
+        ({"d_model": 0}, "positive"),
+        ({"n_layers": -1}, "positive"),
+        ({"d_ff": 0}, "positive"),
+        ({"dropout": 1.5}, "dropout"),
+    ],
+)
+def test_invalid_shapes_are_refused(kw, message):
+    with pytest.raises(ModelConfigError, match=message):
+        GPTConfig(**kw)
+
+
+def test_weight_decay_only_on_matrices():
+    model = small()
+    decay, no_decay = model.param_groups(0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert all(p.dim() < 2 for p in no_decay["params"])
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()
+
+
+def test_gpt2_init_scales_residual_projections():
+    model = GPT(GPTConfig(n_layers=8))
+    std = model.blocks[0].attn.proj.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(16)) < 0.002
+    assert abs(model.blocks[0].attn.qkv.weight.std().item() - 0.02) < 0.002
+    assert model.head.weight is model.tok_emb.weight
+
+
+def test_kv_cache_matches_full_forward():
+    model = small().eval()
+    x = torch.randint(0, 256, (1, 20))
+    full = model(x)
+    cache = KVCache(model, 1, torch.device("cpu"), torch.float32)
+    first = model(x[:, :12], cache)  # prefill
+    steps = [model(x[:, i : i + 1], cache) for i in range(12, 20)]
+    assert torch.allclose(first, full[:, :12], atol=1e-5)
+    assert torch.allclose(torch.cat(steps, dim=1), full[:, 12:], atol=1e-5)
+
+
+def test_greedy_generation_is_deterministic_and_matches_argmax():
+    model = small().eval()
+    prompt = [10, 20, 30]
+    a = generate(model, prompt, 10, temperature=0)
+    b = generate(model, prompt, 10, temperature=0)
+    assert a == b
+    ids = torch.tensor([prompt])
+    expected = []
+    for _ in range(10):
+        nxt = int(model(ids)[0, -1].argmax())
+        expected.append(nxt)
+        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    assert a == expected
+
+
+def test_generation_slides_past_the_context():
+    model = small(block_size=16).eval()
+    out = generate(model, [1, 2, 3], 50, temperature=0)
+    assert len(out) == 50
+    g = torch.Generator().manual_seed(1)
+    out = generate(model, [1], 40, temperature=1.0, generator=g)
+    assert len(out) == 40 and all(0 <= t < 256 for t in out)
+
+
+def test_generation_stops_at_eos():
+    model = small(vocab_size=258).eval()
+    with torch.no_grad():
+        model.ln_f.bias.fill_(1.0)  # every final hidden state gets a +1 component...
+        model.head.weight[257] = 1.0  # ...that only EOS's output row reads: EOS wins
+    out = generate(model, [1], 20, temperature=0, eos_id=257)
+    assert out[-1] == 257 and len(out) < 20
+
+
+def test_top_k_and_top_p_filtering():
+    logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])
+    k2 = filter_logits(logits, 1.0, 2, 1.0)
+    assert torch.isfinite(k2).tolist() == [True, True, False, False, False]
+    probs = torch.softmax(logits, 0)  # [0.636, 0.234, 0.086, ...]
+    p = filter_logits(logits, 1.0, 0, 0.7)
+    assert torch.isfinite(p).tolist() == [True, True, False, False, False]
+    assert probs[0] < 0.7 < probs[0] + probs[1]
+    top1 = filter_logits(logits, 1.0, 0, 0.1)
+    assert torch.isfinite(top1).tolist() == [True, False, False, False, False]

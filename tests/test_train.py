@@ -1,0 +1,144 @@
+"""End-to-end training runs in-process (train(cfg) with a composed config), with exact assertions."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from carlos.config import CarlosError
+from carlos.train import resolve_precision, train
+
+from .conftest import train_cfg
+
+TOKENS_PER_STEP = 32 * 4 * 2  # seq_len * micro_batch_size * accumulate
+
+
+def records(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_writes_the_seed_layout(workdir):
+    best_bpb = train(train_cfg(workdir))
+
+    ckpts = workdir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "best.pt", "last.pt", "step_000004.pt", "step_000008.pt", "step_000012.pt"]
+    last = torch.load(ckpts / "last.pt", weights_only=True)
+    assert last["global_step"] == 12
+    assert (ckpts / "last.pt").read_bytes() == (ckpts / "step_000012.pt").read_bytes()
+    meta = last["carlos"]
+    assert meta["model"]["block_size"] == 32 and meta["model"]["vocab_size"] == 256
+    assert meta["precision"] == "32-true" and meta["step"] == 12
+    for p in ckpts.iterdir():
+        torch.load(p, weights_only=True)
+
+    recs = records(workdir)
+    assert [(r["step"], "val_loss" in r) for r in recs] == [
+        (3, False), (6, False), (6, True), (9, False), (12, False), (12, True)]
+    for r in recs:
+        assert r["tokens"] == r["step"] * TOKENS_PER_STEP
+        if "val_loss" in r:
+            assert set(r) == {"step", "tokens", "val_loss", "val_ppl", "val_bpb", "elapsed_s"}
+            assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
+            # byte-level, no BOS/EOS: every token is a byte, so bpb = loss / ln 2
+            assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2))
+        else:
+            assert set(r) == {"step", "tokens", "lr", "train_loss", "tokens_per_s", "elapsed_s"}
+            assert r["tokens_per_s"] > 0 and math.isfinite(r["train_loss"])
+    val = [r for r in recs if "val_loss" in r]
+    assert best_bpb == pytest.approx(min(r["val_bpb"] for r in val))
+    assert recs[0]["train_loss"] > recs[-2]["train_loss"]  # it learns
+
+    samples = sorted(p.name for p in (workdir / "samples").iterdir())
+    assert samples == ["step_000006.txt", "step_000012.txt"]
+    assert (workdir / "samples" / "step_000006.txt").read_text().startswith("\n")
+    assert (workdir / ".hydra" / "config.yaml").is_file()
+    # the prepared data is untouched
+    assert (workdir / "data" / "train.npy").is_file()
+
+
+def test_refusals_leave_the_workdir_as_it_was(workdir):
+    train(train_cfg(workdir, "trainer.max_steps=4"))
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+    with pytest.raises(CarlosError, match="--resume.*--overwrite"):
+        train(train_cfg(workdir, "trainer.max_steps=4"))
+    with pytest.raises(CarlosError, match="contradict"):
+        train(train_cfg(workdir, "resume=true", "overwrite=true"))
+    with pytest.raises(CarlosError, match="n_heads"):
+        train(train_cfg(workdir, "model.n_heads=3", "overwrite=true"))
+    assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
+
+
+def test_resume_true_needs_a_checkpoint(workdir):
+    with pytest.raises(CarlosError, match="nothing to resume"):
+        train(train_cfg(workdir, "resume=true"))
+    assert not (workdir / "checkpoints").exists() and not (workdir / ".hydra").exists()
+
+
+def test_overwrite_removes_outputs_but_not_data(workdir):
+    train(train_cfg(workdir, "trainer.max_steps=8"))
+    train(train_cfg(workdir, "trainer.max_steps=4", "overwrite=true"))
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["best.pt", "last.pt", "step_000004.pt"]
+    assert [r["step"] for r in records(workdir)] == [3, 4]
+    assert (workdir / "splits.json").is_file()
+
+
+def test_resume_continues_exactly_where_the_checkpoint_left_off(workdir, tmp_path):
+    """A run resumed from its step-8 checkpoint ends where the uninterrupted run ends."""
+    full = tmp_path / "full"
+    shutil.copytree(workdir, full)
+    train(train_cfg(full, "ckpt_interval=8", "trainer.max_steps=16"))
+    end_full = records(full)[-1]
+
+    # the interrupted run: same config, but only its step-8 checkpoint survived
+    part = tmp_path / "part"
+    shutil.copytree(workdir, part)
+    (part / "checkpoints").mkdir()
+    shutil.copy(full / "checkpoints" / "step_000008.pt", part / "checkpoints" / "last.pt")
+    lines = [json.dumps(r) for r in records(full) if r["step"] <= 8] + ['{"step": 9, "lr": 1}']  # past the ckpt
+    (part / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    train(train_cfg(part, "ckpt_interval=8", "trainer.max_steps=16", "resume=true"))
+
+    recs = records(part)
+    train_steps = [r["step"] for r in recs if "train_loss" in r]
+    assert train_steps == sorted(set(train_steps)) == [3, 6, 9, 12, 15]
+    assert recs[-1]["step"] == 16
+    assert recs[-1]["val_loss"] == pytest.approx(end_full["val_loss"], abs=1e-6)
+    # train losses of whole logging windows after the checkpoint (step 9's window began before it)
+    assert [r["train_loss"] for r in recs if r["step"] > 9 and "train_loss" in r] == pytest.approx(
+        [r["train_loss"] for r in records(full) if r["step"] > 9 and "train_loss" in r], abs=1e-6)
+
+
+def test_resume_auto_starts_fresh_then_resumes(workdir):
+    train(train_cfg(workdir, "resume=auto", "trainer.max_steps=4"))
+    train(train_cfg(workdir, "resume=auto", "trainer.max_steps=8"))
+    assert torch.load(workdir / "checkpoints" / "last.pt", weights_only=True)["global_step"] == 8
+    assert [r["step"] for r in records(workdir) if "train_loss" in r] == [3, 6]
+
+
+def test_resume_with_another_model_is_refused(workdir):
+    train(train_cfg(workdir, "trainer.max_steps=4"))
+    with pytest.raises(CarlosError, match="model differs"):
+        train(train_cfg(workdir, "resume=true", "model.d_model=32"))
+
+
+def test_a_warmup_longer_than_the_run_still_trains(workdir):
+    train(train_cfg(workdir, "schedule.warmup_steps=2000", "trainer.max_steps=10", "log_interval=1"))
+    lrs = [r["lr"] for r in records(workdir) if "lr" in r]
+    assert max(lrs) == pytest.approx(3e-3)  # warmup clipped to 2 of 10 steps, then the peak
+
+
+def test_precision_choice():
+    assert resolve_precision("auto", "cpu") == ("32-true", resolve_precision("auto", "cpu")[1])
+    assert resolve_precision("auto", "cpu", stored="bf16-mixed")[0] == "bf16-mixed"
+    assert resolve_precision("bf16-mixed", "cpu")[0] == "bf16-mixed"
+    with pytest.raises(CarlosError, match="needs a CUDA GPU"):
+        resolve_precision("16-mixed", "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_precision_auto_on_gpu():
+    expected = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    assert resolve_precision("auto", "cuda")[0] == expected
