@@ -97,10 +97,14 @@ def log_record(trainer: L.Trainer, record: dict[str, float]) -> None:
 class TrainMetrics(Callback):
     """Train records every log_interval optimizer steps, validation records after each validation."""
 
-    def __init__(self, log_interval: int, tokens_per_step: int) -> None:
+    def __init__(self, log_interval: int, tokens_per_batch: int) -> None:
         self.log_interval = log_interval
-        self.tokens_per_step = tokens_per_step
+        self.tokens_per_batch = tokens_per_batch  # one micro-batch on one rank
         self.last: dict[str, float] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        # all ranks together: the world size is known only once the Trainer has set up its strategy
+        self.tokens_per_step = self.tokens_per_batch * trainer.accumulate_grad_batches * trainer.world_size
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         self.mark_time = time.perf_counter()

@@ -85,6 +85,7 @@ SEED_FLAGS: dict[str, dict[str, str]] = {
 }
 # keys whose values are always text, even when they look like numbers (a prompt of "42")
 TEXT_KEYS = {
+    "wandb.tags",
     "input",
     "workdir",
     "checkpoint",
@@ -301,14 +302,14 @@ def translate(command: str, args: list[str], defaults: dict[str, Any]) -> tuple[
         elif len(leaves.get(name, [])) == 1:
             key = leaves[name][0]
         else:
-            known = [f"--{f}" for f in flags] + [f"--{k}" for k in defaults]
-            raise CarlosError(f"unknown flag --{name}{nearest('--' + name, known)}; see: carlos {command} --help")
+            match = nearest(name, [*flags, *defaults]).replace("'", "'--", 1)
+            raise CarlosError(f"unknown flag --{name}{match}; see: carlos {command} --help")
         default = defaults.get(key)
         if eq:
             values = [inline]
         elif isinstance(default, bool) or key == "resume":
             values = ["true"]
-            if i < len(args) and args[i].lower() in BOOL_WORDS:
+            if i < len(args) and not args[i].startswith("-") and "=" not in args[i]:
                 values = [args[i]]
                 i += 1
         elif isinstance(default, list) or key == "wandb.tags":
@@ -316,7 +317,8 @@ def translate(command: str, args: list[str], defaults: dict[str, Any]) -> tuple[
             while i < len(args) and not args[i].startswith("-") and "=" not in args[i]:
                 values.append(args[i])
                 i += 1
-            overrides.append(f"{key}=[{','.join(hydra_quote(v) for v in values)}]")
+            items = [hydra_quote(v) if key in TEXT_KEYS or not PLAIN_VALUE.match(v) else v for v in values]
+            overrides.append(f"{key}=[{','.join(items)}]")
             continue
         else:
             if i >= len(args):
@@ -325,7 +327,11 @@ def translate(command: str, args: list[str], defaults: dict[str, Any]) -> tuple[
             i += 1
         value = values[0]
         if isinstance(default, bool) or key == "resume":
-            overrides.append(f"{key}={BOOL_WORDS[value.lower()]}")
+            word = BOOL_WORDS.get(value.lower())
+            if word is None or (word == "auto" and key != "resume"):
+                choices = "true, false or auto" if key == "resume" else "true or false"
+                raise CarlosError(f"--{name} takes {choices}, got {value!r}")
+            overrides.append(f"{key}={word}")
         else:
             overrides.append(_format(key, value, default))
     return hydra_args, overrides

@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 
 class CarlosError(Exception):
@@ -312,6 +312,11 @@ def parse(cfg: DictConfig, schema: type[T]) -> T:
         raise CarlosError(f"missing value for '{e.full_key}'") from None
     except ValidationError as e:
         raise CarlosError(f"invalid value for '{e.full_key}': {e.msg.splitlines()[0]}") from None
+    except OmegaConfBaseException as e:  # e.g. an interpolation ${...} that points nowhere
+        msg = str(e).splitlines()[0]
+        raise CarlosError(
+            f"invalid value for '{getattr(e, 'full_key', '?')}': {msg}; write a literal $ as \\$"
+        ) from None
 
 
 def to_plain(cfg: DictConfig | ListConfig) -> Any:

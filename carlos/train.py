@@ -184,14 +184,11 @@ def train(cfg: DictConfig) -> float:
 
     _quiet_lightning()
     L.seed_everything(tc.seed, workers=True, verbose=False)
-    world = _world_size(tc)
-    tokens_per_step = data.seq_len * tc.data.micro_batch_size * tc.trainer.accumulate_grad_batches * world
     run = {
         "tokenizer": tok.to_dict(),
         "seq_len": data.seq_len,
         "precision": precision,
         "seed": tc.seed,
-        "tokens_per_step": tokens_per_step,
         "workdir": str(workdir),
         "data_sha256": data.info["sha256"],
         "config": to_plain(cfg),
@@ -199,7 +196,7 @@ def train(cfg: DictConfig) -> float:
     module = LitGPT(model_cfg.to_dict(), optimizer_cfg, schedule_cfg, total_steps, run)
     dm = ByteDataModule(data, tc.data.micro_batch_size, tc.data.eval_batch_size, tc.seed, tc.data.num_workers)
 
-    metrics = TrainMetrics(tc.log_interval, tokens_per_step)
+    metrics = TrainMetrics(tc.log_interval, data.seq_len * tc.data.micro_batch_size)
     s = tc.sample
     callbacks = [
         metrics,
@@ -250,7 +247,8 @@ def train(cfg: DictConfig) -> float:
     )
     if trainer.is_global_zero:
         print(f"model: {module.model.num_params():,} parameters ({_shape(model_cfg)})")
-        print(f"precision: {precision} ({why}); {tokens_per_step:,} tokens per optimizer step")
+        per_step = data.seq_len * tc.data.micro_batch_size * t.accumulate_grad_batches * trainer.world_size
+        print(f"precision: {precision} ({why}); {per_step:,} tokens per optimizer step")
         if resume:
             print(f"resuming from {resume} at step {prev['step']}")
     started = time.perf_counter()
@@ -261,7 +259,7 @@ def train(cfg: DictConfig) -> float:
         step = trainer.global_step
         secs = time.perf_counter() - started
         print(
-            f"done: {step} steps, {step * tokens_per_step:,} tokens, {secs:.1f} s this session; "
+            f"done: {step} steps, {step * metrics.tokens_per_step:,} tokens, {secs:.1f} s this session; "
             f"best val_loss {ck.best:.4f} (bpb {best_bpb:.4f}) at step {ck.best_step}; "
             f"checkpoints in {ckpt_dir}"
         )
@@ -273,9 +271,3 @@ def _shape(c: GPTConfig) -> str:
         f"d_model={c.d_model}, n_layers={c.n_layers}, n_heads={c.n_heads}, d_ff={c.d_ff}, "
         f"vocab={c.vocab_size}, context={c.block_size}"
     )
-
-
-def _world_size(tc: TrainConfig) -> int:
-    devices = tc.trainer.devices
-    n = devices if isinstance(devices, int) and devices > 0 else 1
-    return n * tc.trainer.num_nodes

@@ -11,8 +11,33 @@ from carlos.cli import compose
 from carlos.config import PrepareConfig, parse
 from carlos.prepare import prepare
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-WORDS = "the of and to in is that it for on with as was by at be this from or have an but not are his".split()
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "that",
+    "it",
+    "for",
+    "on",
+    "with",
+    "as",
+    "was",
+    "by",
+    "at",
+    "be",
+    "this",
+    "from",
+    "or",
+    "have",
+    "an",
+    "but",
+    "not",
+    "are",
+    "his",
+]
 
 
 def make_corpus(path: Path, n_lines: int = 600, seed: int = 0) -> Path:

@@ -6,7 +6,9 @@ from carlos.cli import SEED_FLAGS, compose, conf_dir, flat_keys, hydra_quote, tr
 from carlos.config import CarlosError, EvalConfig, GenerateConfig, PrepareConfig, TrainConfig, decode_escapes, parse
 from carlos.module import build_optimizer, build_schedule
 
-GROUPS = {g: sorted(p.stem for p in (conf_dir() / g).glob("*.yaml")) for g in ("model", "optimizer", "schedule", "precision")}
+GROUPS = {
+    g: sorted(p.stem for p in (conf_dir() / g).glob("*.yaml")) for g in ("model", "optimizer", "schedule", "precision")
+}
 
 
 def test_groups_have_real_choices():
@@ -27,8 +29,10 @@ def test_every_option_composes_and_validates(group, option):
     assert 0 < lr_at(0) <= tc.optimizer["lr"]
 
 
-@pytest.mark.parametrize("command, schema", [("prepare", PrepareConfig), ("train", TrainConfig),
-                                             ("eval", EvalConfig), ("sample", GenerateConfig)])
+@pytest.mark.parametrize(
+    "command, schema",
+    [("prepare", PrepareConfig), ("train", TrainConfig), ("eval", EvalConfig), ("sample", GenerateConfig)],
+)
 def test_primary_configs_validate(command, schema):
     cfg = parse(compose(command, []), schema)
     assert cfg.workdir == "./carlos_run"
@@ -82,12 +86,43 @@ def test_every_seed_flag_maps_onto_an_existing_key():
 
 def test_seed_readme_flags_translate():
     assert _overrides("prepare", ["--input", "corpus.txt", "--seq_len", "512", "--normalize_nfkc"]) == [
-        "input='corpus.txt'", "data.seq_len=512", "data.normalize_nfkc=true"]
-    cfg = compose("train", _overrides("train", [
-        "--workdir", "./carlos_run", "--precision", "auto", "--micro_batch_size", "4", "--grad_accum_steps", "4",
-        "--sample_prefix", "\\n", "--sample_tokens", "200", "--wandb_project", "tiny-models",
-        "--wandb_run_name", "carlos-demo", "--wandb_tags", "baseline", "byte-level", "--peak_lr", "1e-3",
-        "--max_time", "00:00:10:00", "--resume", "auto"]))
+        "input='corpus.txt'",
+        "data.seq_len=512",
+        "data.normalize_nfkc=true",
+    ]
+    cfg = compose(
+        "train",
+        _overrides(
+            "train",
+            [
+                "--workdir",
+                "./carlos_run",
+                "--precision",
+                "auto",
+                "--micro_batch_size",
+                "4",
+                "--grad_accum_steps",
+                "4",
+                "--sample_prefix",
+                "\\n",
+                "--sample_tokens",
+                "200",
+                "--wandb_project",
+                "tiny-models",
+                "--wandb_run_name",
+                "carlos-demo",
+                "--wandb_tags",
+                "baseline",
+                "byte-level",
+                "--peak_lr",
+                "1e-3",
+                "--max_time",
+                "00:00:10:00",
+                "--resume",
+                "auto",
+            ],
+        ),
+    )
     tc = parse(cfg, TrainConfig)
     assert tc.wandb.tags == ["baseline", "byte-level"] and tc.wandb.project == "tiny-models"
     assert tc.sample.prefix == "\n" and tc.optimizer["lr"] == 1e-3 and tc.resume == "auto"
@@ -97,7 +132,18 @@ def test_seed_readme_flags_translate():
     assert _overrides("train", ["--d_model", "128"]) == ["model.d_model=128"]
     assert _overrides("train", ["--trainer.gradient_clip_val", "0.5"]) == ["trainer.gradient_clip_val=0.5"]
     assert _overrides("eval", ["--checkpoint", "best", "--split", "test", "--json"]) == [
-        "checkpoint='best'", "split='test'", "json=true"]
+        "checkpoint='best'",
+        "split='test'",
+        "json=true",
+    ]
+
+
+def test_list_and_boolean_flags():
+    assert _overrides("train", ["--betas", "0.9", "0.99"]) == ["optimizer.betas=[0.9,0.99]"]
+    assert _overrides("train", ["--wandb_tags", "1", "a b"]) == ["wandb.tags=['1','a b']"]
+    assert _overrides("train", ["--overwrite", "no", "--resume", "auto"]) == ["overwrite=false", "resume=auto"]
+    with pytest.raises(CarlosError, match="--overwrite takes true or false, got 'maybe'"):
+        _overrides("train", ["--overwrite", "maybe"])
 
 
 def test_unknown_flag_names_the_nearest():
@@ -107,8 +153,25 @@ def test_unknown_flag_names_the_nearest():
         _overrides("train", ["--seq_len", "64"])
 
 
-NASTY = ["hello world", "a, b, c", "it's \"quoted\"", "${oc.env:HOME}", "back\\slash\\", "C:\\Users\\me\\corpus.txt",
-         "tail\\'", "\\${x}", "=[]{}()", "line\nbreak", "é🙂", "%d %s", "", "  spaced  ", "123", "null", "true"]
+NASTY = [
+    "hello world",
+    "a, b, c",
+    'it\'s "quoted"',
+    "${oc.env:HOME}",
+    "back\\slash\\",
+    "C:\\Users\\me\\corpus.txt",
+    "tail\\'",
+    "\\${x}",
+    "=[]{}()",
+    "line\nbreak",
+    "é🙂",
+    "%d %s",
+    "",
+    "  spaced  ",
+    "123",
+    "null",
+    "true",
+]
 
 
 @pytest.mark.parametrize("text", NASTY)

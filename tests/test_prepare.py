@@ -89,7 +89,9 @@ def test_bos_eos_wrap_documents_and_keep_the_separator_bytes():
 
 
 def test_nfkc_normalizes_each_split_and_keeps_input_offsets(corpus, tmp_path):
-    wd = prepare_workdir(corpus, tmp_path / "nfkc", "data.normalize_nfkc=true", "data.add_bos=true", "data.add_eos=true")
+    wd = prepare_workdir(
+        corpus, tmp_path / "nfkc", "data.normalize_nfkc=true", "data.add_bos=true", "data.add_eos=true"
+    )
     info = json.loads((wd / "splits.json").read_text())
     assert info["normalization"] == "NFKC" and info["add_bos"] and info["add_eos"]
     raw = corpus.read_bytes()

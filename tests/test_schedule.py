@@ -39,9 +39,7 @@ def test_warmup_longer_than_the_run_is_clipped_to_a_fifth():
 
 def test_warmup_stable_decay_values():
     def wsd(step):
-        return warmup_stable_decay(
-            step, total_steps=100, peak_lr=PEAK, warmup_steps=10, min_lr=MIN, decay_fraction=0.2
-        )
+        return warmup_stable_decay(step, total_steps=100, peak_lr=PEAK, warmup_steps=10, min_lr=MIN, decay_fraction=0.2)
 
     assert wsd(0) == pytest.approx(PEAK / 10)
     assert wsd(10) == wsd(79) == pytest.approx(PEAK)

@@ -24,7 +24,12 @@ def test_train_writes_the_seed_layout(workdir):
 
     ckpts = workdir / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == [
-        "best.pt", "last.pt", "step_000004.pt", "step_000008.pt", "step_000012.pt"]
+        "best.pt",
+        "last.pt",
+        "step_000004.pt",
+        "step_000008.pt",
+        "step_000012.pt",
+    ]
     last = torch.load(ckpts / "last.pt", weights_only=True)
     assert last["global_step"] == 12
     assert (ckpts / "last.pt").read_bytes() == (ckpts / "step_000012.pt").read_bytes()
@@ -36,7 +41,13 @@ def test_train_writes_the_seed_layout(workdir):
 
     recs = records(workdir)
     assert [(r["step"], "val_loss" in r) for r in recs] == [
-        (3, False), (6, False), (6, True), (9, False), (12, False), (12, True)]
+        (3, False),
+        (6, False),
+        (6, True),
+        (9, False),
+        (12, False),
+        (12, True),
+    ]
     for r in recs:
         assert r["tokens"] == r["step"] * TOKENS_PER_STEP
         if "val_loss" in r:
@@ -108,7 +119,8 @@ def test_resume_continues_exactly_where_the_checkpoint_left_off(workdir, tmp_pat
     assert recs[-1]["val_loss"] == pytest.approx(end_full["val_loss"], abs=1e-6)
     # train losses of whole logging windows after the checkpoint (step 9's window began before it)
     assert [r["train_loss"] for r in recs if r["step"] > 9 and "train_loss" in r] == pytest.approx(
-        [r["train_loss"] for r in records(full) if r["step"] > 9 and "train_loss" in r], abs=1e-6)
+        [r["train_loss"] for r in records(full) if r["step"] > 9 and "train_loss" in r], abs=1e-6
+    )
 
 
 def test_resume_auto_starts_fresh_then_resumes(workdir):

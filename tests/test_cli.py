@@ -1,0 +1,284 @@
+"""The commands as a user runs them: the console script and scripts/, in a temporary directory."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from .conftest import make_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+CARLOS = str(Path(sys.executable).parent / "carlos")
+TINY = [
+    "--max_steps",
+    "12",
+    "--grad_accum_steps",
+    "2",
+    "--eval_interval",
+    "6",
+    "--ckpt_interval",
+    "4",
+    "--log_interval",
+    "3",
+    "--sample_tokens",
+    "16",
+    "--warmup_steps",
+    "2",
+]
+
+
+def run(args, cwd, env=None, check=True):
+    e = {**os.environ, "WANDB_MODE": "", "WANDB_PROJECT": "", **(env or {})}
+    e = {k: v for k, v in e.items() if v != ""}
+    p = subprocess.run(args, cwd=cwd, env=e, capture_output=True, text=True, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """prepare and train once through the console script; the tests below read what it wrote."""
+    cwd = tmp_path_factory.mktemp("cli")
+    make_corpus(cwd / "corpus.txt")
+    run([CARLOS, "prepare", "--input", "corpus.txt", "--workdir", "w", "--seq_len", "32"], cwd)
+    out = run([CARLOS, "train", "--workdir", "w", *TINY], cwd)
+    return cwd, out
+
+
+@pytest.mark.slow
+def test_prepare_train_eval_sample_end_to_end(trained):
+    cwd, out = trained
+    w = cwd / "w"
+    assert "parameters" in out.stdout and out.stdout.strip().splitlines()[-1].startswith("done: 12 steps")
+    assert sorted(p.name for p in (w / "checkpoints").iterdir()) == [
+        "best.pt",
+        "last.pt",
+        "step_000004.pt",
+        "step_000008.pt",
+        "step_000012.pt",
+    ]
+    assert sorted(p.name for p in (w / "samples").iterdir()) == ["step_000006.txt", "step_000012.txt"]
+    assert sorted(p.name for p in (w / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    steps = [json.loads(line)["step"] for line in (w / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 6, 6, 9, 12, 12]
+    # nothing in the current directory but what the user asked for
+    assert sorted(p.name for p in cwd.iterdir()) == ["corpus.txt", "w"]
+
+    ev = run([CARLOS, "eval", "--workdir", "w", "--checkpoint", "best", "--split", "test", "--json"], cwd)
+    result = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert set(result) >= {"split", "loss", "perplexity", "bpb", "tokens"} and result["split"] == "test"
+    info = json.loads((w / "splits.json").read_text())
+    assert result["tokens"] == info["tokens"]["test"] - 1
+    assert result["bpb"] == pytest.approx(result["loss"] / 0.6931471805599453)
+    assert "perplexity" in ev.stdout and "bits-per-byte" in ev.stdout
+    # scripts/ run the same app
+    ev2 = run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "eval.py"),
+            "--workdir",
+            "w",
+            "--split",
+            "test",
+            "--checkpoint",
+            "best",
+            "--json",
+        ],
+        cwd,
+    )
+    assert json.loads(ev2.stdout.strip().splitlines()[-1]) == result
+
+    prompt = "It's a, b ${x} C:\\dir\\"
+    s1 = run(
+        [CARLOS, "sample", "--workdir", "w", "--prompt", prompt, "--max_new_tokens", "20", "--temperature", "0"], cwd
+    )
+    s2 = run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "sample.py"),
+            "checkpoint=last",
+            "--prompt",
+            prompt,
+            "max_new_tokens=20",
+            "temperature=0",
+            "workdir=w",
+        ],
+        cwd,
+    )
+    assert s1.stdout.startswith(prompt) and len(s1.stdout.encode()) > len(prompt)
+    s3 = run(
+        [
+            CARLOS,
+            "sample",
+            "--workdir",
+            "w",
+            "--checkpoint",
+            "last",
+            "--prompt",
+            prompt,
+            "--max_new_tokens",
+            "20",
+            "--temperature",
+            "0",
+        ],
+        cwd,
+    )
+    assert s2.stdout == s3.stdout  # greedy is deterministic; both spellings agree
+    assert sorted(p.name for p in cwd.iterdir()) == ["corpus.txt", "w"]
+
+
+@pytest.mark.slow
+def test_resume_and_refusal_through_the_cli(trained):
+    cwd, _ = trained
+    refused = run([CARLOS, "train", "--workdir", "w", *TINY], cwd, check=False)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]
+    assert "--resume" in refused.stderr and "--overwrite" in refused.stderr
+    run([CARLOS, "train", "--workdir", "w", *TINY[2:], "--max_steps", "15", "--resume"], cwd)
+    steps = [json.loads(line)["step"] for line in (cwd / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 6, 6, 9, 12, 12, 15, 15]
+
+
+ERRORS = [
+    (["prepare", "--input", "missing.txt"], "does not exist"),
+    (["prepare"], "no input corpus"),
+    (["train", "--workdir", "nowhere"], "not prepared"),
+    (["train", "--peak_lrr", "1"], "did you mean '--peak_lr'"),
+    (["train", "optimizer.lrr=1"], "did you mean 'optimizer.lr'"),
+    (["train", "model=basline"], "did you mean 'baseline'"),
+    (["train", "model=["], "cannot parse override"),
+    (["train", "--peak_lr", "-1"], "must be a number > 0"),
+    (["eval", "--split", "tset"], "did you mean 'test'"),
+    (["sample", "--temperature", "-1"], "temperature must be >= 0"),
+    (["sample", "--top_p", "1.5"], "top_p must be in (0, 1]"),
+    (["sample", "--workdir", "nowhere"], "not found"),
+    (["trian"], "did you mean 'train'"),
+    (["sample", "prompt='${x}'"], "invalid value for 'prompt'"),
+]
+
+
+@pytest.mark.parametrize("args, message", ERRORS)
+def test_errors_are_one_line_exit_2_and_write_nothing(tmp_path, args, message):
+    p = run([CARLOS, *args], tmp_path, check=False)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("carlos: error: ") and message in lines[0], p.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_carlos_debug_shows_the_traceback(tmp_path):
+    p = run([CARLOS, "prepare", "--input", "missing.txt"], tmp_path, env={"CARLOS_DEBUG": "1"}, check=False)
+    assert p.returncode == 2 and "Traceback" in p.stderr
+
+
+def test_help_and_cfg_job(tmp_path):
+    assert "prepare" in run([CARLOS, "--help"], tmp_path).stdout
+    h = run([CARLOS, "train", "--help"], tmp_path).stdout
+    assert "--grad_accum_steps" in h and "model: baseline, medium" in h
+    cfg = run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "train.py"),
+            "model=baseline",
+            "trainer.precision=bf16-mixed",
+            "--cfg",
+            "job",
+        ],
+        tmp_path,
+    ).stdout
+    assert "precision: bf16-mixed" in cfg and "d_model: 64" in cfg
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_wandb_offline_from_dotenv_and_disabled_wins(tmp_path):
+    make_corpus(tmp_path / "corpus.txt")
+    run([CARLOS, "prepare", "--input", "corpus.txt", "--workdir", "w", "--seq_len", "32"], tmp_path)
+    (tmp_path / ".env").write_text("WANDB_PROJECT=carlos-test\nWANDB_MODE=offline\n")
+    run(
+        [
+            CARLOS,
+            "train",
+            "--workdir",
+            "w",
+            *TINY,
+            "--max_steps",
+            "6",
+            "--wandb_run_name",
+            "t1",
+            "--wandb_tags",
+            "baseline",
+            "byte-level",
+        ],
+        tmp_path,
+        env={"WANDB_SILENT": "true"},
+    )
+    runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+    run(
+        [CARLOS, "train", "--workdir", "w", *TINY, "--max_steps", "6", "--overwrite", "--wandb_mode", "disabled"],
+        tmp_path,
+    )
+    assert not (tmp_path / "w" / "wandb").exists()
+
+
+@pytest.mark.slow
+def test_wandb_is_not_imported_without_a_project(tmp_path):
+    make_corpus(tmp_path / "corpus.txt")
+    code = (
+        "import sys; from carlos.cli import main\n"
+        "main(['prepare', '--input', 'corpus.txt', '--workdir', 'w', '--seq_len', '32'])\n"
+        f"main(['train', '--workdir', 'w', *{TINY!r}, '--max_steps', '3'])\n"
+        "print('WANDB_IMPORTED', 'wandb' in sys.modules)\n"
+    )
+    p = run([sys.executable, "-c", code], tmp_path)
+    assert "WANDB_IMPORTED False" in p.stdout
+
+
+@pytest.mark.slow
+def test_wheel_carries_the_configs(tmp_path):
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        ROOT,
+    )
+    wheel = next(tmp_path.glob("carlos-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for name in (
+        "carlos/conf/train.yaml",
+        "carlos/conf/prepare.yaml",
+        "carlos/conf/eval.yaml",
+        "carlos/conf/sample.yaml",
+        "carlos/conf/model/baseline.yaml",
+        "carlos/conf/optimizer/adamw.yaml",
+        "carlos/conf/schedule/cosine.yaml",
+        "carlos/conf/precision/auto.yaml",
+        "carlos/cli.py",
+    ):
+        assert name in names
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = "from carlos.cli import conf_dir; print(conf_dir())"
+    p = run([sys.executable, "-c", code], tmp_path, env={"PYTHONPATH": str(site)})
+    assert p.stdout.strip() == str(site / "carlos" / "conf")
+    p = run(
+        [sys.executable, "-m", "carlos", "train", "model=medium", "--cfg", "job"],
+        tmp_path,
+        env={"PYTHONPATH": str(site)},
+    )
+    assert "d_model: 128" in p.stdout
