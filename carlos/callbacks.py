@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -280,6 +281,9 @@ class ProgressBar(TQDMProgressBar):
         super().__init__()
         self.metrics = metrics
 
+    def init_validation_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True)  # validation takes a fraction of a second; its result shows on the train bar
+
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
         super().on_train_epoch_start(trainer)
         bar = self.train_progress_bar
@@ -290,9 +294,8 @@ class ProgressBar(TQDMProgressBar):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         bar = self.train_progress_bar
         if bar is not None and trainer.global_step != bar.n:
-            bar.n = trainer.global_step
             bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
-            bar.refresh()
+            bar.update(trainer.global_step - bar.n)  # tqdm redraws at most every mininterval seconds
 
     def get_metrics(self, trainer: L.Trainer, pl_module) -> dict[str, str]:
         last = self.metrics.last
