@@ -97,7 +97,8 @@ def pack(tokens: np.ndarray, seq_len: int) -> np.ndarray:
 
 
 def workdir_has_run(workdir: Path) -> bool:
-    return any((workdir / "checkpoints").glob("*.pt"))
+    """Checkpoints of a single run or of any sweep job trained on this workdir's data."""
+    return any((workdir / "checkpoints").glob("*.pt")) or any(workdir.glob("sweeps/*/*/checkpoints/*.pt"))
 
 
 def remove_run_outputs(run_dir: Path) -> None:
@@ -187,8 +188,9 @@ def _write_atomically(workdir: Path, record: dict, arrays: dict, tok: ByteTokeni
         (tmp / "splits.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
         (workdir / "splits.json").unlink(missing_ok=True)
-        if cfg.overwrite:
+        if cfg.overwrite:  # the runs were trained on the old data
             remove_run_outputs(workdir)
+            shutil.rmtree(workdir / "sweeps", ignore_errors=True)
         old = workdir / "data"
         if old.exists():
             trash = Path(tempfile.mkdtemp(prefix=".old-data-", dir=workdir))

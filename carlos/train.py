@@ -160,6 +160,11 @@ def train(cfg: DictConfig) -> float:
             f"cannot resume: the model differs from the checkpoint ({'; '.join(diff)}); "
             "resume with the same model and prepared data, or start over with --overwrite"
         )
+    if prev is not None and prev.get("data_sha256") not in (None, data.info["sha256"]):
+        raise CarlosError(
+            f"cannot resume: {workdir} was prepared again from another corpus since the checkpoint; "
+            "start over with --overwrite, or prepare the original corpus again"
+        )
     device = device_type(tc.trainer.accelerator)
     precision, why = resolve_precision(tc.trainer.precision, device, prev.get("precision") if prev else None)
     max_steps = tc.trainer.max_steps if tc.trainer.max_steps > 0 else -1

@@ -136,6 +136,15 @@ def test_resume_with_another_model_is_refused(workdir):
         train(train_cfg(workdir, "resume=true", "model.d_model=32"))
 
 
+def test_resume_on_other_data_is_refused(workdir):
+    train(train_cfg(workdir, "trainer.max_steps=4"))
+    splits = workdir / "splits.json"
+    info = json.loads(splits.read_text())
+    splits.write_text(json.dumps({**info, "sha256": "0" * 64}))
+    with pytest.raises(CarlosError, match="prepared again from another corpus"):
+        train(train_cfg(workdir, "resume=true", "trainer.max_steps=8"))
+
+
 def test_a_warmup_longer_than_the_run_still_trains(workdir):
     train(train_cfg(workdir, "schedule.warmup_steps=2000", "trainer.max_steps=10", "log_interval=1"))
     lrs = [r["lr"] for r in records(workdir) if "lr" in r]
