@@ -273,6 +273,44 @@ class Checkpoints(Callback):
         self.saved_step = step
 
 
+class TimeBudget(Callback):
+    """--max_time: stops training early enough that the final validation, sample and checkpoints also
+    finish by the deadline, and gives LitGPT the deadline its lr schedule aims at.
+
+    The reserve kept for the end is 1.5 times the longest validation seen so far (its callbacks'
+    sampling and checkpointing included) plus half a second; before the first validation, 5% of the
+    budget (at most 10 s). Lightning's own Timer (Trainer(max_time)) stays on as a backstop."""
+
+    def __init__(self, max_time_s: float) -> None:
+        self.max_time = max_time_s
+        self.reserve = min(0.05 * max_time_s, 10.0)
+        self.longest_val = 0.0
+
+    def _deadline(self) -> float:
+        return max(self.max_time - self.reserve, 0.0)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        pl_module.deadline_s = self._deadline()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._val_started = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        self.longest_val = max(self.longest_val, time.perf_counter() - self._val_started)
+        self.reserve = 1.5 * self.longest_val + 0.5
+        pl_module.deadline_s = self._deadline()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == getattr(self, "seen_step", -1):  # only between optimizer steps, never mid-accumulation
+            return
+        self.seen_step = step
+        if pl_module.elapsed_s() >= self._deadline():
+            trainer.should_stop = True  # Lightning validates now; Checkpoints saves the final state
+
+
 class ProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar counting optimizer steps (Lightning counts micro-batches) and showing the
     latest train loss, tokens/s and val bpb."""

@@ -108,6 +108,7 @@ class TrainDataConfig:
         _positive("data.num_workers", self.num_workers, allow_zero=True)
 
 
+DEFAULT_MAX_STEPS = 5000
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16", "bf16-true", "16-true", "64-true", "64")
 
 
@@ -141,7 +142,7 @@ class TrainerConfig:
     num_nodes: int
     strategy: str
     precision: str
-    max_steps: int
+    max_steps: int | None
     max_time: str | None
     accumulate_grad_batches: int
     gradient_clip_val: float | None
@@ -154,9 +155,13 @@ class TrainerConfig:
                 f"choose one of {', '.join(PRECISIONS)}"
             )
         _positive("trainer.accumulate_grad_batches (--grad_accum_steps)", self.accumulate_grad_batches)
-        if self.max_steps <= 0 and parse_max_time(self.max_time) is None:
+        budget = parse_max_time(self.max_time)
+        if self.max_steps is None:  # default: 5000 steps, or as many as the time budget allows
+            self.max_steps = -1 if budget else DEFAULT_MAX_STEPS
+        if self.max_steps <= 0 and budget is None:
             raise CarlosError("trainer.max_steps must be > 0 unless trainer.max_time (--max_time) bounds the run")
-        parse_max_time(self.max_time)
+        if self.max_steps <= 0:
+            self.max_steps = -1
         if self.gradient_clip_val is not None:
             _positive("trainer.gradient_clip_val", self.gradient_clip_val)
 

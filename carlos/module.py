@@ -28,7 +28,9 @@ from carlos.model import GPT, GPTConfig
 WARMUP_CAP = 0.2  # a warmup longer than this fraction of the run is clipped to it
 
 
-def clip_warmup(warmup_steps: int, total_steps: int) -> int:
+def clip_warmup(warmup_steps: int, total_steps: float) -> int:
+    if not math.isfinite(total_steps):  # a time budget whose pace is not known yet
+        return warmup_steps
     return min(warmup_steps, int(WARMUP_CAP * total_steps))
 
 
@@ -37,7 +39,7 @@ def _warmup(step: int, warmup: int, peak_lr: float) -> float | None:
     return peak_lr * (step + 1) / warmup if step < warmup else None
 
 
-def warmup_cosine(step: int, *, total_steps: int, peak_lr: float, warmup_steps: int, min_lr: float) -> float:
+def warmup_cosine(step: int, *, total_steps: float, peak_lr: float, warmup_steps: int, min_lr: float) -> float:
     """Linear warmup, then cosine from peak_lr at the end of warmup to min_lr at total_steps."""
     warmup = clip_warmup(warmup_steps, total_steps)
     lr = _warmup(step, warmup, peak_lr)
@@ -48,7 +50,7 @@ def warmup_cosine(step: int, *, total_steps: int, peak_lr: float, warmup_steps: 
 
 
 def warmup_stable_decay(
-    step: int, *, total_steps: int, peak_lr: float, warmup_steps: int, min_lr: float, decay_fraction: float
+    step: int, *, total_steps: float, peak_lr: float, warmup_steps: int, min_lr: float, decay_fraction: float
 ) -> float:
     """Warmup-stable-decay: linear warmup, peak_lr held, then a linear decay to min_lr over the last
     decay_fraction of the run."""
@@ -58,6 +60,8 @@ def warmup_stable_decay(
     lr = _warmup(step, warmup, peak_lr)
     if lr is not None:
         return lr
+    if not math.isfinite(total_steps):
+        return peak_lr
     decay_start = max(warmup, total_steps - int(decay_fraction * total_steps))
     if step < decay_start:
         return peak_lr
@@ -65,7 +69,7 @@ def warmup_stable_decay(
     return peak_lr + (min_lr - peak_lr) * progress
 
 
-def warmup_constant(step: int, *, total_steps: int, peak_lr: float, warmup_steps: int, min_lr: float = 0.0) -> float:
+def warmup_constant(step: int, *, total_steps: float, peak_lr: float, warmup_steps: int, min_lr: float = 0.0) -> float:
     """Linear warmup, then peak_lr to the end (min_lr is unused)."""
     lr = _warmup(step, clip_warmup(warmup_steps, total_steps), peak_lr)
     return peak_lr if lr is None else lr
@@ -101,15 +105,14 @@ def build_optimizer(cfg: dict, params) -> torch.optim.Optimizer:
         raise CarlosError(f"optimizer config is invalid: {e}") from None
 
 
-def build_schedule(cfg: dict, peak_lr: float, total_steps: int) -> Callable[[int], float]:
-    """lr as a function of the optimizer step."""
+def build_schedule(cfg: dict, peak_lr: float) -> Callable[[int, float], float]:
+    """lr as a function of the optimizer step and the run's length in steps."""
     partial = _instantiate(cfg, "schedule")
     _check_kwargs(partial, cfg, "schedule", supplied=("step", "total_steps", "peak_lr"))
 
-    def lr_at(step: int) -> float:
+    def lr_at(step: int, total_steps: float) -> float:
         return partial(step, total_steps=total_steps, peak_lr=peak_lr)
 
-    lr_at(0)  # surfaces bad values now, before training starts
     return lr_at
 
 
@@ -140,12 +143,24 @@ def _set_rng_state(state: dict) -> None:
 class LitGPT(L.LightningModule):
     """Holds only plain hyperparameters (dicts, numbers, strings), so checkpoints load with weights_only."""
 
-    def __init__(self, model: dict, optimizer: dict, schedule: dict, total_steps: int, run: dict[str, Any]) -> None:
+    def __init__(self, model: dict, optimizer: dict, schedule: dict, max_steps: int, run: dict[str, Any]) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = GPT(GPTConfig(**model))
         self.elapsed_before = 0.0  # training seconds of earlier sessions of a resumed run
         self.val_metrics: dict[str, float] = {}
+        self.deadline_s: float | None = None  # set by the TimeBudget callback under --max_time
+
+    def total_steps(self, step: int) -> float:
+        """The run's length in optimizer steps, as the lr schedule sees it: max_steps, or under a time
+        budget the steps the run will reach by its deadline at the pace so far, whichever is smaller.
+        So warmup and decay complete by the deadline; a run bounded by steps alone stays deterministic."""
+        total = self.hparams.max_steps if self.hparams.max_steps > 0 else math.inf
+        if self.deadline_s is not None and step > 0:
+            elapsed = self.elapsed_s()
+            if elapsed > 0:
+                total = min(total, step * self.deadline_s / elapsed)
+        return total
 
     # -- training
     def on_train_start(self) -> None:
@@ -193,8 +208,8 @@ class LitGPT(L.LightningModule):
         groups = self.model.param_groups(hp.optimizer.get("weight_decay", 0.0))
         optimizer = build_optimizer(hp.optimizer, groups)
         peak = hp.optimizer["lr"]
-        lr_at = build_schedule(hp.schedule, peak, hp.total_steps)
-        scheduler = LambdaLR(optimizer, lambda step: lr_at(step) / peak)
+        lr_at = build_schedule(hp.schedule, peak)
+        scheduler = LambdaLR(optimizer, lambda step: lr_at(step, self.total_steps(step)) / peak)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- checkpoint extras: what eval and sample need without this class, plus RNG and time

@@ -7,6 +7,7 @@ workdir as it was (not even a config snapshot).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import warnings
@@ -127,7 +128,15 @@ def train(cfg: DictConfig) -> float:
     """Train on a prepared workdir; returns the best validation bits-per-byte."""
     import lightning as L
 
-    from carlos.callbacks import AtomicCheckpointIO, Checkpoints, JsonlLogger, ProgressBar, SampleText, TrainMetrics
+    from carlos.callbacks import (
+        AtomicCheckpointIO,
+        Checkpoints,
+        JsonlLogger,
+        ProgressBar,
+        SampleText,
+        TimeBudget,
+        TrainMetrics,
+    )
     from carlos.data import ByteDataModule
     from carlos.module import LitGPT, build_optimizer, build_schedule
 
@@ -167,12 +176,11 @@ def train(cfg: DictConfig) -> float:
         )
     device = device_type(tc.trainer.accelerator)
     precision, why = resolve_precision(tc.trainer.precision, device, prev.get("precision") if prev else None)
-    max_steps = tc.trainer.max_steps if tc.trainer.max_steps > 0 else -1
-    # the schedule's horizon: max_steps, or for a time-only budget a nominal one (see README)
-    total_steps = max_steps if max_steps > 0 else 10**6
+    max_steps = tc.trainer.max_steps
+    budget = tc.trainer.max_time_delta
     optimizer_cfg, schedule_cfg = dict(tc.optimizer), dict(tc.schedule)
     build_optimizer(optimizer_cfg, [torch.zeros(1, requires_grad=True)])
-    build_schedule(schedule_cfg, optimizer_cfg["lr"], total_steps)
+    build_schedule(schedule_cfg, optimizer_cfg["lr"])(0, max_steps if max_steps > 0 else math.inf)
 
     # -------- accepted: from here on the run writes into run_dir
     if tc.overwrite:
@@ -198,7 +206,7 @@ def train(cfg: DictConfig) -> float:
         "data_sha256": data.info["sha256"],
         "config": to_plain(cfg),
     }
-    module = LitGPT(model_cfg.to_dict(), optimizer_cfg, schedule_cfg, total_steps, run)
+    module = LitGPT(model_cfg.to_dict(), optimizer_cfg, schedule_cfg, max_steps, run)
     dm = ByteDataModule(data, tc.data.micro_batch_size, tc.data.eval_batch_size, tc.seed, tc.data.num_workers)
 
     metrics = TrainMetrics(tc.log_interval, data.seq_len * tc.data.micro_batch_size)
@@ -219,6 +227,8 @@ def train(cfg: DictConfig) -> float:
         Checkpoints(ckpt_dir, tc.ckpt_interval, tc.eval_interval),
         ProgressBar(metrics),
     ]
+    if budget is not None:
+        callbacks.append(TimeBudget(budget.total_seconds()))  # last: it times the others' validation work
     loggers = [JsonlLogger(run_dir / "metrics.jsonl", resume_step=prev["step"] if prev else None)]
     wandb = _wandb_logger(tc, run_dir)
     if wandb is not None:
@@ -233,7 +243,7 @@ def train(cfg: DictConfig) -> float:
         precision=precision,
         max_steps=max_steps,
         max_epochs=-1,
-        max_time=t.max_time_delta,
+        max_time=budget,
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val,
         # validation every eval_interval optimizer steps; Lightning counts micro-batches here

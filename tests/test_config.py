@@ -24,9 +24,10 @@ def test_groups_have_real_choices():
 def test_every_option_composes_and_validates(group, option):
     tc = parse(compose("train", [f"{group}={option}"]), TrainConfig)
     opt = build_optimizer(tc.optimizer, [__import__("torch").zeros(1, requires_grad=True)])
-    lr_at = build_schedule(tc.schedule, tc.optimizer["lr"], 100)
+    lr_at = build_schedule(tc.schedule, tc.optimizer["lr"])
     assert opt.param_groups[0]["lr"] == tc.optimizer["lr"]
-    assert 0 < lr_at(0) <= tc.optimizer["lr"]
+    assert 0 < lr_at(0, 100) <= tc.optimizer["lr"]
+    assert 0 < lr_at(50, float("inf")) <= tc.optimizer["lr"]
 
 
 @pytest.mark.parametrize(

@@ -163,3 +163,34 @@ def test_precision_choice():
 def test_precision_auto_on_gpu():
     expected = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     assert resolve_precision("auto", "cuda")[0] == expected
+
+
+def test_time_budget_completes_the_schedule_and_the_final_checkpoint_by_the_deadline(workdir):
+    budget = 4.0
+    train(train_cfg(workdir, "trainer.max_steps=null", f"trainer.max_time={budget}", "eval_interval=50",
+                    "ckpt_interval=1000", "log_interval=5", "schedule.warmup_steps=20", "sample.tokens=0"))
+    recs = records(workdir)
+    train_recs = [r for r in recs if "lr" in r]
+    last_val = recs[-1]
+    assert "val_loss" in last_val and last_val["elapsed_s"] <= budget
+    val_steps = [r["step"] for r in recs if "val_loss" in r]
+    assert len(val_steps) == len(set(val_steps))  # the final validation is not repeated
+    last = torch.load(workdir / "checkpoints" / "last.pt", weights_only=True)
+    assert last["global_step"] == last_val["step"] > 100
+    assert last["carlos"]["elapsed_s"] <= budget
+    # warmup reached the peak early on, and the cosine had nearly finished by the end
+    peak = max(r["lr"] for r in train_recs)
+    assert peak == pytest.approx(3e-3, rel=0.2)
+    assert train_recs[-1]["lr"] < 0.1 * peak
+
+
+def test_schedule_horizon_follows_elapsed_time(workdir):
+    from carlos.module import LitGPT
+
+    m = LitGPT({"vocab_size": 256, "block_size": 32}, {"lr": 1e-3}, {}, max_steps=-1, run={})
+    assert m.total_steps(10) == math.inf  # no budget: unbounded
+    m.deadline_s = 100.0
+    m.elapsed_s = lambda: 25.0  # a quarter of the budget used by step 10
+    assert m.total_steps(10) == pytest.approx(40.0)
+    m.hparams.max_steps = 30  # whichever limit comes first
+    assert m.total_steps(10) == 30
