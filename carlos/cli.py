@@ -19,7 +19,7 @@ from typing import Any
 
 from carlos.config import CarlosError, nearest
 
-COMMANDS = ("prepare", "train", "eval", "sample")
+COMMANDS = ("prepare", "train", "eval", "sample", "bench")
 
 # the seed's flags, per command -> config key
 SEED_FLAGS: dict[str, dict[str, str]] = {
@@ -70,6 +70,15 @@ SEED_FLAGS: dict[str, dict[str, str]] = {
         "batch_size": "batch_size",
         "device": "device",
     },
+    "bench": {
+        "input": "input",
+        "workdir": "workdir",
+        "steps": "steps",
+        "rounds": "rounds",
+        "log_interval": "log_interval",
+        "seq_len": "seq_len",
+        "output": "output",
+    },
     "sample": {
         "workdir": "workdir",
         "checkpoint": "checkpoint",
@@ -100,6 +109,8 @@ TEXT_KEYS = {
     "trainer.max_time",
     "trainer.precision",
     "device",
+    "output",
+    "train",
 }
 # Hydra's own command-line flags, passed through unchanged (True: takes a value)
 HYDRA_FLAGS = {
@@ -247,6 +258,7 @@ def validate(command: str, overrides: list[str], keys: list[str]) -> None:
     except Exception as e:
         raise CarlosError(_explain_hydra_error(e, keys)) from None
     schema = {
+        "bench": schemas.BenchConfig,
         "prepare": schemas.PrepareConfig,
         "train": schemas.TrainConfig,
         "eval": schemas.EvalConfig,
@@ -314,7 +326,8 @@ def translate(command: str, args: list[str], defaults: dict[str, Any]) -> tuple[
                 i += 1
         elif isinstance(default, list) or key == "wandb.tags":
             values = []
-            while i < len(args) and not args[i].startswith("-") and "=" not in args[i]:
+            # a list of overrides (bench's train) takes key=value items; other lists stop at one
+            while i < len(args) and not args[i].startswith("-") and ("=" not in args[i] or key == "train"):
                 values.append(args[i])
                 i += 1
             items = [hydra_quote(v) if key in TEXT_KEYS or not PLAIN_VALUE.match(v) else v for v in values]
@@ -367,6 +380,11 @@ def _runner(command: str) -> Callable:
         from carlos.train import train
 
         return train
+    if command == "bench":
+        from carlos.bench import bench
+        from carlos.config import BenchConfig, parse
+
+        return lambda cfg: bench(parse(cfg, BenchConfig))
     if command == "eval":
         from carlos.config import EvalConfig, parse
         from carlos.evaluate import evaluate
@@ -410,6 +428,7 @@ commands:
   train     train the tiny GPT on a prepared workdir                  (carlos train --max_steps 2000)
   eval      loss, perplexity and bits-per-byte of a checkpoint        (carlos eval --split test)
   sample    generate text from a checkpoint                           (carlos sample --prompt "\\n")
+  bench     carlos's training path against a plain PyTorch loop       (carlos bench --input corpus.txt)
 
 `carlos <command> --help` lists the command's flags, config groups and keys."""
 

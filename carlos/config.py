@@ -287,6 +287,27 @@ class GenerateConfig:
             self.prompt = decode_escapes(self.prompt)
 
 
+@dataclass
+class BenchConfig:
+    input: str | None
+    workdir: str
+    steps: int
+    rounds: int
+    log_interval: int
+    seq_len: int
+    kv_context: int
+    train: list[str]
+    output: str | None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "rounds", "log_interval", "seq_len", "kv_context"):
+            _positive(name, getattr(self, name))
+        if self.steps < 3 * self.log_interval:
+            raise CarlosError(
+                f"steps must be at least 3 x log_interval ({3 * self.log_interval}) for steady-state rates"
+            )
+
+
 # ---------------------------------------------------------------- parsing
 
 T = TypeVar("T")

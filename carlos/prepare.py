@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import sysconfig
 import tempfile
 import unicodedata
 from pathlib import Path
@@ -27,6 +28,27 @@ from carlos.tokenizer import ByteTokenizer
 
 FORMAT_VERSION = 1
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples", ".hydra", "wandb")
+
+
+def write_stdlib_corpus(out: Path, max_bytes: int = 2_000_000) -> int:
+    """A built-in corpus: this Python's standard library source, files in sorted order up to max_bytes.
+    Every Python installation has it, so demos and benchmarks need no download and carlos ships no
+    third-party text. Returns the number of bytes written."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    chunks, size = [], 0
+    for path in sorted(stdlib.glob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        data = f"# ---- {path.name}\n{text}\n"
+        chunks.append(data)
+        size += len(data.encode("utf-8"))
+        if size >= max_bytes:
+            break
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(chunks), encoding="utf-8")
+    return size
 
 
 def read_corpus(path_str: str | None) -> tuple[Path, bytes]:

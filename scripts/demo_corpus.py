@@ -3,31 +3,17 @@
     python scripts/demo_corpus.py OUT.txt [MAX_BYTES]
 
 Every Python installation has these files, so the demo needs no download and the project commits no
-third-party text. Files are taken in sorted order of their paths until MAX_BYTES (default 2 MB).
+third-party text. Files are taken in sorted order of their names until MAX_BYTES (default 2 MB).
 """
 
 import sys
-import sysconfig
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a clone without installing
 
-def main(out: str, max_bytes: int = 2_000_000) -> None:
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    chunks, size = [], 0
-    for path in sorted(stdlib.glob("*.py")):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue
-        data = f"# ---- {path.name}\n{text}\n"
-        chunks.append(data)
-        size += len(data.encode("utf-8"))
-        if size >= max_bytes:
-            break
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text("".join(chunks), encoding="utf-8")
-    print(f"wrote {out}: {size:,} bytes from {len(chunks)} files of {stdlib}")
-
+from carlos.prepare import write_stdlib_corpus  # noqa: E402
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 2_000_000)
+    out = Path(sys.argv[1])
+    size = write_stdlib_corpus(out, int(sys.argv[2]) if len(sys.argv) > 2 else 2_000_000)
+    print(f"wrote {out}: {size:,} bytes of this Python's standard library source")

@@ -167,8 +167,18 @@ def test_precision_auto_on_gpu():
 
 def test_time_budget_completes_the_schedule_and_the_final_checkpoint_by_the_deadline(workdir):
     budget = 4.0
-    train(train_cfg(workdir, "trainer.max_steps=null", f"trainer.max_time={budget}", "eval_interval=50",
-                    "ckpt_interval=1000", "log_interval=5", "schedule.warmup_steps=20", "sample.tokens=0"))
+    train(
+        train_cfg(
+            workdir,
+            "trainer.max_steps=null",
+            f"trainer.max_time={budget}",
+            "eval_interval=50",
+            "ckpt_interval=1000",
+            "log_interval=5",
+            "schedule.warmup_steps=20",
+            "sample.tokens=0",
+        )
+    )
     recs = records(workdir)
     train_recs = [r for r in recs if "lr" in r]
     last_val = recs[-1]
