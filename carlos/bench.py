@@ -203,7 +203,10 @@ def bench(cfg: BenchConfig) -> dict:
     model = GPTConfig(
         vocab_size=vocab,
         block_size=info["seq_len"],
-        **{k: getattr(tc.model, k) for k in ("d_model", "n_layers", "n_heads", "d_ff", "dropout", "bias")},
+        **{
+            k: getattr(tc.model, k)
+            for k in ("d_model", "n_layers", "n_heads", "d_ff", "dropout", "bias", "norm", "mlp", "pos")
+        },
     )
     batch = tc.data.micro_batch_size * tc.trainer.accumulate_grad_batches
     spec = {

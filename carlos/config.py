@@ -94,6 +94,9 @@ class ModelConfig:
     d_ff: int
     dropout: float
     bias: bool
+    norm: str
+    mlp: str
+    pos: str
 
 
 @dataclass

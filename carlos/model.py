@@ -1,7 +1,10 @@
 """A tiny decoder-only GPT in plain PyTorch.
 
-Reads top-down: config, attention, MLP, block, GPT, KV cache. Nothing here knows about
-Lightning, Hydra or files, so `carlos sample` can use it without importing either.
+Reads top-down: config, rotary positions, attention, MLP, block, GPT, KV cache. Nothing here knows
+about Lightning, Hydra or files, so `carlos sample` can use it without importing either.
+
+Two families share the code: the baseline (GPT-2: learned positions, LayerNorm, GELU MLP, biases) and
+`modern` (rotary positions, RMSNorm, SwiGLU MLP, no biases), chosen by GPTConfig's norm, mlp and pos.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ class GPTConfig:
     d_ff: int = 192
     dropout: float = 0.0
     bias: bool = True
+    norm: str = "layernorm"  # layernorm or rmsnorm
+    mlp: str = "gelu"  # gelu or swiglu
+    pos: str = "learned"  # learned or rope
+    rope_base: float = 10000.0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "d_model", "n_layers", "n_heads", "d_ff"):
@@ -41,6 +48,17 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ModelConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        for name, choices in (
+            ("norm", ("layernorm", "rmsnorm")),
+            ("mlp", ("gelu", "swiglu")),
+            ("pos", ("learned", "rope")),
+        ):
+            if getattr(self, name) not in choices:
+                raise ModelConfigError(f"model.{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.pos == "rope" and (self.d_model // self.n_heads) % 2:
+            raise ModelConfigError(
+                f"model.pos=rope needs an even head size, got d_model/n_heads = {self.d_model // self.n_heads}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,6 +67,23 @@ class GPTConfig:
 def _dropout(p: float) -> nn.Module:
     # nn.Dropout(0.0) still costs a kernel forward and backward; tiny models train without dropout
     return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+def _norm(cfg: GPTConfig) -> nn.Module:
+    return nn.LayerNorm(cfg.d_model, bias=cfg.bias) if cfg.norm == "layernorm" else nn.RMSNorm(cfg.d_model)
+
+
+def rope_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each (length, head_dim // 2), of the rotation angles pos * base^(-2i / head_dim)."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (length, head_dim // 2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of each head of x (B, H, T, head_dim) by the angles of its positions."""
+    x1, x2 = x.chunk(2, dim=-1)  # 2 x (B, H, T, head_dim // 2)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -61,13 +96,15 @@ class CausalSelfAttention(nn.Module):
         self.proj.residual_init = True  # scaled at init, GPT-2 style
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rope=None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
         # (B, T, C) -> (B, n_heads, T, head_dim)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:  # keys are cached rotated: their positions are absolute
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
@@ -87,13 +124,19 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """GELU: proj(gelu(fc(x))). SwiGLU: proj(silu(gate(x)) * up(x)), gate and up as one matmul."""
+
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.swiglu = cfg.mlp == "swiglu"
+        self.fc = nn.Linear(cfg.d_model, (2 if self.swiglu else 1) * cfg.d_ff, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.proj.residual_init = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            gate, up = self.fc(x).chunk(2, dim=-1)  # 2 x (B, T, d_ff)
+            return self.proj(F.silu(gate) * up)
         return self.proj(F.gelu(self.fc(x)))
 
 
@@ -102,14 +145,14 @@ class Block(nn.Module):
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln1 = _norm(cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln2 = _norm(cfg)
         self.mlp = MLP(cfg)
         self.drop = _dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), cache, layer))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rope=None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), cache, layer, rope))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
@@ -118,10 +161,14 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos == "learned" else None
+        if cfg.pos == "rope":
+            cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.block_size, cfg.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = _dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln_f = _norm(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # tied input and output embeddings
         self.apply(self._init_weights)
@@ -148,9 +195,15 @@ class GPT(nn.Module):
         start = 0 if cache is None else cache.length
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.cfg.block_size}")
-        x = self.drop(self.tok_emb(idx) + self.pos_emb.weight[start : start + T])  # (B, T, d_model)
+        x = self.tok_emb(idx)  # (B, T, d_model)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb.weight[start : start + T]
+        else:
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i)
+            x = block(x, cache, i, rope)
         if cache is not None:
             cache.length += T
         return self.head(self.ln_f(x))

@@ -14,7 +14,7 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_method, instantiate
 from torch.optim.lr_scheduler import LambdaLR
 
 from carlos.config import CarlosError, nearest
@@ -106,12 +106,17 @@ def build_optimizer(cfg: dict, params) -> torch.optim.Optimizer:
 
 
 def build_schedule(cfg: dict, peak_lr: float) -> Callable[[int, float], float]:
-    """lr as a function of the optimizer step and the run's length in steps."""
-    partial = _instantiate(cfg, "schedule")
-    _check_kwargs(partial, cfg, "schedule", supplied=("step", "total_steps", "peak_lr"))
+    """lr as a function of the optimizer step and the run's length in steps. The target is resolved once
+    and called directly: it runs every step, and Hydra's deferred call re-checks its target each time."""
+    try:
+        fn = get_method(cfg["_target_"])
+    except (KeyError, ImportError, ValueError) as e:
+        raise CarlosError(f"schedule._target_ is invalid ({e}); use one of conf/schedule/*.yaml") from None
+    kwargs = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    _check_kwargs(fn, kwargs, "schedule", supplied=("step", "total_steps", "peak_lr"))
 
     def lr_at(step: int, total_steps: float) -> float:
-        return partial(step, total_steps=total_steps, peak_lr=peak_lr)
+        return fn(step, total_steps=total_steps, peak_lr=peak_lr, **kwargs)
 
     return lr_at
 

@@ -160,6 +160,9 @@ def train(cfg: DictConfig) -> float:
             d_ff=m.d_ff,
             dropout=m.dropout,
             bias=m.bias,
+            norm=m.norm,
+            mlp=m.mlp,
+            pos=m.pos,
         )
     except ModelConfigError as e:
         raise CarlosError(str(e)) from None

@@ -13,7 +13,7 @@ GROUPS = {
 
 def test_groups_have_real_choices():
     assert GROUPS == {
-        "model": ["baseline", "medium"],
+        "model": ["baseline", "medium", "modern"],
         "optimizer": ["adamw", "sgd"],
         "schedule": ["constant", "cosine", "wsd"],
         "precision": ["auto", "bf16", "fp16", "fp32"],

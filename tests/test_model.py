@@ -135,3 +135,41 @@ def test_top_k_and_top_p_filtering():
     assert probs[0] < 0.7 < probs[0] + probs[1]
     top1 = filter_logits(logits, 1.0, 0, 0.1)
     assert torch.isfinite(top1).tolist() == [True, False, False, False, False]
+
+
+MODERN = {"bias": False, "norm": "rmsnorm", "mlp": "swiglu", "pos": "rope", "d_ff": 176}
+
+
+def test_modern_has_the_baseline_budget_and_no_biases():
+    base = GPT(GPTConfig(vocab_size=256, block_size=256)).num_params()
+    modern = GPT(GPTConfig(vocab_size=256, block_size=256, **MODERN))
+    assert abs(modern.num_params() - base) / base < 0.01
+    assert not any(name.endswith("bias") for name, _ in modern.named_parameters())
+    assert modern.pos_emb is None and isinstance(modern.ln_f, torch.nn.RMSNorm)
+
+
+def test_modern_is_causal_and_its_kv_cache_matches():
+    model = small(**MODERN).eval()
+    x = torch.randint(0, 256, (1, 20))
+    y = x.clone()
+    y[0, 12:] = (y[0, 12:] + 7) % 256
+    full = model(x)
+    assert torch.allclose(full[0, :12], model(y)[0, :12], atol=1e-6)
+    cache = KVCache(model, 1, torch.device("cpu"), torch.float32)
+    first = model(x[:, :9], cache)
+    steps = [model(x[:, i : i + 1], cache) for i in range(9, 20)]
+    assert torch.allclose(torch.cat([first, *steps], dim=1), full, atol=1e-5)
+    assert len(generate(model, [1, 2], 60, temperature=0)) == 60  # slides past the 32-token context
+
+
+def test_rope_depends_on_relative_position_only():
+    from carlos.model import apply_rope, rope_tables
+
+    cos, sin = rope_tables(8, 64, 10000.0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(i, j):
+        return (apply_rope(q, cos[i], sin[i]) * apply_rope(k, cos[j], sin[j])).sum()
+
+    assert torch.allclose(score(5, 2), score(40, 37), atol=1e-5)
+    assert not torch.allclose(score(5, 2), score(5, 4), atol=1e-3)
