@@ -31,6 +31,7 @@ from carlos.model import GPT, GPTConfig
 from carlos.prepare import write_stdlib_corpus
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+QSTART, QEND = "<!-- quality:start -->", "<!-- quality:end -->"
 
 
 # ---------------------------------------------------------------- measurements
@@ -60,18 +61,25 @@ def flops_per_token(cfg: GPTConfig) -> float:
 
 def plain_loop(workdir: str, spec: dict) -> dict:
     """The 'write it yourself' baseline: random windows from the array in memory, one forward and
-    backward of the whole batch, AdamW, clipping, cosine lr. Returns tokens/s per logging window."""
+    backward of the whole batch, torch's default AdamW, clipping, 100 warmup steps and a cosine to zero
+    over spec["steps"] steps or, with spec["seconds"], over that many seconds of training (a schedule
+    fitted to the time budget). Returns tokens/s per logging window; with seconds, also the test split's
+    loss and bits-per-byte, scored by the same code as `carlos eval`."""
     torch.manual_seed(spec["seed"])
     data = torch.from_numpy(np.load(Path(workdir) / "data" / "train.npy").astype(np.int64))
     cfg = GPTConfig(**spec["model"])
     model = GPT(cfg)
-    # torch's default AdamW, as a hand-written script would use it
     opt = torch.optim.AdamW(model.param_groups(spec["weight_decay"]), lr=spec["lr"], betas=tuple(spec["betas"]))
-    batch, steps, every = spec["batch"], spec["steps"], spec["log_interval"]
+    batch, every, seconds = spec["batch"], spec["log_interval"], spec.get("seconds")
+    steps = spec.get("steps") or 10**12
     tokens_per_step = batch * (data.shape[1] - 1)
-    rates, mark = [], time.perf_counter()
-    for step in range(steps):
-        lr = spec["lr"] * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
+    rates, start = [], time.perf_counter()
+    mark, step = start, 0
+    while step < steps:
+        progress = (time.perf_counter() - start) / seconds if seconds else step / steps
+        if progress >= 1:
+            break
+        lr = spec["lr"] * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * progress))
         for g in opt.param_groups:
             g["lr"] = lr
         w = data[torch.randint(len(data), (batch,))]
@@ -81,16 +89,43 @@ def plain_loop(workdir: str, spec: dict) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec["clip"])
         opt.step()
-        if (step + 1) % every == 0:
+        step += 1
+        if step % every == 0:
             loss.item()  # a logging loop reads the loss; it also waits for the step to finish
             now = time.perf_counter()
             rates.append(every * tokens_per_step / (now - mark))
             mark = now
-    return {"tokens_per_s": rates}
+    out = {"tokens_per_s": rates, "steps": step, "tokens": step * tokens_per_step}
+    if seconds:
+        from carlos.data import PreparedData
+        from carlos.evaluate import score_split
+
+        model.eval()
+        m = score_split(model, PreparedData.load(workdir).windows("test"), 64, torch.device("cpu"))
+        out.update(test_loss=m["loss"], test_bpb=m["bpb"])
+    return out
 
 
 def _worker_main(kind: str, workdir: str, spec_json: str) -> None:
     print("RESULT " + json.dumps(plain_loop(workdir, json.loads(spec_json))))
+
+
+def _plain(root: Path, data: Path, spec: dict) -> tuple[dict, float | None]:
+    code = "import sys; from carlos.bench import _worker_main; _worker_main(*sys.argv[1:])"
+    p, rss = _isolated([sys.executable, "-c", code, "plain", str(data), json.dumps(spec)], root)
+    if p.returncode != 0:
+        raise CarlosError(f"bench: plain loop failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+    line = next(x for x in p.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :]), rss
+
+
+def _carlos(py: list[str], root: Path, overrides: list[str]) -> tuple[list[dict], float | None]:
+    data = Path(next(o for o in overrides if o.startswith("workdir=")).split("=", 1)[1])
+    (data / "metrics.jsonl").unlink(missing_ok=True)
+    p, rss = _isolated([*py, "train", *overrides], root)
+    if p.returncode != 0:
+        raise CarlosError(f"bench: carlos train failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+    return [json.loads(line) for line in (data / "metrics.jsonl").read_text().splitlines()], rss
 
 
 def _isolated(cmd: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, float | None]:
@@ -221,50 +256,97 @@ def bench(cfg: BenchConfig) -> dict:
         "seed": tc.seed,
     }
 
+    header = {
+        "machine": machine(),
+        "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "command": "carlos bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+        "model": model.to_dict(),
+        "batch": batch,
+        "train_overrides": list(cfg.train),
+    }
+    out: dict = {"header": header}
+    if cfg.rounds:
+        out["throughput"] = _throughput(cfg, py, root, data, train_overrides, spec, model)
+        table = render({**header, **out["throughput"]})
+        print(table)
+        if cfg.output:
+            write_section(Path(cfg.output), table, START, END, "Throughput: `carlos bench`")
+    if cfg.budgets:
+        rows = []
+        for budget in cfg.budgets:
+            overrides = [
+                f"workdir={data}",
+                "overwrite=true",
+                "trainer.max_steps=null",
+                f"trainer.max_time={budget}",
+                *cfg.train,
+            ]
+            recs, _ = _carlos(py, root, overrides)
+            ev = subprocess.run(
+                [*py, "eval", f"workdir={data}", "split=test", "checkpoint=best", "json=true"],
+                cwd=root,
+                capture_output=True,
+                text=True,
+            )
+            if ev.returncode != 0:
+                raise CarlosError(f"bench: carlos eval failed: {ev.stderr.strip()}")
+            c = json.loads(ev.stdout.strip().splitlines()[-1])
+            last = [r for r in recs if "tokens" in r][-1]
+            plain, _ = _plain(root, data, {**spec, "steps": None, "seconds": budget})
+            row = {
+                "budget_s": budget,
+                "carlos_test_bpb": c["bpb"],
+                "carlos_steps": last["step"],
+                "carlos_tokens": last["tokens"],
+                "plain_test_bpb": plain["test_bpb"],
+                "plain_steps": plain["steps"],
+                "plain_tokens": plain["tokens"],
+            }
+            print(
+                f"budget {budget:g} s: carlos test bpb {row['carlos_test_bpb']:.4f} "
+                f"({row['carlos_tokens']:,} tokens), plain {row['plain_test_bpb']:.4f} "
+                f"({row['plain_tokens']:,} tokens)",
+                flush=True,
+            )
+            rows.append(row)
+        out["quality"] = rows
+        table = render_quality(header, rows)
+        print(table)
+        if cfg.output:
+            write_section(Path(cfg.output), table, QSTART, QEND, "Quality at equal time: `carlos bench budgets=...`")
+    if cfg.output:
+        print(f"wrote {cfg.output}")
+    return out
+
+
+def _throughput(cfg: BenchConfig, py, root: Path, data: Path, overrides: list[str], spec: dict, model) -> dict:
     peak32 = matmul_peak(torch.float32)
-    fpt = flops_per_token(model)
     results: dict[str, list] = {"carlos": [], "plain": []}
     memory: dict[str, list] = {"carlos": [], "plain": []}
     for r in range(cfg.rounds):
         for kind in ("carlos", "plain"):
             if kind == "carlos":
-                (data / "metrics.jsonl").unlink(missing_ok=True)
-                p, rss = _isolated([*py, "train", *train_overrides], root)
-                if p.returncode != 0:
-                    raise CarlosError(f"bench: carlos train failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
-                recs = [json.loads(line) for line in (data / "metrics.jsonl").read_text().splitlines()]
+                recs, rss = _carlos(py, root, overrides)
                 rates = [rec["tokens_per_s"] for rec in recs if "tokens_per_s" in rec]
             else:
-                code = "import sys; from carlos.bench import _worker_main; _worker_main(*sys.argv[1:])"
-                p, rss = _isolated([sys.executable, "-c", code, "plain", str(data), json.dumps(spec)], root)
-                if p.returncode != 0:
-                    raise CarlosError(f"bench: plain loop failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
-                line = next(x for x in p.stdout.splitlines() if x.startswith("RESULT "))
-                rates = json.loads(line[len("RESULT ") :])["tokens_per_s"]
-            steady = rates[1:] or rates
-            results[kind].append(statistics.median(steady))
+                res, rss = _plain(root, data, spec)
+                rates = res["tokens_per_s"]
+            results[kind].append(statistics.median(rates[1:] or rates))  # the first window holds start-up
             memory[kind].append(rss)
             print(
                 f"round {r + 1}/{cfg.rounds} {kind:>6}: {results[kind][-1]:>10,.0f} tokens/s"
                 + (f", peak RSS {rss:,.0f} MB" if rss else ""),
                 flush=True,
             )
-
     kv_cfg = GPTConfig(**{**model.to_dict(), "block_size": cfg.kv_context})
     cached, recompute = kv_cache_speed(kv_cfg, cfg.kv_context)
     ckpt = data / "checkpoints" / "last.pt"
     t_torch = _median_time([sys.executable, "-c", "import torch"], root)
     t_sample = _median_time([*py, "sample", f"workdir={data}", f"checkpoint={ckpt}", "max_new_tokens=200"], root)
-
-    out = {
-        "machine": machine(),
-        "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "command": "carlos bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
-        "model": model.to_dict(),
-        "batch": batch,
+    return {
         "steps": cfg.steps,
         "rounds": cfg.rounds,
-        "flops_per_token": fpt,
+        "flops_per_token": flops_per_token(model),
         "matmul_peak_gflops": peak32,
         "carlos_tokens_per_s": results["carlos"],
         "plain_tokens_per_s": results["plain"],
@@ -274,16 +356,31 @@ def bench(cfg: BenchConfig) -> dict:
         "kv_recompute_tokens_per_s": recompute,
         "import_torch_s": t_torch,
         "sample_200_s": t_sample,
-        "precision": tc.trainer.precision,
         "kv_context": cfg.kv_context,
-        "train_overrides": list(cfg.train),
     }
-    table = render(out)
-    print(table)
-    if cfg.output:
-        write_section(Path(cfg.output), table)
-        print(f"wrote {cfg.output}")
-    return out
+
+
+def render_quality(h: dict, rows: list[dict]) -> str:
+    lines = [
+        f"Machine: {h['machine']}  ",
+        f"Date: {h['date']}  ",
+        f"Command: `{h['command']}`  ",
+        "Both sides train the same model on the same prepared train split for the same wall-clock budget and "
+        "are scored on the same test split by the same code (`carlos eval`'s). carlos: `carlos train "
+        "--max_time B` with its defaults"
+        + (f" plus {' '.join(h['train_overrides'])}" if h["train_overrides"] else "")
+        + ", best checkpoint. Plain loop: batch "
+        f"{h['batch']}, lr as carlos's peak, 100 warmup steps, cosine to zero fitted to the budget, final weights.",
+        "",
+        "| budget | carlos test bpb | plain loop test bpb | carlos better by | carlos tokens | plain tokens |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['budget_s']:g} s | {r['carlos_test_bpb']:.4f} | {r['plain_test_bpb']:.4f} | "
+            f"{r['plain_test_bpb'] - r['carlos_test_bpb']:+.4f} | {r['carlos_tokens']:,} | {r['plain_tokens']:,} |"
+        )
+    return "\n".join(lines)
 
 
 def render(r: dict) -> str:
@@ -323,14 +420,14 @@ def render(r: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, table: str) -> None:
-    """Replace the text between the bench markers (or append a section) in path."""
+def write_section(path: Path, table: str, start: str, end: str, title: str) -> None:
+    """Replace the text between the start and end markers (or append a section) in path."""
     text = path.read_text(encoding="utf-8") if path.exists() else "# Performance\n"
-    block = f"{START}\n{table}\n{END}"
-    if START in text and END in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END) :]
+    block = f"{start}\n{table}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
     else:
-        text = text.rstrip() + "\n\n## Throughput: `carlos bench`\n\n" + block + "\n"
+        text = text.rstrip() + f"\n\n## {title}\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, encoding="utf-8") as f:
         f.write(text)

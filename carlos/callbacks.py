@@ -325,7 +325,8 @@ class ProgressBar(TQDMProgressBar):
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
         super().on_train_epoch_start(trainer)
         bar = self.train_progress_bar
-        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
+        bar.reset()
+        bar.total = trainer.max_steps if trainer.max_steps > 0 else None  # reset(total=None) keeps the old one
         bar.n = bar.initial = trainer.global_step
         bar.set_description("train")
 

@@ -366,13 +366,15 @@ def _runner(command: str) -> Callable:
 
         def run(cfg):
             rec = prepare(parse(cfg, PrepareConfig))
+            mb = rec["size"] / 1e6
             print(
                 f"prepared {cfg.workdir}: "
                 + ", ".join(
                     f"{s} {rec['splits'][s]['bytes']:,} bytes -> {rec['windows'][s]:,} windows"
                     for s in ("train", "val", "test")
                 )
-                + f" of {rec['seq_len'] + 1} tokens ({rec['dtype']})"
+                + f" of {rec['seq_len'] + 1} tokens ({rec['dtype']}); {mb:,.1f} MB in {rec['seconds']:.1f} s "
+                f"({mb / rec['seconds']:,.1f} MB/s)"
             )
 
         return run

@@ -300,11 +300,15 @@ class BenchConfig:
     seq_len: int
     kv_context: int
     train: list[str]
+    budgets: list[float]
     output: str | None
 
     def __post_init__(self) -> None:
-        for name in ("steps", "rounds", "log_interval", "seq_len", "kv_context"):
+        for name in ("steps", "log_interval", "seq_len", "kv_context"):
             _positive(name, getattr(self, name))
+        _positive("rounds", self.rounds, allow_zero=True)
+        for b in self.budgets:
+            _positive("budgets (seconds)", b)
         if self.steps < 3 * self.log_interval:
             raise CarlosError(
                 f"steps must be at least 3 x log_interval ({3 * self.log_interval}) for steady-state rates"

@@ -7,7 +7,7 @@ import pytest
 
 from carlos.config import CarlosError
 from carlos.data import PreparedData
-from carlos.prepare import pack, tokenize
+from carlos.prepare import DocumentTokens, pack, scan, tokenize, tokenize_split
 from carlos.tokenizer import ByteTokenizer
 
 from .conftest import prepare_workdir
@@ -74,11 +74,17 @@ def test_tail_window_targets_are_masked_so_each_token_is_scored_once(workdir):
     assert scored == n_tokens - 1  # every token but the first is predicted exactly once
 
 
-def test_pack_small_example():
-    tokens = np.arange(10, dtype=np.uint8)
-    w = pack(tokens, 4)
-    assert w.tolist() == [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [5, 6, 7, 8, 9]]
-    assert pack(np.arange(9, dtype=np.uint8), 4).tolist() == [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8]]
+def _pack(tokens: np.ndarray, seq_len: int, tmp_path) -> list:
+    (tmp_path / "t.bin").write_bytes(tokens.tobytes())
+    n = pack(tmp_path / "t.bin", len(tokens), seq_len, tokens.dtype, tmp_path / "w.npy", windows_per_block=1)
+    arr = np.load(tmp_path / "w.npy")
+    assert len(arr) == n
+    return arr.tolist()
+
+
+def test_pack_small_example(tmp_path):
+    assert _pack(np.arange(10, dtype=np.uint8), 4, tmp_path) == [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [5, 6, 7, 8, 9]]
+    assert _pack(np.arange(9, dtype=np.uint16), 4, tmp_path) == [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8]]
 
 
 def test_bos_eos_wrap_documents_and_keep_the_separator_bytes():
@@ -142,3 +148,43 @@ def test_prepare_again_replaces_the_data_and_leaves_no_temporary_files(corpus, w
     prepare_workdir(corpus, workdir, "data.seq_len=16")
     assert json.loads((workdir / "splits.json").read_text())["seq_len"] == 16
     assert sorted(p.name for p in workdir.iterdir()) == ["data", "rng_state.json", "splits.json", "tokenizer.json"]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64, 1 << 20])
+@pytest.mark.parametrize("bos, eos, nfkc", [(False, False, False), (True, True, True), (False, True, False)])
+def test_streaming_in_chunks_gives_the_tokens_of_the_whole_text(tmp_path, chunk, bos, eos, nfkc):
+    text = "café ﬁn\n\nsecond doc é\nmore\n\n\n\nthird ü🙂\n\nlast line without newline ﬀ"
+    raw = text.encode("utf-8")
+    (tmp_path / "in.txt").write_bytes(raw)
+    tok = ByteTokenizer(add_bos=bos, add_eos=eos)
+    whole = unicodedata.normalize("NFKC", text) if nfkc else text
+    expected = tokenize(whole, tok, "\n\n").tolist()
+    with open(tmp_path / "in.txt", "rb") as src, open(tmp_path / "out.bin", "wb") as out:
+        n, digest = tokenize_split(src, 0, len(raw), tok, "\n\n", nfkc, out, chunk=chunk)
+    got = np.fromfile(tmp_path / "out.bin", dtype=tok.dtype).tolist()
+    assert got == expected and n == len(expected)
+    assert digest == hashlib.sha256(raw).hexdigest()
+    assert tok.decode(got) == whole
+
+
+def test_documents_stream_without_holding_a_whole_document():
+    tok = ByteTokenizer(add_bos=True, add_eos=True)
+    docs = DocumentTokens(tok, "<sep>")
+    first = docs.feed("x" * 1000).tolist()
+    assert first[0] == 256 and len(first) == 1 + 1000 - 4  # only a possible start of "<sep>" is held back
+    assert len(docs.carry) == 4
+    rest = docs.feed("<sep>y").tolist() + docs.finish().tolist()
+    assert first + rest == tokenize("x" * 1000 + "<sep>y", tok, "<sep>").tolist()
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 1 << 20])
+def test_scan_finds_the_first_bad_byte_across_chunk_boundaries(tmp_path, chunk):
+    path = tmp_path / "c.txt"
+    path.write_bytes("aé".encode() + b"\xc3" + b"x")  # a 2-byte lead cut short at offset 3
+    with pytest.raises(CarlosError, match="first bad byte 0xc3 at offset 3"):
+        scan(path, chunk=chunk)
+    path.write_bytes("aé🙂".encode()[:-1])
+    with pytest.raises(CarlosError, match="ends inside a character at offset 3"):
+        scan(path, chunk=chunk)
+    path.write_bytes("aé🙂\n".encode())
+    assert scan(path, chunk=chunk) == (8, hashlib.sha256("aé🙂\n".encode()).hexdigest())
