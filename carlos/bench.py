@@ -59,6 +59,57 @@ def flops_per_token(cfg: GPTConfig) -> float:
     return 6 * (block + head) + 12 * cfg.n_layers * cfg.d_model * cfg.block_size
 
 
+class PlainGPT(torch.nn.Module):
+    """The model of the 'write it yourself' script, nanoGPT-style and independent of carlos.model, so
+    that nothing carlos does to its own model reaches the baseline: GPT-2 blocks (pre-LayerNorm,
+    fused qkv, causal SDPA, GELU MLP), learned positions, tied embeddings, GPT-2 init."""
+
+    def __init__(self, vocab: int, block: int, d: int, n_layers: int, n_heads: int, d_ff: int) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.n_heads = n_heads
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(block, d)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "ln1": nn.LayerNorm(d),
+                    "qkv": nn.Linear(d, 3 * d),
+                    "proj": nn.Linear(d, d),
+                    "ln2": nn.LayerNorm(d),
+                    "fc": nn.Linear(d, d_ff),
+                    "out": nn.Linear(d_ff, d),
+                }
+            )
+            for _ in range(n_layers)
+        )
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.wte.weight
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("proj.weight", "out.weight")) else 0.02
+                torch.nn.init.normal_(p, 0.0, std)
+            elif name.endswith("bias"):
+                torch.nn.init.zeros_(p)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        B, T = idx.shape
+        x = self.wte(idx) + self.wpe.weight[:T]
+        for b in self.blocks:
+            q, k, v = b["qkv"](b["ln1"](x)).split(x.size(-1), dim=2)
+            q, k, v = (t.view(B, T, self.n_heads, -1).transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
+            x = x + b["proj"](y)
+            x = x + b["out"](F.gelu(b["fc"](b["ln2"](x))))
+        return self.head(self.ln_f(x))
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        logits = self(idx)
+        return F.cross_entropy(
+            logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction
+        )
+
+
 def plain_loop(workdir: str, spec: dict) -> dict:
     """The 'write it yourself' baseline: random windows from the array in memory, one forward and
     backward of the whole batch, torch's default AdamW, clipping, 100 warmup steps and a cosine to zero
@@ -68,8 +119,11 @@ def plain_loop(workdir: str, spec: dict) -> dict:
     torch.manual_seed(spec["seed"])
     data = torch.from_numpy(np.load(Path(workdir) / "data" / "train.npy").astype(np.int64))
     cfg = GPTConfig(**spec["model"])
-    model = GPT(cfg)
-    opt = torch.optim.AdamW(model.param_groups(spec["weight_decay"]), lr=spec["lr"], betas=tuple(spec["betas"]))
+    model = PlainGPT(cfg.vocab_size, cfg.block_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": spec["weight_decay"]}, {"params": rest, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=spec["lr"], betas=tuple(spec["betas"]))  # torch's default (foreach)
     batch, every, seconds = spec["batch"], spec["log_interval"], spec.get("seconds")
     steps = spec.get("steps") or 10**12
     tokens_per_step = batch * (data.shape[1] - 1)

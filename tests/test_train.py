@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,18 +152,42 @@ def test_a_warmup_longer_than_the_run_still_trains(workdir):
     assert max(lrs) == pytest.approx(3e-3)  # warmup clipped to 2 of 10 steps, then the peak
 
 
-def test_precision_choice():
-    assert resolve_precision("auto", "cpu") == ("32-true", resolve_precision("auto", "cpu")[1])
-    assert resolve_precision("auto", "cpu", stored="bf16-mixed")[0] == "bf16-mixed"
-    assert resolve_precision("bf16-mixed", "cpu")[0] == "bf16-mixed"
+def test_precision_choice(monkeypatch):
+    import carlos.train as t
+
+    monkeypatch.setattr(t, "cpu_has_bf16", lambda: True)
+    assert resolve_precision("auto", "cpu", 64)[0] == "32-true"  # too narrow for bf16 to pay
+    assert resolve_precision("auto", "cpu", 128)[0] == "bf16-mixed"
+    monkeypatch.setattr(t, "cpu_has_bf16", lambda: False)
+    assert resolve_precision("auto", "cpu", 512) == ("32-true", "CPU without bf16 instructions")
+    assert resolve_precision("auto", "cpu", 64, stored="bf16-mixed")[0] == "bf16-mixed"
+    assert resolve_precision("auto", "mps", 512)[0] == "32-true"
+    assert resolve_precision("bf16-mixed", "cpu", 64)[0] == "bf16-mixed"
+    assert resolve_precision("32-true", "cuda", 64)[0] == "32-true"
     with pytest.raises(CarlosError, match="needs a CUDA GPU"):
-        resolve_precision("16-mixed", "cpu")
+        resolve_precision("16-mixed", "cpu", 64)
+
+
+def test_precision_auto_on_gpus_with_and_without_bf16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", "cuda", 64)[0] == "bf16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("auto", "cuda", 64)[0] == "16-mixed"
+
+
+def test_cpu_bf16_detection_reads_the_cpu_features():
+    import carlos.train as t
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else None
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo to compare with")
+    assert t.cpu_has_bf16() == any(f in flags.split() for f in ("avx512_bf16", "amx_bf16", "amx_tile"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_precision_auto_on_gpu():
+def test_precision_auto_on_this_gpu():
     expected = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    assert resolve_precision("auto", "cuda")[0] == expected
+    assert resolve_precision("auto", "cuda", 64)[0] == expected
 
 
 def test_time_budget_completes_the_schedule_and_the_final_checkpoint_by_the_deadline(workdir):
