@@ -217,6 +217,18 @@ class LitGPT(L.LightningModule):
         scheduler = LambdaLR(optimizer, lambda step: lr_at(step, self.total_steps(step)) / peak)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
+    ) -> None:
+        # Lightning refuses to clip for a fused optimizer under any mixed precision, because under fp16 its
+        # GradScaler leaves the gradients scaled until the fused step. bf16 has no scaler: the gradients
+        # are already true, so clip them directly and keep the fused step (train.py turns fused off for fp16).
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+        if gradient_clip_val and fused and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     # -- checkpoint extras: what eval and sample need without this class, plus RNG and time
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["carlos"] = {

@@ -203,6 +203,9 @@ def train(cfg: DictConfig) -> float:
     max_steps = tc.trainer.max_steps
     budget = tc.trainer.max_time_delta
     optimizer_cfg, schedule_cfg = dict(tc.optimizer), dict(tc.schedule)
+    if precision in ("16-mixed", "16") and optimizer_cfg.get("fused"):
+        # fp16's GradScaler must unscale the gradients before clipping, which a fused step does too late
+        optimizer_cfg["fused"] = False
     build_optimizer(optimizer_cfg, [torch.zeros(1, requires_grad=True)])
     build_schedule(schedule_cfg, optimizer_cfg["lr"])(0, max_steps if max_steps > 0 else math.inf)
 

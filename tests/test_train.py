@@ -184,6 +184,21 @@ def test_cpu_bf16_detection_reads_the_cpu_features():
     assert t.cpu_has_bf16() == any(f in flags.split() for f in ("avx512_bf16", "amx_bf16", "amx_tile"))
 
 
+def test_bf16_mixed_on_the_cpu_trains_with_clipping_and_the_fused_optimizer(workdir):
+    train(train_cfg(workdir, "trainer.precision=bf16-mixed", "trainer.max_steps=4", "trainer.gradient_clip_val=0.5"))
+    meta = torch.load(workdir / "checkpoints" / "last.pt", weights_only=True)
+    assert meta["carlos"]["precision"] == "bf16-mixed" and meta["carlos"]["step"] == 4
+    assert meta["carlos"]["config"]["optimizer"]["fused"] is True
+    assert all(math.isfinite(r["train_loss"]) for r in records(workdir) if "train_loss" in r)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp16_mixed_on_a_gpu_trains_with_clipping(workdir):
+    train(train_cfg(workdir, "trainer.precision=16-mixed", "trainer.max_steps=4", "trainer.accelerator=gpu"))
+    meta = torch.load(workdir / "checkpoints" / "last.pt", weights_only=True)
+    assert meta["carlos"]["precision"] == "16-mixed"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_precision_auto_on_this_gpu():
     expected = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
