@@ -1,11 +1,16 @@
 """`carlos bench`: carlos's own training path against a minimal plain PyTorch loop, side by side.
 
-Both train the same model on the same prepared corpus with the same batch, optimizer and clipping.
-They run alternately (A B A B ...) in fresh processes, so both see the same machine state, and
-tokens/s is the median over steady-state logging windows (the first window, with start-up, is left
-out). Also measured: a matmul peak for FLOP utilization, peak memory of each process, KV-cache
-generation against recomputing the context, and `carlos sample` latency against `import torch`.
-The results go to stdout and into docs/PERFORMANCE.md between bench markers.
+Sections, each written to stdout and between its markers in docs/PERFORMANCE.md:
+
+- throughput (rounds > 0): carlos train and the plain loop train the same model at the same batch and
+  seq_len on the same prepared corpus, alternately (A B C A B C ...) in fresh processes so that both see
+  the same machine state; a third contender is carlos with all its defaults (its own seq_len and batch).
+  tokens/s is the median over steady-state logging windows (the first window, with start-up, is left
+  out). Also: FLOP utilization against a matmul peak measured here, peak RSS of each process, KV-cache
+  generation against recomputing the context, and `carlos sample` latency against `import torch`.
+- quality (budgets): `carlos train --max_time B` with its defaults against the plain loop given the same
+  B seconds, both trained on the same train bytes and scored on the same test bytes by the same code.
+- scale (prepare_gb > 0): `carlos prepare` of a generated corpus of that size: MB/s and peak RSS.
 """
 
 from __future__ import annotations
@@ -29,9 +34,17 @@ import torch.nn.functional as F
 from carlos.config import BenchConfig, CarlosError
 from carlos.model import GPT, GPTConfig
 from carlos.prepare import write_stdlib_corpus
+from carlos.tokenizer import ByteTokenizer
 
-START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-QSTART, QEND = "<!-- quality:start -->", "<!-- quality:end -->"
+SECTIONS = {
+    "throughput": ("<!-- bench:start -->", "<!-- bench:end -->", "Throughput: `carlos bench`"),
+    "quality": ("<!-- quality:start -->", "<!-- quality:end -->", "Quality at equal time: `carlos bench budgets=...`"),
+    "scale": ("<!-- scale:start -->", "<!-- scale:end -->", "Scale of data: `carlos bench prepare_gb=...`"),
+}
+
+# The plain loop's recipe, fixed here rather than taken from carlos's config so that tuning carlos's
+# defaults never moves the baseline: what a careful hand-written script does (nanoGPT's choices).
+PLAIN = {"lr": 3e-3, "betas": [0.9, 0.95], "weight_decay": 0.1, "warmup": 100, "clip": 1.0, "seed": 1337}
 
 
 # ---------------------------------------------------------------- measurements
@@ -54,9 +67,35 @@ def flops_per_token(cfg: GPTConfig) -> float:
     """Training FLOPs per token (forward + backward): 6 per weight that multiplies (the blocks and the
     output head; embedding lookups are free) plus attention scores and mixing, 12 * layers * d_model * T
     (PaLM's estimate, no discount for causality)."""
-    block = cfg.n_layers * (4 * cfg.d_model**2 + 2 * cfg.d_model * cfg.d_ff)
+    block = cfg.n_layers * (4 * cfg.d_model**2 + 2 * cfg.d_model * cfg.d_ff * (1.5 if cfg.mlp == "swiglu" else 1))
     head = cfg.d_model * cfg.vocab_size
     return 6 * (block + head) + 12 * cfg.n_layers * cfg.d_model * cfg.block_size
+
+
+def kv_cache_speed(cfg: GPTConfig, new_tokens: int) -> tuple[float, float]:
+    """Greedy tokens/s once the context is full (a prompt of block_size tokens): with the KV cache (which
+    slides its window as generation goes on), and recomputing the whole context for every token."""
+    from carlos.generate import generate
+
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    prompt = torch.randint(0, 256, (cfg.block_size,)).tolist()
+    generate(model, prompt, 8, temperature=0)  # warm-up
+    t = time.perf_counter()
+    generate(model, prompt, new_tokens, temperature=0)
+    cached = new_tokens / (time.perf_counter() - t)
+    ids = torch.tensor([prompt])
+    n = max(16, new_tokens // 4)  # recomputing is slow: time fewer tokens
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for _ in range(n):
+            nxt = model(ids[:, -cfg.block_size :])[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    recompute = n / (time.perf_counter() - t)
+    return cached, recompute
+
+
+# ---------------------------------------------------------------- the plain loop
 
 
 class PlainGPT(torch.nn.Module):
@@ -111,19 +150,19 @@ class PlainGPT(torch.nn.Module):
 
 
 def plain_loop(workdir: str, spec: dict) -> dict:
-    """The 'write it yourself' baseline: random windows from the array in memory, one forward and
-    backward of the whole batch, torch's default AdamW, clipping, 100 warmup steps and a cosine to zero
-    over spec["steps"] steps or, with spec["seconds"], over that many seconds of training (a schedule
-    fitted to the time budget). Returns tokens/s per logging window; with seconds, also the test split's
-    loss and bits-per-byte, scored by the same code as `carlos eval`."""
-    torch.manual_seed(spec["seed"])
+    """The 'write it yourself' baseline: random windows from the train array in memory, one forward and
+    backward of the whole batch, torch's default AdamW with decay on matrices, clipping, a linear warmup
+    and a cosine to zero over spec["steps"] steps or, with spec["seconds"], over that many seconds of
+    training (a schedule fitted to the time budget). Returns tokens/s per logging window; with seconds,
+    also the test split's loss and bits-per-byte, scored by the same code as `carlos eval`."""
+    torch.manual_seed(PLAIN["seed"])
     data = torch.from_numpy(np.load(Path(workdir) / "data" / "train.npy").astype(np.int64))
-    cfg = GPTConfig(**spec["model"])
-    model = PlainGPT(cfg.vocab_size, cfg.block_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff)
+    m = spec["model"]
+    model = PlainGPT(m["vocab_size"], m["block_size"], m["d_model"], m["n_layers"], m["n_heads"], m["d_ff"])
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": spec["weight_decay"]}, {"params": rest, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=spec["lr"], betas=tuple(spec["betas"]))  # torch's default (foreach)
+    groups = [{"params": decay, "weight_decay": PLAIN["weight_decay"]}, {"params": rest, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=PLAIN["lr"], betas=tuple(PLAIN["betas"]))
     batch, every, seconds = spec["batch"], spec["log_interval"], spec.get("seconds")
     steps = spec.get("steps") or 10**12
     tokens_per_step = batch * (data.shape[1] - 1)
@@ -133,15 +172,14 @@ def plain_loop(workdir: str, spec: dict) -> dict:
         progress = (time.perf_counter() - start) / seconds if seconds else step / steps
         if progress >= 1:
             break
-        lr = spec["lr"] * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * progress))
+        lr = PLAIN["lr"] * min(1.0, (step + 1) / PLAIN["warmup"]) * 0.5 * (1 + math.cos(math.pi * progress))
         for g in opt.param_groups:
             g["lr"] = lr
         w = data[torch.randint(len(data), (batch,))]
-        x, y = w[:, :-1], w[:, 1:]
-        loss = F.cross_entropy(model(x).view(-1, cfg.vocab_size), y.reshape(-1))
+        loss = model.loss(w[:, :-1], w[:, 1:])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), spec["clip"])
+        torch.nn.utils.clip_grad_norm_(model.parameters(), PLAIN["clip"])
         opt.step()
         step += 1
         if step % every == 0:
@@ -155,45 +193,29 @@ def plain_loop(workdir: str, spec: dict) -> dict:
         from carlos.evaluate import score_split
 
         model.eval()
-        m = score_split(model, PreparedData.load(workdir).windows("test"), 64, torch.device("cpu"))
-        out.update(test_loss=m["loss"], test_bpb=m["bpb"])
+        s = score_split(model, PreparedData.load(workdir).windows("test"), 64, torch.device("cpu"))
+        out.update(test_loss=s["loss"], test_bpb=s["bpb"])
     return out
 
 
-def _worker_main(kind: str, workdir: str, spec_json: str) -> None:
+def _worker_main(workdir: str, spec_json: str) -> None:
     print("RESULT " + json.dumps(plain_loop(workdir, json.loads(spec_json))))
 
 
-def _plain(root: Path, data: Path, spec: dict) -> tuple[dict, float | None]:
-    code = "import sys; from carlos.bench import _worker_main; _worker_main(*sys.argv[1:])"
-    p, rss = _isolated([sys.executable, "-c", code, "plain", str(data), json.dumps(spec)], root)
-    if p.returncode != 0:
-        raise CarlosError(f"bench: plain loop failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
-    line = next(x for x in p.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :]), rss
-
-
-def _carlos(py: list[str], root: Path, overrides: list[str]) -> tuple[list[dict], float | None]:
-    data = Path(next(o for o in overrides if o.startswith("workdir=")).split("=", 1)[1])
-    (data / "metrics.jsonl").unlink(missing_ok=True)
-    p, rss = _isolated([*py, "train", *overrides], root)
-    if p.returncode != 0:
-        raise CarlosError(f"bench: carlos train failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
-    return [json.loads(line) for line in (data / "metrics.jsonl").read_text().splitlines()], rss
+# ---------------------------------------------------------------- running the contenders
 
 
 def _isolated(cmd: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, float | None]:
     """Run cmd under a small Python wrapper that reports the child's own peak RSS (Linux: KB)."""
     wrapper = (
-        "import resource, subprocess, sys, json\n"
+        "import resource, subprocess, sys\n"
         "p = subprocess.run(sys.argv[1:])\n"
         "kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
         "sys.stderr.write('\\nMAXRSS_KB ' + str(kb) + '\\n')\n"
         "sys.exit(p.returncode)\n"
     )
-    if os.name != "posix":
-        p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-        return p, None
+    if os.name != "posix":  # no resource module: time and results only
+        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True), None
     p = subprocess.run([sys.executable, "-c", wrapper, *cmd], cwd=cwd, capture_output=True, text=True)
     rss = None
     for line in p.stderr.splitlines():
@@ -202,27 +224,48 @@ def _isolated(cmd: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, f
     return p, rss
 
 
-def kv_cache_speed(cfg: GPTConfig, new_tokens: int) -> tuple[float, float]:
-    """Greedy tokens/s once the context is full (a prompt of block_size tokens): with the KV cache (which
-    slides its window as generation goes on), and recomputing the whole context for every token."""
-    from carlos.generate import generate
+def _failed(what: str, p: subprocess.CompletedProcess) -> CarlosError:
+    last = (p.stderr.strip().splitlines() or ["?"])[-1]
+    return CarlosError(f"bench: {what} failed: {last.removeprefix('carlos: error: ')}")
 
-    torch.manual_seed(0)
-    model = GPT(cfg).eval()
-    prompt = torch.randint(0, 256, (cfg.block_size,)).tolist()
-    generate(model, prompt, 8, temperature=0)  # warm-up
-    t = time.perf_counter()
-    generate(model, prompt, new_tokens, temperature=0)
-    cached = new_tokens / (time.perf_counter() - t)
-    ids = torch.tensor([prompt])
-    n = max(16, new_tokens // 4)  # recomputing is slow: time fewer tokens
-    t = time.perf_counter()
-    with torch.inference_mode():
-        for _ in range(n):
-            nxt = model(ids[:, -cfg.block_size :])[0, -1].argmax()
-            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-    recompute = n / (time.perf_counter() - t)
-    return cached, recompute
+
+def _plain(root: Path, data: Path, spec: dict) -> tuple[dict, float | None]:
+    code = "import sys; from carlos.bench import _worker_main; _worker_main(*sys.argv[1:])"
+    p, rss = _isolated([sys.executable, "-c", code, str(data), json.dumps(spec)], root)
+    if p.returncode != 0:
+        raise _failed("the plain loop", p)
+    line = next(x for x in p.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :]), rss
+
+
+def _carlos(py: list[str], root: Path, data: Path, overrides: list[str]) -> tuple[list[dict], float | None]:
+    p, rss = _isolated([*py, "train", f"workdir={data}", "overwrite=true", *overrides], root)
+    if p.returncode != 0:
+        raise _failed("carlos train", p)
+    return [json.loads(line) for line in (data / "metrics.jsonl").read_text().splitlines()], rss
+
+
+def _eval(py: list[str], root: Path, data: Path) -> dict:
+    p = subprocess.run(
+        [*py, "eval", f"workdir={data}", "split=test", "checkpoint=best", "json=true"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    if p.returncode != 0:
+        raise _failed("carlos eval", p)
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _prepare(py: list[str], corpus: str, workdir: Path, *overrides: str) -> dict:
+    p = subprocess.run(
+        [*py, "prepare", f"input={corpus}", f"workdir={workdir}", "overwrite=true", *overrides],
+        capture_output=True,
+        text=True,
+    )
+    if p.returncode != 0:
+        raise _failed("carlos prepare", p)
+    return json.loads((workdir / "splits.json").read_text())
 
 
 def _median_time(cmd: list[str], cwd: Path, repeats: int = 3) -> float:
@@ -231,12 +274,9 @@ def _median_time(cmd: list[str], cwd: Path, repeats: int = 3) -> float:
         t = time.perf_counter()
         p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
         if p.returncode != 0:
-            raise CarlosError(f"bench: {' '.join(cmd[:4])} failed: {p.stderr.strip().splitlines()[-1:]}")
+            raise _failed(" ".join(cmd[2:4]), p)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
-
-
-# ---------------------------------------------------------------- the benchmark
 
 
 def machine() -> str:
@@ -248,12 +288,14 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    threads = torch.get_num_threads()
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (
-        f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} ({threads} threads), "
+        f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"Python {platform.python_version()}{gpu}"
     )
+
+
+# ---------------------------------------------------------------- the benchmark
 
 
 def bench(cfg: BenchConfig) -> dict:
@@ -266,146 +308,88 @@ def bench(cfg: BenchConfig) -> dict:
     if corpus is None:
         corpus = str(root / "corpus.txt")
         write_stdlib_corpus(Path(corpus))
-    data = root / "data"
     py = [sys.executable, "-m", "carlos"]
-    p = subprocess.run(
-        [*py, "prepare", f"input={corpus}", f"workdir={data}", f"data.seq_len={cfg.seq_len}", "overwrite=true"],
-        capture_output=True,
-        text=True,
-    )
-    if p.returncode != 0:
-        raise CarlosError(p.stderr.strip().splitlines()[-1].removeprefix("carlos: error: "))
+    same, defaults = root / "same_shape", root / "defaults"  # prepared at the bench's seq_len / carlos's own
+    info = _prepare(py, corpus, same, f"data.seq_len={cfg.seq_len}")
+    default_info = _prepare(py, corpus, defaults)
 
-    train_overrides = [
-        f"workdir={data}",
-        "overwrite=true",
-        f"trainer.max_steps={cfg.steps}",
-        f"eval_interval={cfg.steps}",
-        f"ckpt_interval={cfg.steps}",
-        f"log_interval={cfg.log_interval}",
-        "sample.tokens=0",
-        *cfg.train,
-    ]
-    tc = parse(compose("train", train_overrides), TrainConfig)
-    info = json.loads((data / "splits.json").read_text())
-    vocab = 258 if info["add_eos"] else 257 if info["add_bos"] else 256
-    model = GPTConfig(
-        vocab_size=vocab,
-        block_size=info["seq_len"],
-        **{
-            k: getattr(tc.model, k)
-            for k in ("d_model", "n_layers", "n_heads", "d_ff", "dropout", "bias", "norm", "mlp", "pos")
-        },
-    )
-    batch = tc.data.micro_batch_size * tc.trainer.accumulate_grad_batches
-    spec = {
-        "model": model.to_dict(),
-        "batch": batch,
-        "steps": cfg.steps,
-        "log_interval": cfg.log_interval,
-        "lr": tc.optimizer["lr"],
-        "betas": list(tc.optimizer.get("betas", (0.9, 0.999))),
-        "weight_decay": tc.optimizer.get("weight_decay", 0.0),
-        "clip": tc.trainer.gradient_clip_val or 1e9,
-        "seed": tc.seed,
-    }
-
+    tc = parse(compose("train", [f"workdir={same}", *cfg.train]), TrainConfig)
+    shape = {k: getattr(tc.model, k) for k in ("d_model", "n_layers", "n_heads", "d_ff")}
+    vocab = ByteTokenizer.load(same / "tokenizer.json").vocab_size
+    model = GPTConfig(vocab_size=vocab, block_size=info["seq_len"], **shape)
+    spec = {"model": model.to_dict(), "batch": cfg.batch, "log_interval": cfg.log_interval}
     header = {
         "machine": machine(),
         "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "command": "carlos bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
         "model": model.to_dict(),
-        "batch": batch,
+        "batch": cfg.batch,
         "train_overrides": list(cfg.train),
+        "default_seq_len": default_info["seq_len"],
+        "default_batch": tc.data.micro_batch_size * tc.trainer.accumulate_grad_batches,
     }
     out: dict = {"header": header}
     if cfg.rounds:
-        out["throughput"] = _throughput(cfg, py, root, data, train_overrides, spec, model)
-        table = render({**header, **out["throughput"]})
-        print(table)
-        if cfg.output:
-            write_section(Path(cfg.output), table, START, END, "Throughput: `carlos bench`")
+        out["throughput"] = _throughput(cfg, py, root, same, defaults, spec, model)
+        _emit(cfg, "throughput", render_throughput({**header, **out["throughput"]}))
     if cfg.budgets:
-        rows = []
-        for budget in cfg.budgets:
-            overrides = [
-                f"workdir={data}",
-                "overwrite=true",
-                "trainer.max_steps=null",
-                f"trainer.max_time={budget}",
-                *cfg.train,
-            ]
-            recs, _ = _carlos(py, root, overrides)
-            ev = subprocess.run(
-                [*py, "eval", f"workdir={data}", "split=test", "checkpoint=best", "json=true"],
-                cwd=root,
-                capture_output=True,
-                text=True,
-            )
-            if ev.returncode != 0:
-                raise CarlosError(f"bench: carlos eval failed: {ev.stderr.strip()}")
-            c = json.loads(ev.stdout.strip().splitlines()[-1])
-            last = [r for r in recs if "tokens" in r][-1]
-            plain, _ = _plain(root, data, {**spec, "steps": None, "seconds": budget})
-            row = {
-                "budget_s": budget,
-                "carlos_test_bpb": c["bpb"],
-                "carlos_steps": last["step"],
-                "carlos_tokens": last["tokens"],
-                "plain_test_bpb": plain["test_bpb"],
-                "plain_steps": plain["steps"],
-                "plain_tokens": plain["tokens"],
-            }
-            print(
-                f"budget {budget:g} s: carlos test bpb {row['carlos_test_bpb']:.4f} "
-                f"({row['carlos_tokens']:,} tokens), plain {row['plain_test_bpb']:.4f} "
-                f"({row['plain_tokens']:,} tokens)",
-                flush=True,
-            )
-            rows.append(row)
-        out["quality"] = rows
-        table = render_quality(header, rows)
-        print(table)
-        if cfg.output:
-            write_section(Path(cfg.output), table, QSTART, QEND, "Quality at equal time: `carlos bench budgets=...`")
+        out["quality"] = _quality(cfg, py, root, same, defaults, spec)
+        _emit(cfg, "quality", render_quality(header, out["quality"]))
+    if cfg.prepare_gb:
+        out["scale"] = _scale(cfg, py, root, corpus)
+        _emit(cfg, "scale", render_scale(header, out["scale"]))
     if cfg.output:
         print(f"wrote {cfg.output}")
     return out
 
 
-def _throughput(cfg: BenchConfig, py, root: Path, data: Path, overrides: list[str], spec: dict, model) -> dict:
+def _emit(cfg: BenchConfig, section: str, table: str) -> None:
+    print(table, flush=True)
+    if cfg.output:
+        write_section(Path(cfg.output), table, *SECTIONS[section])
+
+
+def _throughput(cfg: BenchConfig, py, root: Path, same: Path, defaults: Path, spec: dict, model: GPTConfig) -> dict:
+    steps = [f"trainer.max_steps={cfg.steps}", f"eval_interval={cfg.steps}", f"ckpt_interval={cfg.steps}"]
+    quiet = [*steps, f"log_interval={cfg.log_interval}", "sample.tokens=0"]
+    contenders = {
+        # the same model, batch and seq_len as the plain loop, with every other carlos default
+        "carlos": lambda: _carlos(
+            py,
+            root,
+            same,
+            [*quiet, f"data.micro_batch_size={cfg.batch}", "trainer.accumulate_grad_batches=1", *cfg.train],
+        ),
+        "plain": lambda: _plain(root, same, {**spec, "steps": cfg.steps}),
+        "defaults": lambda: _carlos(py, root, defaults, [*quiet, *cfg.train]),
+    }
     peak32 = matmul_peak(torch.float32)
-    results: dict[str, list] = {"carlos": [], "plain": []}
-    memory: dict[str, list] = {"carlos": [], "plain": []}
+    rates: dict[str, list] = {k: [] for k in contenders}
+    memory: dict[str, list] = {k: [] for k in contenders}
     for r in range(cfg.rounds):
-        for kind in ("carlos", "plain"):
-            if kind == "carlos":
-                recs, rss = _carlos(py, root, overrides)
-                rates = [rec["tokens_per_s"] for rec in recs if "tokens_per_s" in rec]
-            else:
-                res, rss = _plain(root, data, spec)
-                rates = res["tokens_per_s"]
-            results[kind].append(statistics.median(rates[1:] or rates))  # the first window holds start-up
+        for kind, run in contenders.items():
+            res, rss = run()
+            windows = (
+                res["tokens_per_s"] if kind == "plain" else [x["tokens_per_s"] for x in res if "tokens_per_s" in x]
+            )
+            rates[kind].append(statistics.median(windows[1:] or windows))  # the first window holds start-up
             memory[kind].append(rss)
             print(
-                f"round {r + 1}/{cfg.rounds} {kind:>6}: {results[kind][-1]:>10,.0f} tokens/s"
+                f"round {r + 1}/{cfg.rounds} {kind:>8}: {rates[kind][-1]:>10,.0f} tokens/s"
                 + (f", peak RSS {rss:,.0f} MB" if rss else ""),
                 flush=True,
             )
     kv_cfg = GPTConfig(**{**model.to_dict(), "block_size": cfg.kv_context})
     cached, recompute = kv_cache_speed(kv_cfg, cfg.kv_context)
-    ckpt = data / "checkpoints" / "last.pt"
     t_torch = _median_time([sys.executable, "-c", "import torch"], root)
-    t_sample = _median_time([*py, "sample", f"workdir={data}", f"checkpoint={ckpt}", "max_new_tokens=200"], root)
+    t_sample = _median_time([*py, "sample", f"workdir={defaults}", "checkpoint=last", "max_new_tokens=200"], root)
     return {
         "steps": cfg.steps,
         "rounds": cfg.rounds,
         "flops_per_token": flops_per_token(model),
         "matmul_peak_gflops": peak32,
-        "carlos_tokens_per_s": results["carlos"],
-        "plain_tokens_per_s": results["plain"],
-        "carlos_peak_rss_mb": memory["carlos"],
-        "plain_peak_rss_mb": memory["plain"],
+        "tokens_per_s": rates,
+        "peak_rss_mb": memory,
         "kv_cached_tokens_per_s": cached,
         "kv_recompute_tokens_per_s": recompute,
         "import_torch_s": t_torch,
@@ -414,51 +398,85 @@ def _throughput(cfg: BenchConfig, py, root: Path, data: Path, overrides: list[st
     }
 
 
-def render_quality(h: dict, rows: list[dict]) -> str:
-    lines = [
-        f"Machine: {h['machine']}  ",
-        f"Date: {h['date']}  ",
-        f"Command: `{h['command']}`  ",
-        "Both sides train the same model on the same prepared train split for the same wall-clock budget and "
-        "are scored on the same test split by the same code (`carlos eval`'s). carlos: `carlos train "
-        "--max_time B` with its defaults"
-        + (f" plus {' '.join(h['train_overrides'])}" if h["train_overrides"] else "")
-        + ", best checkpoint. Plain loop: batch "
-        f"{h['batch']}, lr as carlos's peak, 100 warmup steps, cosine to zero fitted to the budget, final weights.",
-        "",
-        "| budget | carlos test bpb | plain loop test bpb | carlos better by | carlos tokens | plain tokens |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['budget_s']:g} s | {r['carlos_test_bpb']:.4f} | {r['plain_test_bpb']:.4f} | "
-            f"{r['plain_test_bpb'] - r['carlos_test_bpb']:+.4f} | {r['carlos_tokens']:,} | {r['plain_tokens']:,} |"
+def _quality(cfg: BenchConfig, py, root: Path, same: Path, defaults: Path, spec: dict) -> list[dict]:
+    rows = []
+    for budget in cfg.budgets:
+        recs, _ = _carlos(py, root, defaults, [f"trainer.max_time={budget}", *cfg.train])
+        c = _eval(py, root, defaults)
+        last = [r for r in recs if "tokens" in r][-1]
+        plain, _ = _plain(root, same, {**spec, "seconds": budget})
+        row = {
+            "budget_s": budget,
+            "carlos_test_bpb": c["bpb"],
+            "carlos_steps": last["step"],
+            "carlos_tokens": last["tokens"],
+            "plain_test_bpb": plain["test_bpb"],
+            "plain_steps": plain["steps"],
+            "plain_tokens": plain["tokens"],
+        }
+        print(
+            f"budget {budget:g} s: carlos test bpb {row['carlos_test_bpb']:.4f} ({row['carlos_tokens']:,} tokens), "
+            f"plain {row['plain_test_bpb']:.4f} ({row['plain_tokens']:,} tokens)",
+            flush=True,
         )
-    return "\n".join(lines)
+        rows.append(row)
+    return rows
 
 
-def render(r: dict) -> str:
-    a, b = statistics.median(r["carlos_tokens_per_s"]), statistics.median(r["plain_tokens_per_s"])
+def _scale(cfg: BenchConfig, py, root: Path, corpus: str) -> dict:
+    """Prepare a generated corpus of cfg.prepare_gb GB: this corpus repeated, each copy with its number
+    in front (so no two are identical), written in large blocks."""
+    big = root / "scale" / "corpus.txt"
+    big.parent.mkdir(parents=True, exist_ok=True)
+    unit = Path(corpus).read_bytes()
+    target = int(cfg.prepare_gb * 1e9)
+    with open(big, "wb") as f:
+        written, i = 0, 0
+        while written < target:
+            piece = f"== copy {i}\n".encode() + unit[: target - written]
+            f.write(piece)
+            written, i = written + len(piece), i + 1
+    workdir = root / "scale" / "run"
+    t = time.perf_counter()
+    p, rss = _isolated([*py, "prepare", f"input={big}", f"workdir={workdir}", "overwrite=true"], root)
+    seconds = time.perf_counter() - t
+    if p.returncode != 0:
+        raise _failed("carlos prepare (scale)", p)
+    size = big.stat().st_size
+    big.unlink()
+    return {"bytes": size, "seconds": seconds, "mb_per_s": size / 1e6 / seconds, "peak_rss_mb": rss}
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _head(h: dict) -> list[str]:
+    return [f"Machine: {h['machine']}  ", f"Date: {h['date']}  ", f"Command: `{h['command']}`  "]
+
+
+def render_throughput(r: dict) -> str:
+    med = {k: statistics.median(v) for k, v in r["tokens_per_s"].items()}
     util = lambda tps: tps * r["flops_per_token"] / (r["matmul_peak_gflops"] * 1e9)  # noqa: E731
     mem = lambda xs: f"{max(xs):,.0f} MB" if all(xs) else "n/a"  # noqa: E731
+    each = lambda k: ", ".join(f"{x:,.0f}" for x in r["tokens_per_s"][k])  # noqa: E731
     m = r["model"]
     lines = [
-        f"Machine: {r['machine']}  ",
-        f"Date: {r['date']}  ",
-        f"Command: `{r['command']}`  ",
+        *_head(r),
         f"Model: d_model={m['d_model']}, n_layers={m['n_layers']}, n_heads={m['n_heads']}, d_ff={m['d_ff']}, "
         f"context {m['block_size']}, {r['flops_per_token'] / 1e6:.2f} MFLOP per trained token; batch "
-        f"{r['batch']} x {m['block_size']} tokens; {r['steps']} steps a run, {r['rounds']} rounds A B A B; "
-        f"carlos overrides: {' '.join(r['train_overrides']) or '(none: the defaults)'}  ",
+        f"{r['batch']} x {m['block_size']} tokens; {r['steps']} steps a run, {r['rounds']} rounds; "
+        f"carlos overrides: {' '.join(r['train_overrides']) or '(none)'}  ",
         f"Matmul peak measured: {r['matmul_peak_gflops']:.0f} GFLOP/s fp32 (1024 x 1024)",
         "",
         "| | tokens/s (median of rounds) | each round | FLOP utilization | peak RSS |",
         "|---|---|---|---|---|",
-        f"| carlos train | {a:,.0f} | {', '.join(f'{x:,.0f}' for x in r['carlos_tokens_per_s'])} | "
-        f"{util(a):.1%} | {mem(r['carlos_peak_rss_mb'])} |",
-        f"| plain PyTorch loop | {b:,.0f} | {', '.join(f'{x:,.0f}' for x in r['plain_tokens_per_s'])} | "
-        f"{util(b):.1%} | {mem(r['plain_peak_rss_mb'])} |",
-        f"| **ratio carlos / plain** | **{a / b:.2f}** | | | |",
+        f"| carlos train, batch {r['batch']} x {m['block_size']} | {med['carlos']:,.0f} | {each('carlos')} | "
+        f"{util(med['carlos']):.1%} | {mem(r['peak_rss_mb']['carlos'])} |",
+        f"| plain PyTorch loop, batch {r['batch']} x {m['block_size']} | {med['plain']:,.0f} | {each('plain')} | "
+        f"{util(med['plain']):.1%} | {mem(r['peak_rss_mb']['plain'])} |",
+        f"| **ratio carlos / plain** | **{med['carlos'] / med['plain']:.2f}** | | | |",
+        f"| carlos train with all its defaults (batch {r['default_batch']} x {r['default_seq_len']}) | "
+        f"{med['defaults']:,.0f} | {each('defaults')} | | {mem(r['peak_rss_mb']['defaults'])} |",
         "",
         "| generation | |",
         "|---|---|",
@@ -472,6 +490,45 @@ def render(r: dict) -> str:
         f"{r['sample_200_s'] - r['import_torch_s']:+.2f} s over importing torch |",
     ]
     return "\n".join(lines)
+
+
+def render_quality(h: dict, rows: list[dict]) -> str:
+    plain = (
+        f"Plain loop: batch {h['batch']} x {h['model']['block_size']}, lr {PLAIN['lr']:g}, {PLAIN['warmup']} warmup "
+        "steps, a cosine to zero fitted to the budget, AdamW betas "
+        f"{tuple(PLAIN['betas'])} with decay {PLAIN['weight_decay']} on matrices, GPT-2 init; its final weights."
+    )
+    lines = [
+        *_head(h),
+        "Both train the baseline-sized model on the same train bytes for the same wall-clock budget and are scored "
+        "on the same test bytes by the same code (`carlos eval`'s). carlos: `carlos train --max_time B` with all "
+        f"its defaults (batch {h['default_batch']} x {h['default_seq_len']})"
+        + (f" plus {' '.join(h['train_overrides'])}" if h["train_overrides"] else "")
+        + f", its best checkpoint. {plain}",
+        "",
+        "| budget | carlos test bpb | plain loop test bpb | carlos better by | carlos tokens | plain tokens |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['budget_s']:g} s | {r['carlos_test_bpb']:.4f} | {r['plain_test_bpb']:.4f} | "
+            f"{r['plain_test_bpb'] - r['carlos_test_bpb']:+.4f} | {r['carlos_tokens']:,} | {r['plain_tokens']:,} |"
+        )
+    return "\n".join(lines)
+
+
+def render_scale(h: dict, s: dict) -> str:
+    rss = f"{s['peak_rss_mb']:,.0f} MB" if s["peak_rss_mb"] else "n/a"
+    return "\n".join(
+        [
+            *_head(h),
+            "A generated corpus (the bench corpus repeated, each copy numbered), prepared with the defaults.",
+            "",
+            "| corpus | wall time | throughput | peak RSS |",
+            "|---|---|---|---|",
+            f"| {s['bytes'] / 1e9:.2f} GB | {s['seconds']:.1f} s | {s['mb_per_s']:,.0f} MB/s | {rss} |",
+        ]
+    )
 
 
 def write_section(path: Path, table: str, start: str, end: str, title: str) -> None:

@@ -77,6 +77,9 @@ SEED_FLAGS: dict[str, dict[str, str]] = {
         "rounds": "rounds",
         "log_interval": "log_interval",
         "seq_len": "seq_len",
+        "batch": "batch",
+        "budgets": "budgets",
+        "prepare_gb": "prepare_gb",
         "output": "output",
     },
     "sample": {

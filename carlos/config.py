@@ -104,6 +104,7 @@ class TrainDataConfig:
     micro_batch_size: int
     eval_batch_size: int
     num_workers: int
+    random_offsets: bool
 
     def __post_init__(self) -> None:
         _positive("data.micro_batch_size", self.micro_batch_size)
@@ -298,18 +299,21 @@ class BenchConfig:
     rounds: int
     log_interval: int
     seq_len: int
+    batch: int
     kv_context: int
     train: list[str]
     budgets: list[float]
+    prepare_gb: float
     output: str | None
 
     def __post_init__(self) -> None:
-        for name in ("steps", "log_interval", "seq_len", "kv_context"):
+        for name in ("steps", "log_interval", "seq_len", "batch", "kv_context"):
             _positive(name, getattr(self, name))
         _positive("rounds", self.rounds, allow_zero=True)
+        _positive("prepare_gb", self.prepare_gb, allow_zero=True)
         for b in self.budgets:
             _positive("budgets (seconds)", b)
-        if self.steps < 3 * self.log_interval:
+        if self.rounds and self.steps < 3 * self.log_interval:
             raise CarlosError(
                 f"steps must be at least 3 x log_interval ({3 * self.log_interval}) for steady-state rates"
             )

@@ -155,6 +155,7 @@ class LitGPT(L.LightningModule):
         self.elapsed_before = 0.0  # training seconds of earlier sessions of a resumed run
         self.val_metrics: dict[str, float] = {}
         self.deadline_s: float | None = None  # set by the TimeBudget callback under --max_time
+        self.eval_seconds = 0.0  # this session's validations, with their samples and checkpoints
 
     def total_steps(self, step: int) -> float:
         """The run's length in optimizer steps, as the lr schedule sees it: max_steps, or under a time
@@ -194,6 +195,14 @@ class LitGPT(L.LightningModule):
         return value
 
     # -- validation: sums over the whole split, reduced across ranks, then loss/ppl/bpb
+    def on_validation_start(self) -> None:
+        self.validation_started = time.perf_counter()
+
+    def on_validation_end(self) -> None:
+        # Lightning calls the module's hook after every callback's: this interval also holds the text
+        # sample and the checkpoints written after a validation
+        self.eval_seconds += time.perf_counter() - self.validation_started
+
     def on_validation_epoch_start(self) -> None:
         self.val_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
 

@@ -234,7 +234,8 @@ def train(cfg: DictConfig) -> float:
         "config": to_plain(cfg),
     }
     module = LitGPT(model_cfg.to_dict(), optimizer_cfg, schedule_cfg, max_steps, run)
-    dm = ByteDataModule(data, tc.data.micro_batch_size, tc.data.eval_batch_size, tc.seed, tc.data.num_workers)
+    d = tc.data
+    dm = ByteDataModule(data, d.micro_batch_size, d.eval_batch_size, tc.seed, d.num_workers, d.random_offsets)
 
     metrics = TrainMetrics(tc.log_interval, data.seq_len * tc.data.micro_batch_size)
     s = tc.sample
@@ -301,9 +302,9 @@ def train(cfg: DictConfig) -> float:
         step = trainer.global_step
         secs = time.perf_counter() - started
         print(
-            f"done: {step} steps, {step * metrics.tokens_per_step:,} tokens, {secs:.1f} s this session; "
-            f"best val_loss {ck.best:.4f} (bpb {best_bpb:.4f}) at step {ck.best_step}; "
-            f"checkpoints in {ckpt_dir}"
+            f"done: {step} steps, {step * metrics.tokens_per_step:,} tokens, {secs:.1f} s this session "
+            f"({module.eval_seconds / max(secs, 1e-9):.1%} of it validating, sampling and checkpointing); "
+            f"best val_loss {ck.best:.4f} (bpb {best_bpb:.4f}) at step {ck.best_step}; checkpoints in {ckpt_dir}"
         )
     return best_bpb
 
