@@ -43,8 +43,10 @@ def test_baseline_matches_the_seed():
     tc = parse(compose("train", []), TrainConfig)
     m = tc.model
     assert (m.d_model, m.n_layers, m.n_heads, m.d_ff) == (64, 2, 4, 192)
-    # the seed's 4 x 4 as one micro-batch of 16: the same batch, faster on CPU
-    assert tc.data.micro_batch_size * tc.trainer.accumulate_grad_batches == 16
+    # tuned defaults (docs/PERFORMANCE.md): the seed's 4,096 tokens a step (4 x 4 windows of 256) as one
+    # micro-batch of 32 windows of the default seq_len 128
+    pc = parse(compose("prepare", []), PrepareConfig)
+    assert tc.data.micro_batch_size * tc.trainer.accumulate_grad_batches * pc.data.seq_len == 4096
     assert tc.schedule["min_lr"] == 1e-5 and 1000 <= tc.schedule["warmup_steps"] <= 2000
 
 

@@ -147,7 +147,9 @@ def test_resume_on_other_data_is_refused(workdir):
 
 
 def test_a_warmup_longer_than_the_run_still_trains(workdir):
-    train(train_cfg(workdir, "schedule.warmup_steps=2000", "trainer.max_steps=10", "log_interval=1"))
+    train(
+        train_cfg(workdir, "schedule.warmup_steps=2000", "trainer.max_steps=10", "log_interval=1", "optimizer.lr=3e-3")
+    )
     lrs = [r["lr"] for r in records(workdir) if "lr" in r]
     assert max(lrs) == pytest.approx(3e-3)  # warmup clipped to 2 of 10 steps, then the peak
 
@@ -217,6 +219,7 @@ def test_time_budget_completes_the_schedule_and_the_final_checkpoint_by_the_dead
             "log_interval=5",
             "schedule.warmup_steps=20",
             "sample.tokens=0",
+            "optimizer.lr=3e-3",
         )
     )
     recs = records(workdir)
