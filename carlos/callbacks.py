@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from carlos.config import CarlosError
 from carlos.generate import generate
@@ -271,6 +274,74 @@ class Checkpoints(Callback):
         if trainer.is_global_zero:
             write_atomically(self.dir / "last.pt", lambda f: f.write(path.read_bytes()))
         self.saved_step = step
+
+
+class Preemption(Callback):
+    """Nothing lost to a stop. On SIGTERM (Lightning's own handler notes it) and on SIGUSR1/SIGUSR2 (the
+    warning that submitit and SLURM send before a time limit), the run writes its checkpoint and last.pt
+    at the next optimizer-step boundary, then stops. If another handler owned the signal before (submitit's,
+    which requeues the job), it is called afterwards; the requeued job continues with resume=auto.
+
+    Lightning's SIGTERM path is reused rather than a flag of our own because it already stops every rank
+    of a DDP run at the same batch (rank 0's flag is broadcast each step): the checkpoint, a collective
+    operation, is then written in on_exception by all ranks together."""
+
+    NAMES = ("SIGUSR1", "SIGUSR2")  # POSIX only; on Windows there is nothing to catch
+
+    def __init__(self, checkpoints: Checkpoints) -> None:
+        self.checkpoints = checkpoints
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+        self.pending = False
+        self.seen_step = -1
+        self.stopped_at: int | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self.trainer, self.seen_step = trainer, trainer.global_step
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for name in self.NAMES:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self.previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._notice)
+
+    def teardown(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
+    def _notice(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        self.trainer._signal_connector.received_sigterm = True  # Lightning's stop flag (see the class doc)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        boundary, self.seen_step = step != self.seen_step, step
+        # Lightning stops right after this batch; mid-accumulation, hold the flag back to the step's end,
+        # or the resumed run would count its micro-batches from a shifted boundary
+        connector = trainer._signal_connector
+        if connector.received_sigterm and not boundary:
+            connector.received_sigterm, self.pending = False, True
+        elif self.pending and boundary:
+            connector.received_sigterm, self.pending = True, False
+
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.global_step == 0:
+            return
+        step = trainer.global_step
+        self.checkpoints.save(trainer, step)
+        self.stopped_at = step
+        name = signal.Signals(self.signum).name if self.signum else "SIGTERM"
+        if trainer.is_global_zero:
+            print(
+                f"\nstopped by {name} at step {step}: wrote {self.checkpoints.dir / 'last.pt'}; "
+                "continue with --resume (resume=auto does it by itself)",
+                flush=True,
+            )
+        previous = self.previous.get(self.signum) if self.signum else None
+        if callable(previous):
+            previous(self.signum, None)  # submitit's handler: requeues the job (on rank 0) and exits
 
 
 class TimeBudget(Callback):

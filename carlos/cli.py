@@ -19,7 +19,7 @@ from typing import Any
 
 from carlos.config import CarlosError, nearest
 
-COMMANDS = ("prepare", "train", "eval", "sample", "bench")
+COMMANDS = ("prepare", "train", "eval", "sample", "bench", "report")
 
 # the seed's flags, per command -> config key
 SEED_FLAGS: dict[str, dict[str, str]] = {
@@ -227,7 +227,7 @@ def _explain_hydra_error(e: Exception, keys: list[str]) -> str:
     return first
 
 
-def validate(command: str, overrides: list[str], keys: list[str]) -> None:
+def validate(command: str, overrides: list[str], keys: list[str], hydra_args: tuple[str, ...] = ()) -> None:
     """Compose the config the run will get and check it against its schema, before Hydra creates any
     directory: a typo costs a second, and a refused command writes nothing. In a sweep, each swept
     key is checked with its first value."""
@@ -267,7 +267,11 @@ def validate(command: str, overrides: list[str], keys: list[str]) -> None:
         "eval": schemas.EvalConfig,
         "sample": schemas.GenerateConfig,
     }[command]
-    schemas.parse(cfg, schema)
+    parsed = schemas.parse(cfg, schema)
+    multirun = any(a in ("-m", "--multirun") for a in hydra_args)
+    slurm = any(o.replace(" ", "") == "hydra/launcher=submitit_slurm" for o in overrides)
+    if command == "train" and multirun and not slurm and parsed.trainer.several_processes:
+        parsed.trainer.refuse_in_sweep()
 
 
 # ---------------------------------------------------------------- seed flags -> overrides
@@ -401,6 +405,81 @@ def _runner(command: str) -> Callable:
     return lambda cfg: sample(parse(cfg, GenerateConfig))
 
 
+def _sweep_job(runner: Callable, cfg) -> Any:
+    """One job of a multirun: its outcome goes to job.json in its directory, and a failure does not end
+    the sweep (Hydra's basic sweeper would stop at the first failed job's exception once the batch is
+    done, and skip its end-of-sweep callbacks). A failed job returns NaN, which Optuna records as a
+    failed trial."""
+    import json
+    import math
+
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    record: dict[str, Any] = {"job": hc.job.num, "overrides": list(hc.overrides.task), "status": "ok"}
+    try:
+        value = runner(cfg)
+        if isinstance(value, float) and math.isfinite(value):
+            record["objective"] = value
+    except Exception as e:  # noqa: BLE001 - any failure of one job is recorded, the sweep goes on
+        why = str(e) if isinstance(e, CarlosError) else f"{type(e).__name__}: {e}"
+        record.update(status="failed", error=why.splitlines()[0] if why else type(e).__name__)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "error.log").write_text("".join(traceback.format_exception(e)), encoding="utf-8")
+        print(f"carlos: job {hc.job.num} failed: {record['error']}", file=sys.stderr)
+        value = float("nan")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "job.json").write_text(json.dumps(record) + "\n", encoding="utf-8")
+    return value
+
+
+FAILED_JOBS: list[dict] = []  # filled by SweepSummary at the end of a multirun; main() exits 1 if any
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - hydra-core < 1.1
+    _HydraCallback = object
+
+
+class SweepSummary(_HydraCallback):
+    """Hydra callback (conf/train.yaml, hydra.callbacks): at the end of a multirun, one line a job from
+    the job.json files, failed jobs with their reason, and the best objective. Reads the files rather
+    than Hydra's job returns, which a launcher like submitit runs in other processes."""
+
+    def on_multirun_end(self, config, **kwargs: Any) -> None:
+        import json
+
+        sweep = Path(str(config.hydra.sweep.dir))
+        jobs, missing = [], []
+        for d in sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
+            f = d / "job.json"
+            if f.is_file():
+                jobs.append(json.loads(f.read_text(encoding="utf-8")))
+            else:
+                missing.append({"job": int(d.name), "overrides": [], "status": "failed", "error": "no result"})
+        jobs = sorted(jobs + missing, key=lambda j: j["job"])
+        # name each job by the overrides that differ between the jobs: the swept ones
+        shared = set.intersection(*(set(j["overrides"]) for j in jobs if j["overrides"])) if jobs else set()
+        name = lambda j: " ".join(o for o in j["overrides"] if o not in shared or len(jobs) == 1)  # noqa: E731
+        failed = [j for j in jobs if j["status"] != "ok"]
+        FAILED_JOBS[:] = failed
+        print(f"sweep {sweep}: {len(jobs)} jobs, {len(jobs) - len(failed)} finished, {len(failed)} failed")
+        for j in jobs:
+            what = f"  job {j['job']} ({name(j) or 'no overrides'}): "
+            if j["status"] != "ok":
+                print(what + f"FAILED: {j['error']}")
+            elif "objective" in j:
+                print(what + f"best val bpb {j['objective']:.4f}")
+            else:
+                print(what + "done")
+        scored = [j for j in jobs if "objective" in j]
+        if scored:
+            best = min(scored, key=lambda j: j["objective"])
+            print(f"best: job {best['job']} ({name(best)}), val bpb {best['objective']:.4f}")
+
+
 def run_hydra(command: str, hydra_args: list[str], overrides: list[str]) -> Any:
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -409,21 +488,27 @@ def run_hydra(command: str, hydra_args: list[str], overrides: list[str]) -> Any:
     runner = _runner(command)
 
     def task(cfg):
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return _sweep_job(runner, cfg)
         try:
             return runner(cfg)
         except CarlosError as e:
-            if HydraConfig.get().mode == RunMode.MULTIRUN:
-                raise  # a failed job must not end the sweep: Hydra records it
             report(e)
             sys.exit(2)
 
     app = hydra.main(version_base=None, config_path=str(conf_dir()), config_name=command)(task)
     argv = sys.argv
     sys.argv = [argv[0], *hydra_args, *overrides]
+    # Lightning's DDP re-runs this command line for the other ranks without the command's name
+    os.environ["CARLOS_COMMAND"] = command
+    FAILED_JOBS.clear()
     try:
-        return app()
+        result = app()
     finally:
         sys.argv = argv
+    if FAILED_JOBS:
+        sys.exit(1)
+    return result
 
 
 USAGE = """usage: carlos <command> [--flag value ...] [key=value ...] [-m] [--cfg job] [--help]
@@ -434,6 +519,7 @@ commands:
   eval      loss, perplexity and bits-per-byte of a checkpoint        (carlos eval --split test)
   sample    generate text from a checkpoint                           (carlos sample --prompt "\\n")
   bench     carlos's training path against a plain PyTorch loop       (carlos bench --input corpus.txt)
+  report    table and plot of the runs under a directory              (carlos report carlos_run/sweeps)
 
 `carlos <command> --help` lists the command's flags, config groups and keys."""
 
@@ -445,17 +531,50 @@ def _flag_help(command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _report(args: list[str]) -> None:
+    """carlos report [DIR] [--output FILE.png]: not a Hydra app, it only reads what runs wrote."""
+    from carlos.report import report as make_report
+
+    if any(a in ("-h", "--help") for a in args):
+        print("usage: carlos report [DIR (default ./carlos_run)] [--output FILE.png (default DIR/report.png)]")
+        return
+    root, output, i = None, None, 0
+    while i < len(args):
+        a = args[i]
+        if a in ("--output", "-o") or a.startswith(("--output=", "output=")):
+            if "=" in a:
+                output = a.split("=", 1)[1]
+            elif i + 1 < len(args):
+                output, i = args[i + 1], i + 1
+            else:
+                raise CarlosError("--output needs a file name, e.g. --output report.png")
+        elif a.startswith("-"):
+            raise CarlosError(f"unknown flag {a}{nearest(a.lstrip('-'), ['output'])}; see: carlos report --help")
+        elif root is None:
+            root = a
+        else:
+            raise CarlosError(f"carlos report takes one directory, got {root!r} and {a!r}")
+        i += 1
+    make_report(root or "./carlos_run", output)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return
     command = argv[0]
+    if command not in COMMANDS and os.environ.get("CARLOS_COMMAND") in COMMANDS and "LOCAL_RANK" in os.environ:
+        # a DDP rank that Lightning started by re-running our command line (sys.argv without the command)
+        command, argv = os.environ["CARLOS_COMMAND"], [os.environ["CARLOS_COMMAND"], *argv]
     try:
         if command not in COMMANDS:
             raise CarlosError(
                 f"unknown command '{command}'{nearest(command, COMMANDS)}; commands: {', '.join(COMMANDS)}"
             )
+        if command == "report":
+            _report(argv[1:])
+            return
         defaults = flat_keys(compose(command, []))
         hydra_args, overrides = translate(command, argv[1:], defaults)
         if any(a in ("-h", "--help") for a in hydra_args):
@@ -463,7 +582,7 @@ def main(argv: list[str] | None = None) -> None:
         elif not any(
             a in ("--hydra-help", "--version", "-i", "--info", "-sc", "--shell-completion") for a in hydra_args
         ):
-            validate(command, overrides, list(defaults))
+            validate(command, overrides, list(defaults), tuple(hydra_args))
     except CarlosError as e:
         report(e)
         sys.exit(2)

@@ -173,6 +173,20 @@ class TrainerConfig:
     def max_time_delta(self) -> timedelta | None:
         return parse_max_time(self.max_time)
 
+    @property
+    def several_processes(self) -> bool:
+        """DDP over more than one device or node: Lightning starts the other ranks by re-running the
+        command line, unless a cluster (SLURM) started them as tasks of their own."""
+        many = str(self.devices) not in ("1", "auto") or self.num_nodes > 1
+        return many and ("ddp" in str(self.strategy) or str(self.strategy) == "auto")
+
+    def refuse_in_sweep(self) -> None:
+        raise CarlosError(
+            f"trainer.devices={self.devices} (DDP) cannot run inside a multirun job on this launcher: use "
+            "hydra/launcher=submitit_slurm with hydra.launcher.tasks_per_node equal to trainer.devices, "
+            "or run it on its own without -m"
+        )
+
 
 @dataclass
 class SampleConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -81,6 +82,30 @@ def run_dir_for(workdir: Path) -> Path:
     return workdir
 
 
+def process_rank() -> int:
+    """This process's global rank before the Trainer exists: Lightning's DDP children get RANK or
+    LOCAL_RANK and NODE_RANK, SLURM tasks SLURM_PROCID. Only rank 0 checks and changes the run
+    directory; the others follow it."""
+    env = os.environ
+    if env.get("RANK", "").isdigit():
+        return int(env["RANK"])
+    if env.get("SLURM_PROCID", "").isdigit() and int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+        return int(env["SLURM_PROCID"])
+    local, node = int(env.get("LOCAL_RANK", "0") or 0), int(env.get("NODE_RANK", "0") or 0)
+    return local if node == 0 else node * 1_000 + local  # only zero or not matters here
+
+
+def _check_ddp_in_sweep(t) -> None:
+    """A multirun job is called as a function by Hydra's launcher: there is no command line for
+    Lightning to re-run for the other ranks. Under SLURM each rank is a task of its own."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if t.several_processes and multirun and "SLURM_NTASKS" not in os.environ:
+        t.refuse_in_sweep()
+
+
 def save_snapshot(cfg: DictConfig, run_dir: Path) -> None:
     """Hydra's snapshot (config, hydra, overrides), written only once the run is accepted: Hydra itself
     writes it before the task starts, so conf/ turns Hydra's own writing off (output_subdir: null)."""
@@ -95,8 +120,16 @@ def save_snapshot(cfg: DictConfig, run_dir: Path) -> None:
         OmegaConf.save(hc.overrides.task, out / "overrides.yaml")
 
 
+def _requeued() -> bool:
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+
+
 def _resume_from(tc: TrainConfig, ckpt_dir: Path) -> Path | None:
     last = ckpt_dir / "last.pt"
+    if _requeued() and last.exists():
+        # SLURM requeued this job (submitit does after its time-limit signal, when carlos wrote last.pt):
+        # it continues its own run whatever resume and overwrite say
+        return last
     if tc.resume != "false" and tc.overwrite:
         raise CarlosError("--resume and --overwrite contradict each other; pass one of them")
     if tc.resume == "true" and not last.exists():
@@ -141,16 +174,20 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")  # carlos logs by itself
 
 
 def train(cfg: DictConfig) -> float:
     """Train on a prepared workdir; returns the best validation bits-per-byte."""
     import lightning as L
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from carlos.callbacks import (
         AtomicCheckpointIO,
         Checkpoints,
         JsonlLogger,
+        Preemption,
         ProgressBar,
         SampleText,
         TimeBudget,
@@ -164,7 +201,13 @@ def train(cfg: DictConfig) -> float:
     data = PreparedData.load(workdir)
     run_dir = run_dir_for(workdir)
     ckpt_dir = run_dir / "checkpoints"
-    resume = _resume_from(tc, ckpt_dir)
+    _check_ddp_in_sweep(tc.trainer)
+    rank = process_rank()
+    if rank == 0:
+        resume = _resume_from(tc, ckpt_dir)
+    else:  # rank 0 already accepted the run (and may be writing checkpoints into it)
+        last = ckpt_dir / "last.pt"
+        resume = last if (tc.resume != "false" or _requeued()) and last.exists() else None
     prev = load_checkpoint(resume)["carlos"] if resume else None
 
     tok = data.tokenizer
@@ -209,15 +252,16 @@ def train(cfg: DictConfig) -> float:
     build_optimizer(optimizer_cfg, [torch.zeros(1, requires_grad=True)])
     build_schedule(schedule_cfg, optimizer_cfg["lr"])(0, max_steps if max_steps > 0 else math.inf)
 
-    # -------- accepted: from here on the run writes into run_dir
-    if tc.overwrite:
+    # -------- accepted: from here on the run writes into run_dir (rank 0 only)
+    if tc.overwrite and rank == 0 and resume is None:
         remove_run_outputs(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_snapshot(cfg, run_dir)
+        if rank == 0:
+            save_snapshot(cfg, run_dir)
     except OSError as e:
         raise CarlosError(f"cannot write to {run_dir} ({e.strerror}); choose a writable --workdir") from None
-    if resume:
+    if resume and rank == 0:
         for p in (run_dir / "samples").glob("step_*.txt"):
             if int(p.stem.split("_")[1]) > prev["step"]:
                 p.unlink()
@@ -239,6 +283,7 @@ def train(cfg: DictConfig) -> float:
 
     metrics = TrainMetrics(tc.log_interval, data.seq_len * tc.data.micro_batch_size)
     s = tc.sample
+    checkpoints = Checkpoints(ckpt_dir, tc.ckpt_interval, tc.eval_interval)
     callbacks = [
         metrics,
         SampleText(
@@ -252,17 +297,23 @@ def train(cfg: DictConfig) -> float:
             tc.seed,
             tok.eos_id,
         ),
-        Checkpoints(ckpt_dir, tc.ckpt_interval, tc.eval_interval),
+        checkpoints,
+        Preemption(checkpoints),
         ProgressBar(metrics),
     ]
     if budget is not None:
         callbacks.append(TimeBudget(budget.total_seconds()))  # last: it times the others' validation work
     loggers = [JsonlLogger(run_dir / "metrics.jsonl", resume_step=prev["step"] if prev else None)]
-    wandb = _wandb_logger(tc, run_dir)
+    wandb = _wandb_logger(tc, run_dir) if rank == 0 else None
     if wandb is not None:
         loggers.append(wandb)
 
     t = tc.trainer
+    plugins: list = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        # submitit requeues a job that reaches its time limit (its signal -> Preemption writes last.pt ->
+        # the requeued job resumes with resume=auto); Lightning's own SLURM requeue would requeue it twice
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer = L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -280,7 +331,7 @@ def train(cfg: DictConfig) -> float:
         num_sanity_val_steps=0,
         logger=loggers,
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
+        plugins=plugins,
         enable_checkpointing=False,
         enable_model_summary=False,
         default_root_dir=str(run_dir),
@@ -295,8 +346,13 @@ def train(cfg: DictConfig) -> float:
         if resume:
             print(f"resuming from {resume} at step {prev['step']}")
     started = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
-    ck = next(c for c in callbacks if isinstance(c, Checkpoints))
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
+    except SIGTERMException:
+        # stopped by a signal after writing its checkpoint (Preemption); 128 + signal is the shell's code
+        signum = next(c for c in callbacks if isinstance(c, Preemption)).signum or signal.SIGTERM
+        raise SystemExit(128 + int(signum)) from None
+    ck = checkpoints
     best_bpb = ck.best_bpb
     if trainer.is_global_zero:
         step = trainer.global_step
