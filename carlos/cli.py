@@ -180,12 +180,31 @@ def hydra_quote(value: str) -> str:
 # ---------------------------------------------------------------- composing without running
 
 
+def prefer_carlos_hydra_configs() -> None:
+    """conf/hydra/<group>/<name>.yaml (the Optuna sweeper's search space, the SLURM launcher's settings)
+    replace the plugins' registered configs of the same name. Hydra would otherwise use the registered
+    one as the file's schema: deprecated since Hydra 1.1, and refused when that schema has a defaults
+    list, as Optuna's has. The plugins register when Hydra's plugin scan runs their modules, once a
+    process: so the scan runs here first, then the entries that carlos's files replace are dropped."""
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # the scan (later calls return the same instance and do not scan again)
+    root = conf_dir() / "hydra"
+    for path in root.rglob("*.yaml"):
+        node = ConfigStore.instance().repo.get("hydra", {})
+        for part in path.relative_to(root).parent.parts:
+            node = node.get(part, {})
+        node.pop(path.name, None)
+
+
 def compose(command: str, overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
+    prefer_carlos_hydra_configs()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
             return hydra_compose(config_name=command, overrides=overrides)
@@ -502,6 +521,7 @@ def run_hydra(command: str, hydra_args: list[str], overrides: list[str]) -> Any:
     # Lightning's DDP re-runs this command line for the other ranks without the command's name
     os.environ["CARLOS_COMMAND"] = command
     FAILED_JOBS.clear()
+    prefer_carlos_hydra_configs()
     try:
         result = app()
     finally:

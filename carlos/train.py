@@ -175,6 +175,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")  # carlos logs by itself
+    # validation sums are reduced across ranks by LitGPT itself before they are logged
+    warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
 
 def train(cfg: DictConfig) -> float:

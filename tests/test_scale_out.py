@@ -111,7 +111,9 @@ def test_ddp_inside_a_multirun_job_is_refused_naming_the_launcher(prepared):
 def test_optuna_sweep_stores_its_study_under_the_workdir_and_resumes_it(prepared):
     import optuna
 
-    args = [CARLOS, "train", "-m", "hydra/sweeper=optuna", "workdir=W", *QUICK, "hydra.sweeper.sampler.seed=0"]
+    # the default search space (lr, warmup, micro-batch): keys given on the command line would be fixed
+    quick = [a for a in QUICK if not a.startswith(("data.micro_batch_size", "schedule.warmup_steps"))]
+    args = [CARLOS, "train", "-m", "hydra/sweeper=optuna", "workdir=W", *quick, "hydra.sweeper.sampler.seed=0"]
     p = run([*args, "hydra.sweeper.n_trials=2"], prepared)
     assert p.returncode == 0, p.stdout + p.stderr
     storage = f"sqlite:///{prepared / 'W' / 'optuna.db'}"
@@ -149,13 +151,18 @@ def test_submitit_local_launcher_runs_two_jobs(prepared):
 
 
 @pytest.mark.skipif(not _has("hydra_plugins.hydra_submitit_launcher"), reason="needs the carlos[sweep] extra")
-def test_slurm_submission_script(tmp_path):
+def test_slurm_submission_script(tmp_path, monkeypatch):
     """The sbatch script submitit writes for conf/hydra/launcher/submitit_slurm.yaml, built the way the
     plugin's launcher builds its executor (no cluster needed)."""
     import submitit
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
     from omegaconf import OmegaConf
 
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text("#!/bin/sh\n")  # submitit only checks that srun exists
+    (fake / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
     launcher = OmegaConf.to_container(compose_hydra_launcher(tmp_path), resolve=False)
     launcher.pop("_target_")
     launcher["submitit_folder"] = str(tmp_path / "%j")
@@ -184,9 +191,10 @@ def compose_hydra_launcher(tmp_path):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from carlos.cli import conf_dir
+    from carlos.cli import conf_dir, prefer_carlos_hydra_configs
 
     GlobalHydra.instance().clear()
+    prefer_carlos_hydra_configs()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
             cfg = hydra_compose(
@@ -210,11 +218,12 @@ SUBMITIT_LIKE = """
 import os, signal, sys
 from pathlib import Path
 import torch
+WORKDIR = Path(sys.argv[1])
 def requeue(signum, frame):
     # what submitit's handler does on rank 0: checkpoint the callable, requeue the job, exit
-    last = Path(sys.argv[1]) / "checkpoints" / "last.pt"
+    last = WORKDIR / "checkpoints" / "last.pt"
     step = torch.load(last, weights_only=True)["carlos"]["step"] if last.exists() else None
-    Path(sys.argv[1], "requeued.json").write_text(str(step))
+    (WORKDIR / "requeued.json").write_text(str(step))
     sys.exit(-1)
 signal.signal(signal.SIGUSR2, requeue)
 from carlos.cli import main
@@ -248,6 +257,7 @@ def test_time_limit_signal_writes_last_pt_then_requeue_resumes(prepared):
     proc.send_signal(signal.SIGUSR2)
     out, err = proc.communicate(timeout=120)
     assert "stopped by SIGUSR2 at step" in out, out + err
+    assert (workdir / "requeued.json").exists(), out + err
     step = int((workdir / "requeued.json").read_text())  # last.pt existed when the requeue handler ran
     assert 20 <= step < 400
     assert torch.load(workdir / "checkpoints" / "last.pt", weights_only=True)["carlos"]["step"] == step
