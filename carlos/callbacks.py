@@ -277,16 +277,17 @@ class Checkpoints(Callback):
 
 
 class Preemption(Callback):
-    """Nothing lost to a stop. On SIGTERM (Lightning's own handler notes it) and on SIGUSR1/SIGUSR2 (the
-    warning that submitit and SLURM send before a time limit), the run writes its checkpoint and last.pt
-    at the next optimizer-step boundary, then stops. If another handler owned the signal before (submitit's,
+    """Nothing lost to a stop. On SIGTERM (Lightning's own handler notes it), on SIGUSR1/SIGUSR2 (the
+    warning that submitit and SLURM send before a time limit) and on a first Ctrl+C (SIGINT; a second
+    one aborts at once), the run writes its checkpoint and last.pt at the next optimizer-step boundary,
+    then stops. If another handler owned the signal before (submitit's,
     which requeues the job), it is called afterwards; the requeued job continues with resume=auto.
 
     Lightning's SIGTERM path is reused rather than a flag of our own because it already stops every rank
     of a DDP run at the same batch (rank 0's flag is broadcast each step): the checkpoint, a collective
     operation, is then written in on_exception by all ranks together."""
 
-    NAMES = ("SIGUSR1", "SIGUSR2")  # POSIX only; on Windows there is nothing to catch
+    NAMES = ("SIGUSR1", "SIGUSR2", "SIGINT")  # the first two are POSIX only
 
     def __init__(self, checkpoints: Checkpoints) -> None:
         self.checkpoints = checkpoints
@@ -314,6 +315,10 @@ class Preemption(Callback):
     def _notice(self, signum: int, frame: Any) -> None:
         self.signum = signum
         self.trainer._signal_connector.received_sigterm = True  # Lightning's stop flag (see the class doc)
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl+C aborts at once
+            if self.trainer.is_global_zero:
+                print("\nCtrl+C: stopping after this step, with a checkpoint (press again to abort)", flush=True)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
@@ -340,7 +345,7 @@ class Preemption(Callback):
                 flush=True,
             )
         previous = self.previous.get(self.signum) if self.signum else None
-        if callable(previous):
+        if callable(previous) and self.signum != signal.SIGINT:  # Python's SIGINT handler would abort
             previous(self.signum, None)  # submitit's handler: requeues the job (on rank 0) and exits
 
 

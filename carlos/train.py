@@ -106,6 +106,20 @@ def _check_ddp_in_sweep(t) -> None:
         t.refuse_in_sweep()
 
 
+def trainer_plugins() -> list:
+    """Atomic checkpoint writes; under SLURM, its environment with Lightning's auto-requeue off: submitit
+    requeues a job that reaches its time limit (its signal -> Preemption writes last.pt -> the requeued
+    job resumes), and Lightning's own SLURM requeue would requeue it a second time."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from carlos.callbacks import AtomicCheckpointIO
+
+    plugins: list = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
+
+
 def save_snapshot(cfg: DictConfig, run_dir: Path) -> None:
     """Hydra's snapshot (config, hydra, overrides), written only once the run is accepted: Hydra itself
     writes it before the task starts, so conf/ turns Hydra's own writing off (output_subdir: null)."""
@@ -182,11 +196,9 @@ def _quiet_lightning() -> None:
 def train(cfg: DictConfig) -> float:
     """Train on a prepared workdir; returns the best validation bits-per-byte."""
     import lightning as L
-    from lightning.pytorch.plugins.environments import SLURMEnvironment
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from carlos.callbacks import (
-        AtomicCheckpointIO,
         Checkpoints,
         JsonlLogger,
         Preemption,
@@ -311,11 +323,7 @@ def train(cfg: DictConfig) -> float:
         loggers.append(wandb)
 
     t = tc.trainer
-    plugins: list = [AtomicCheckpointIO()]
-    if SLURMEnvironment.detect():
-        # submitit requeues a job that reaches its time limit (its signal -> Preemption writes last.pt ->
-        # the requeued job resumes with resume=auto); Lightning's own SLURM requeue would requeue it twice
-        plugins.append(SLURMEnvironment(auto_requeue=False))
+    plugins = trainer_plugins()
     trainer = L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,

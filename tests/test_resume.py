@@ -130,3 +130,14 @@ def test_sigterm_and_sigkill_then_resume_match_an_uninterrupted_run(tmp_path):
     assert p.returncode == 0, p.stderr
     step, loss = _final_val(killed)
     assert step == 240 and abs(loss - reference[1]) < 1e-6
+
+
+def test_ctrl_c_stops_with_a_checkpoint(tmp_path):
+    workdir = _prepare(tmp_path, "interrupted")
+    p = _interrupt(workdir, lambda: _logged_step(workdir) >= 10, signal.SIGINT)
+    assert p.returncode == 128 + signal.SIGINT, p.stderr
+    assert "Ctrl+C: stopping after this step" in p.stdout and "stopped by SIGINT at step" in p.stdout
+    import torch
+
+    step = torch.load(workdir / "checkpoints" / "last.pt", weights_only=True)["carlos"]["step"]
+    assert 10 <= step < 240 and step == _logged_step(workdir)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -247,3 +248,17 @@ def test_schedule_horizon_follows_elapsed_time(workdir):
     assert m.total_steps(10) == pytest.approx(40.0)
     m.hparams.max_steps = 30  # whichever limit comes first
     assert m.total_steps(10) == 30
+
+
+def test_lightning_slurm_requeue_is_off_under_slurm(monkeypatch):
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from carlos.train import trainer_plugins
+
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    assert not any(isinstance(p, SLURMEnvironment) for p in trainer_plugins())
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "carlos")
+    (slurm,) = [p for p in trainer_plugins() if isinstance(p, SLURMEnvironment)]
+    assert slurm.auto_requeue is False
