@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback as HydraCallback
+
 from carlos.config import CarlosError, nearest
 
 COMMANDS = ("prepare", "train", "eval", "sample", "bench", "report")
@@ -456,13 +458,7 @@ def _sweep_job(runner: Callable, cfg) -> Any:
 FAILED_JOBS: list[dict] = []  # filled by SweepSummary at the end of a multirun; main() exits 1 if any
 
 
-try:
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # pragma: no cover - hydra-core < 1.1
-    _HydraCallback = object
-
-
-class SweepSummary(_HydraCallback):
+class SweepSummary(HydraCallback):
     """Hydra callback (conf/train.yaml, hydra.callbacks): at the end of a multirun, one line a job from
     the job.json files, failed jobs with their reason, and the best objective. Reads the files rather
     than Hydra's job returns, which a launcher like submitit runs in other processes."""

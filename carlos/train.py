@@ -85,7 +85,8 @@ def run_dir_for(workdir: Path) -> Path:
 def process_rank() -> int:
     """This process's global rank before the Trainer exists: Lightning's DDP children get RANK or
     LOCAL_RANK and NODE_RANK, SLURM tasks SLURM_PROCID. Only rank 0 checks and changes the run
-    directory; the others follow it."""
+    directory; the others follow it. (Lightning's rank_zero_only.rank would take a second node's
+    LOCAL_RANK 0 for rank 0.)"""
     env = os.environ
     if env.get("RANK", "").isdigit():
         return int(env["RANK"])

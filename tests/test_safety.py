@@ -32,6 +32,18 @@ def _evil_checkpoint(path: Path, marker: Path) -> Path:
     return path
 
 
+def _prepare(tmp_path: Path, env: dict) -> None:
+    make_corpus(tmp_path / "corpus.txt")
+    p = subprocess.run(
+        [CARLOS, "prepare", "--input", "corpus.txt", "--workdir", "W", "--seq_len", "32"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 0, p.stderr
+
+
 def test_a_checkpoint_that_runs_code_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
     evil = _evil_checkpoint(tmp_path / "evil.pt", marker)
@@ -42,16 +54,8 @@ def test_a_checkpoint_that_runs_code_is_refused_without_running_it(tmp_path):
 
 @pytest.mark.slow
 def test_hostile_checkpoint_through_eval_sample_and_resume(tmp_path):
-    make_corpus(tmp_path / "corpus.txt")
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("WANDB")}, "WANDB_MODE": "disabled"}
-    p = subprocess.run(
-        [CARLOS, "prepare", "--input", "corpus.txt", "--workdir", "W", "--seq_len", "32"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert p.returncode == 0, p.stderr
+    _prepare(tmp_path, env)
     marker = tmp_path / "pwned"
     (tmp_path / "W" / "checkpoints").mkdir()
     _evil_checkpoint(tmp_path / "W" / "checkpoints" / "last.pt", marker)
@@ -77,21 +81,13 @@ SECRETS = {
 def test_secrets_never_reach_the_outputs_of_a_run(tmp_path):
     """A run with W&B offline, keys in the environment and in .env: no file the run writes holds them."""
     pytest.importorskip("wandb")
-    make_corpus(tmp_path / "corpus.txt")
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
     env.update(WANDB_API_KEY=SECRETS["WANDB_API_KEY"], WANDB_MODE="offline", WANDB_SILENT="true")
     (tmp_path / ".env").write_text(
         f"WANDB_PROJECT=carlos-test\nHF_TOKEN={SECRETS['HF_TOKEN']}\n"
         f"MY_SERVICE_PASSWORD={SECRETS['MY_SERVICE_PASSWORD']}\n"
     )
-    p = subprocess.run(
-        [CARLOS, "prepare", "--input", "corpus.txt", "--workdir", "W", "--seq_len", "32"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert p.returncode == 0, p.stderr
+    _prepare(tmp_path, env)
     p = subprocess.run(
         [CARLOS, "train", "--workdir", "W", "--max_steps", "6", "--eval_interval", "3", "--sample_tokens", "8"],
         cwd=tmp_path,
