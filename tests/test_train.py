@@ -262,3 +262,16 @@ def test_lightning_slurm_requeue_is_off_under_slurm(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_NAME", "carlos")
     (slurm,) = [p for p in trainer_plugins() if isinstance(p, SLURMEnvironment)]
     assert slurm.auto_requeue is False
+
+
+def test_same_seed_and_config_give_identical_metrics_on_cpu(workdir):
+    """Bounded by max_steps, two runs write the same metrics.jsonl apart from its timing fields."""
+
+    def records() -> list[dict]:
+        lines = (workdir / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k not in ("tokens_per_s", "elapsed_s")} for x in lines]
+
+    train(train_cfg(workdir))
+    first = records()
+    train(train_cfg(workdir, "overwrite=true"))
+    assert records() == first and any("val_loss" in r for r in first) and any("train_loss" in r for r in first)
