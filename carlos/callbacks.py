@@ -280,8 +280,8 @@ class Preemption(Callback):
     """Nothing lost to a stop. On SIGTERM (Lightning's own handler notes it), on SIGUSR1/SIGUSR2 (the
     warning that submitit and SLURM send before a time limit) and on a first Ctrl+C (SIGINT; a second
     one aborts at once), the run writes its checkpoint and last.pt at the next optimizer-step boundary,
-    then stops. If another handler owned the signal before (submitit's,
-    which requeues the job), it is called afterwards; the requeued job continues with resume=auto.
+    then stops. If another handler owned the signal before (submitit's, which requeues the job), it is
+    called afterwards; the requeued job continues from last.pt.
 
     Lightning's SIGTERM path is reused rather than a flag of our own because it already stops every rank
     of a DDP run at the same batch (rank 0's flag is broadcast each step): the checkpoint, a collective
@@ -295,7 +295,6 @@ class Preemption(Callback):
         self.previous: dict[int, Any] = {}
         self.pending = False
         self.seen_step = -1
-        self.stopped_at: int | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         self.trainer, self.seen_step = trainer, trainer.global_step
@@ -336,7 +335,6 @@ class Preemption(Callback):
             return
         step = trainer.global_step
         self.checkpoints.save(trainer, step)
-        self.stopped_at = step
         name = signal.Signals(self.signum).name if self.signum else "SIGTERM"
         if trainer.is_global_zero:
             print(

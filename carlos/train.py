@@ -82,18 +82,17 @@ def run_dir_for(workdir: Path) -> Path:
     return workdir
 
 
-def process_rank() -> int:
-    """This process's global rank before the Trainer exists: Lightning's DDP children get RANK or
+def is_rank_zero() -> bool:
+    """Whether this process is rank 0, before the Trainer exists: Lightning's DDP children get RANK or
     LOCAL_RANK and NODE_RANK, SLURM tasks SLURM_PROCID. Only rank 0 checks and changes the run
     directory; the others follow it. (Lightning's rank_zero_only.rank would take a second node's
     LOCAL_RANK 0 for rank 0.)"""
     env = os.environ
     if env.get("RANK", "").isdigit():
-        return int(env["RANK"])
+        return int(env["RANK"]) == 0
     if env.get("SLURM_PROCID", "").isdigit() and int(env.get("SLURM_NTASKS", "1") or 1) > 1:
-        return int(env["SLURM_PROCID"])
-    local, node = int(env.get("LOCAL_RANK", "0") or 0), int(env.get("NODE_RANK", "0") or 0)
-    return local if node == 0 else node * 1_000 + local  # only zero or not matters here
+        return int(env["SLURM_PROCID"]) == 0
+    return int(env.get("LOCAL_RANK", "0") or 0) == 0 and int(env.get("NODE_RANK", "0") or 0) == 0
 
 
 def _check_ddp_in_sweep(t) -> None:
@@ -217,8 +216,8 @@ def train(cfg: DictConfig) -> float:
     run_dir = run_dir_for(workdir)
     ckpt_dir = run_dir / "checkpoints"
     _check_ddp_in_sweep(tc.trainer)
-    rank = process_rank()
-    if rank == 0:
+    leader = is_rank_zero()
+    if leader:
         resume = _resume_from(tc, ckpt_dir)
     else:  # rank 0 already accepted the run (and may be writing checkpoints into it)
         last = ckpt_dir / "last.pt"
@@ -268,15 +267,15 @@ def train(cfg: DictConfig) -> float:
     build_schedule(schedule_cfg, optimizer_cfg["lr"])(0, max_steps if max_steps > 0 else math.inf)
 
     # -------- accepted: from here on the run writes into run_dir (rank 0 only)
-    if tc.overwrite and rank == 0 and resume is None:
+    if tc.overwrite and leader and resume is None:
         remove_run_outputs(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if rank == 0:
+        if leader:
             save_snapshot(cfg, run_dir)
     except OSError as e:
         raise CarlosError(f"cannot write to {run_dir} ({e.strerror}); choose a writable --workdir") from None
-    if resume and rank == 0:
+    if resume and leader:
         for p in (run_dir / "samples").glob("step_*.txt"):
             if int(p.stem.split("_")[1]) > prev["step"]:
                 p.unlink()
@@ -299,6 +298,7 @@ def train(cfg: DictConfig) -> float:
     metrics = TrainMetrics(tc.log_interval, data.seq_len * tc.data.micro_batch_size)
     s = tc.sample
     checkpoints = Checkpoints(ckpt_dir, tc.ckpt_interval, tc.eval_interval)
+    preemption = Preemption(checkpoints)
     callbacks = [
         metrics,
         SampleText(
@@ -313,13 +313,13 @@ def train(cfg: DictConfig) -> float:
             tok.eos_id,
         ),
         checkpoints,
-        Preemption(checkpoints),
+        preemption,
         ProgressBar(metrics),
     ]
     if budget is not None:
         callbacks.append(TimeBudget(budget.total_seconds()))  # last: it times the others' validation work
     loggers = [JsonlLogger(run_dir / "metrics.jsonl", resume_step=prev["step"] if prev else None)]
-    wandb = _wandb_logger(tc, run_dir) if rank == 0 else None
+    wandb = _wandb_logger(tc, run_dir) if leader else None
     if wandb is not None:
         loggers.append(wandb)
 
@@ -361,7 +361,7 @@ def train(cfg: DictConfig) -> float:
         trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
     except SIGTERMException:
         # stopped by a signal after writing its checkpoint (Preemption); 128 + signal is the shell's code
-        signum = next(c for c in callbacks if isinstance(c, Preemption)).signum or signal.SIGTERM
+        signum = preemption.signum or signal.SIGTERM
         raise SystemExit(128 + int(signum)) from None
     ck = checkpoints
     best_bpb = ck.best_bpb
