@@ -42,6 +42,13 @@ def write_atomically(path: Path, write) -> None:
         raise CarlosError(f"cannot write {path} ({e.strerror}); free some space or choose another --workdir") from None
 
 
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """The temporary files of writes that a kill -9 interrupted: never read, only in the way."""
+    for sub in ("checkpoints", "samples"):
+        for p in (run_dir / sub).glob(".*.tmp-*"):
+            p.unlink(missing_ok=True)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's TorchCheckpointIO writes straight into the target file, so a kill mid-write leaves a
     truncated checkpoint; this one writes a temporary file and renames it."""
@@ -87,8 +94,13 @@ class JsonlLogger(Logger):
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         record = {"step": step, **metrics}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a line cut short here is skipped when the run resumes
+            raise CarlosError(
+                f"cannot write {self.path} ({e.strerror}); free some space or choose another --workdir"
+            ) from None
 
 
 def log_record(trainer: L.Trainer, record: dict[str, float]) -> None:
@@ -138,8 +150,8 @@ class TrainMetrics(Callback):
         self.last.update(loss=record["train_loss"], tokens_per_s=record["tokens_per_s"])
         if record["train_loss"] is not None and not math.isfinite(record["train_loss"]):
             raise CarlosError(
-                f"train loss is {record['train_loss']} at step {step}; lower --peak_lr or raise warmup. "
-                "Checkpoints written before this step are kept"
+                f"train loss is {record['train_loss']} at step {step}, so the run stops; the checkpoints written "
+                "before it are kept. Lower --peak_lr or raise --warmup_steps, and start over with --overwrite"
             )
         log_record(trainer, record)
 
@@ -263,11 +275,16 @@ class Checkpoints(Callback):
     def save(self, trainer: L.Trainer, step: int) -> None:
         if step == self.saved_step and (self.dir / "last.pt").exists():
             return
-        loss_sum = getattr(trainer.lightning_module, "loss_sum", None)
-        if loss_sum is not None and not torch.isfinite(loss_sum):
+        module = trainer.lightning_module
+        loss_sum = getattr(module, "loss_sum", None)
+        # an inf gradient can leave NaN weights behind a still-finite loss: check the weights too
+        # (one pass over a tiny model's parameters, far cheaper than the write itself)
+        finite = all(bool(p.isfinite().all()) for p in module.parameters())
+        if (loss_sum is not None and not torch.isfinite(loss_sum)) or not finite:
+            what = f"train loss became {loss_sum.item()}" if finite else "the weights became NaN or inf"
             raise CarlosError(
-                f"train loss became {loss_sum.item()} before step {step}; not checkpointing it. Lower --peak_lr "
-                "or raise --warmup_steps; the checkpoints already written are kept"
+                f"{what} before step {step}, so the run stops without checkpointing it; the checkpoints written "
+                "before it are kept. Lower --peak_lr or raise --warmup_steps, and start over with --overwrite"
             )
         path = self.dir / f"{step_name(step)}.pt"
         trainer.save_checkpoint(path, weights_only=False)  # False: full training state

@@ -46,7 +46,15 @@ class PreparedData:
         missing = [s for s in SPLITS if not (workdir / "data" / f"{s}.npy").is_file()]
         if missing:
             raise CarlosError(f"workdir {workdir} is half-prepared (data/{missing[0]}.npy is missing); {hint}")
-        return cls(workdir, info, tokenizer)
+        data = cls(workdir, info, tokenizer)
+        try:
+            for split in SPLITS:  # a damaged split is refused now, not after a run has started writing
+                data.windows(split)
+            if "sha256" not in info:
+                raise KeyError("sha256")
+        except (KeyError, TypeError, ValueError) as e:
+            raise CarlosError(f"workdir {workdir} is damaged (splits.json: bad or missing {e}); {hint}") from None
+        return data
 
     def windows(self, split: str, shifted: bool = False) -> WindowDataset:
         path = self.workdir / "data" / f"{split}.npy"

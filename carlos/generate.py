@@ -34,14 +34,29 @@ def resolve_checkpoint(workdir: str | Path, spec: str) -> Path:
     return path
 
 
+def _unpickler_reason(e: Exception) -> str:
+    """The line of torch's weights_only refusal that names what was refused (its other lines are advice
+    about weights_only=False, which carlos never takes)."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "WeightsUnpickler")
+    lines = [line.strip() for line in str(e).splitlines()]
+    reasons = [line for line in lines if line and not line.startswith(boilerplate)]
+    return reasons[0].rstrip(".") if reasons else "unsupported content"
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
     """torch.load with weights_only=True: tensors and plain containers only, never arbitrary code."""
+    # torch.save writes a zip archive; a file that is not a complete one (cut short by a full disk or
+    # a copy, or not a checkpoint at all) would otherwise reach torch's legacy raw-pickle path
+    if not zipfile.is_zipfile(path):
+        raise CarlosError(
+            f"checkpoint {path} is truncated or corrupt (not a complete torch archive); use another checkpoint"
+        )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
         raise CarlosError(
-            f"checkpoint {path} was refused by the safe loader ({first}); use a carlos checkpoint"
+            f"checkpoint {path} was refused by the safe loader ({_unpickler_reason(e)}): it holds objects "
+            "other than tensors and plain values, which could run code; use a carlos checkpoint"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CarlosError(

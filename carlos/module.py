@@ -213,6 +213,13 @@ class LitGPT(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         sums = self.trainer.strategy.reduce(self.val_sums, reduce_op="sum")
         self.val_metrics = summarize(*sums.tolist())
+        if not math.isfinite(self.val_metrics["loss"]) and not self.trainer.sanity_checking:
+            # before the callbacks' on_validation_end: no sample from NaN weights, no checkpoint of them
+            raise CarlosError(
+                f"validation loss is {self.val_metrics['loss']} at step {self.global_step} (the weights became "
+                "NaN or inf), so the run stops; the checkpoints written before it are kept. Lower --peak_lr or "
+                "raise --warmup_steps, and start over with --overwrite"
+            )
         self.log("val_loss", self.val_metrics["loss"], prog_bar=True, logger=False)
         self.log("val_bpb", self.val_metrics["bpb"], logger=False)
 

@@ -287,8 +287,17 @@ def prepare(cfg: PrepareConfig) -> dict:
             "or pass --overwrite to replace its data and remove that run"
         )
     size, sha256 = scan(path)
+    for stale in workdir.glob(".prepare-*"):  # left by a prepare that was killed (kill -9) midway
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in workdir.glob(".old-data-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tok = ByteTokenizer(add_bos=d.add_bos, add_eos=d.add_eos)
     offsets = split_offsets(path, size, d.val_fraction, d.test_fraction)
+    created = None  # the outermost directory this prepare creates: removed again if it fails
+    if not workdir.exists():
+        created = workdir
+        while not created.parent.exists():
+            created = created.parent
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=workdir))
@@ -352,8 +361,10 @@ def prepare(cfg: PrepareConfig) -> dict:
             os.replace(tmp / name, workdir / name)
     except OSError as e:
         raise CarlosError(
-            f"cannot write to workdir {workdir} ({e.strerror}); free some space or choose another"
+            f"cannot write to workdir {workdir} ({e.strerror}); free some space or choose another --workdir"
         ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created is not None and not (workdir / "splits.json").exists():
+            shutil.rmtree(created, ignore_errors=True)
     return {**record, "seconds": time.perf_counter() - started}

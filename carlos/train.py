@@ -206,6 +206,7 @@ def train(cfg: DictConfig) -> float:
         SampleText,
         TimeBudget,
         TrainMetrics,
+        remove_stale_temporaries,
     )
     from carlos.data import ByteDataModule
     from carlos.module import LitGPT, build_optimizer, build_schedule
@@ -275,6 +276,8 @@ def train(cfg: DictConfig) -> float:
             save_snapshot(cfg, run_dir)
     except OSError as e:
         raise CarlosError(f"cannot write to {run_dir} ({e.strerror}); choose a writable --workdir") from None
+    if leader:
+        remove_stale_temporaries(run_dir)
     if resume and leader:
         for p in (run_dir / "samples").glob("step_*.txt"):
             if int(p.stem.split("_")[1]) > prev["step"]:
