@@ -88,10 +88,12 @@ def pick_device(name: str) -> torch.device:
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """Scaled logits with everything outside top-k and the top-p nucleus set to -inf."""
-    logits = logits / temperature
-    if top_k and top_k < logits.size(-1):
+    if top_k and top_k < logits.size(-1):  # on the raw logits: scaling keeps the order but can create ties
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    # shifted so the largest is 0 before scaling: a tiny temperature then sends the others to -inf (greedy)
+    # instead of overflowing the largest to +inf, which would make softmax NaN
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = torch.softmax(sorted_logits, dim=-1)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from carlos.cli import compose
 from carlos.config import PrepareConfig, parse
 from carlos.prepare import prepare
+
+settings.register_profile("suite", max_examples=60)
+settings.register_profile("deep", max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 WORDS = [
     "the",
