@@ -189,8 +189,8 @@ def plain_loop(workdir: str, spec: dict) -> dict:
             mark = now
     out = {"tokens_per_s": rates, "steps": step, "tokens": step * tokens_per_step}
     if seconds:
-        from carlos.data import PreparedData
         from carlos.evaluate import score_split
+        from carlos.workdir import PreparedData
 
         model.eval()
         s = score_split(model, PreparedData.load(workdir).windows("test"), 64, torch.device("cpu"))

@@ -45,8 +45,8 @@ def score_split(model: GPT, dataset, batch_size: int, device: torch.device) -> d
 
 def evaluate(cfg: EvalConfig) -> dict:
     """`carlos eval`: prints loss, perplexity and bpb of a checkpoint on a split; returns them."""
-    from carlos.data import PreparedData
     from carlos.generate import load_checkpoint, model_from_checkpoint, pick_device, resolve_checkpoint
+    from carlos.workdir import PreparedData
 
     data = PreparedData.load(cfg.workdir)
     path = resolve_checkpoint(cfg.workdir, cfg.checkpoint)

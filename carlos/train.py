@@ -18,10 +18,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from carlos.config import CarlosError, TrainConfig, parse, to_plain
-from carlos.data import PreparedData
 from carlos.generate import load_checkpoint, prompt_ids
 from carlos.model import GPTConfig, ModelConfigError
 from carlos.prepare import remove_run_outputs
+from carlos.workdir import PreparedData
 
 log = logging.getLogger("carlos")
 
@@ -195,22 +195,6 @@ def _quiet_lightning() -> None:
 
 def train(cfg: DictConfig) -> float:
     """Train on a prepared workdir; returns the best validation bits-per-byte."""
-    import lightning as L
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    from carlos.callbacks import (
-        Checkpoints,
-        JsonlLogger,
-        Preemption,
-        ProgressBar,
-        SampleText,
-        TimeBudget,
-        TrainMetrics,
-        remove_stale_temporaries,
-    )
-    from carlos.data import ByteDataModule
-    from carlos.module import LitGPT, build_optimizer, build_schedule
-
     tc = parse(cfg, TrainConfig)
     workdir = Path(tc.workdir).expanduser()
     data = PreparedData.load(workdir)
@@ -258,6 +242,23 @@ def train(cfg: DictConfig) -> float:
     precision, why = resolve_precision(
         tc.trainer.precision, device, model_cfg.d_model, prev.get("precision") if prev else None
     )
+    # Lightning takes seconds to import: the checks above refuse a wrong workdir or model before it
+    import lightning as L
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from carlos.callbacks import (
+        Checkpoints,
+        JsonlLogger,
+        Preemption,
+        ProgressBar,
+        SampleText,
+        TimeBudget,
+        TrainMetrics,
+        remove_stale_temporaries,
+    )
+    from carlos.data import ByteDataModule
+    from carlos.module import LitGPT, build_optimizer, build_schedule
+
     max_steps = tc.trainer.max_steps
     budget = tc.trainer.max_time_delta
     optimizer_cfg, schedule_cfg = dict(tc.optimizer), dict(tc.schedule)

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from carlos.cli import main
-from carlos.data import PreparedData
 from carlos.generate import load_checkpoint
+from carlos.workdir import PreparedData
 
 from .conftest import make_corpus
 

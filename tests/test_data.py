@@ -3,7 +3,8 @@
 import numpy as np
 import torch
 
-from carlos.data import PreparedData, ShuffledBatches
+from carlos.data import ShuffledBatches
+from carlos.workdir import PreparedData
 
 from .test_prepare import unpack
 

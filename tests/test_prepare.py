@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from carlos.config import CarlosError
-from carlos.data import PreparedData
 from carlos.prepare import DocumentTokens, pack, scan, tokenize, tokenize_split
 from carlos.tokenizer import ByteTokenizer
+from carlos.workdir import PreparedData
 
 from .conftest import prepare_workdir
 

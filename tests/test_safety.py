@@ -111,3 +111,24 @@ def test_secrets_never_reach_the_outputs_of_a_run(tmp_path):
 def test_dotenv_is_ignored_by_git():
     ignored = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().splitlines()
     assert ".env" in ignored
+
+
+def test_nothing_in_carlos_unpickles_unguarded():
+    """Every torch.load passes weights_only=True, and Lightning's resume too; nothing else unpickles."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    sources = {p: p.read_text(encoding="utf-8") for p in [*root.glob("carlos/*.py"), *root.glob("scripts/*.py")]}
+    loads, fits = 0, 0
+    for path, text in sources.items():
+        for call in re.finditer(r"torch\.load\(([^()]|\([^()]*\))*\)", text):
+            loads += 1
+            assert "weights_only=True" in call.group(0), f"{path.name}: {call.group(0)}"
+        for call in re.finditer(r"\.fit\(([^()]|\([^()]*\))*\)", text):
+            if "ckpt_path" in call.group(0):
+                fits += 1
+                assert "weights_only=True" in call.group(0), f"{path.name}: {call.group(0)}"
+        # np.load refuses pickled arrays unless allow_pickle=True is passed
+        for banned in ("pickle.load", "pickle.Unpickler", "allow_pickle=True", "dill", "joblib.load"):
+            assert banned not in text, f"{path.name} uses {banned}"
+    assert loads == 1 and fits == 1  # generate.load_checkpoint and train's resume
