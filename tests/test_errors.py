@@ -169,8 +169,8 @@ def checkpoints_all_loadable(d: Path, run: str) -> list[str]:
 # ---------------------------------------------------------------- faults during a run
 
 
-def nan_after(calls: int) -> Callable:
-    """The training loss turns NaN after `calls` training forward passes (as a too-high lr does)."""
+def training_loss(change: Callable) -> Callable:
+    """Set-up: each training forward pass's loss goes through change(model, loss, n), n counting from 1."""
 
     def setup(d: Path, mp: pytest.MonkeyPatch) -> None:
         from carlos.model import GPT
@@ -179,11 +179,10 @@ def nan_after(calls: int) -> Callable:
 
         def loss(self, x, y, reduction="mean"):
             value = real_loss(self, x, y, reduction=reduction)
-            if torch.is_grad_enabled():
-                seen[0] += 1
-                if seen[0] > calls:
-                    return value * float("nan")
-            return value
+            if not torch.is_grad_enabled():  # validation and sampling
+                return value
+            seen[0] += 1
+            return change(self, value, seen[0])
 
         mp.setattr(GPT, "loss", loss)
 
@@ -203,25 +202,14 @@ class NaNGradient(torch.autograd.Function):
         return torch.full(ctx.shape, float("nan"))
 
 
+def nan_after(calls: int) -> Callable:
+    """The training loss turns NaN after `calls` training forward passes (as a too-high lr does)."""
+    return training_loss(lambda model, loss, n: loss * float("nan") if n > calls else loss)
+
+
 def nan_weights_at(call: int) -> Callable:
     """The `call`-th training forward pass gives the embedding a NaN gradient; its loss stays finite."""
-
-    def setup(d: Path, mp: pytest.MonkeyPatch) -> None:
-        from carlos.model import GPT
-
-        real_loss, seen = GPT.loss, [0]
-
-        def loss(self, x, y, reduction="mean"):
-            value = real_loss(self, x, y, reduction=reduction)
-            if torch.is_grad_enabled():
-                seen[0] += 1
-                if seen[0] == call:
-                    return value + NaNGradient.apply(self.tok_emb.weight)
-            return value
-
-        mp.setattr(GPT, "loss", loss)
-
-    return setup
+    return training_loss(lambda model, loss, n: loss + NaNGradient.apply(model.tok_emb.weight) if n == call else loss)
 
 
 def kept(*names: str, last: str) -> Callable:
