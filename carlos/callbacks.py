@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -24,37 +23,20 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from carlos.config import CarlosError
 from carlos.generate import generate
-
-
-def write_atomically(path: Path, write) -> None:
-    """write(file) into a temporary file beside path, fsync, then rename over path: readers (and a
-    crash at any moment) see either the old file or the new one, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CarlosError(f"cannot write {path} ({e.strerror}); free some space or choose another --workdir") from None
-
-
-def remove_stale_temporaries(run_dir: Path) -> None:
-    """The temporary files of writes that a kill -9 interrupted: never read, only in the way."""
-    for sub in ("checkpoints", "samples"):
-        for p in (run_dir / sub).glob(".*.tmp-*"):
-            p.unlink(missing_ok=True)
+from carlos.manifest import Manifest, write_error
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's TorchCheckpointIO writes straight into the target file, so a kill mid-write leaves a
-    truncated checkpoint; this one writes a temporary file and renames it."""
+    truncated checkpoint; this one writes a temporary file and renames it (Manifest.write), recorded as
+    carlos's."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        super().__init__()
+        self.manifest = manifest
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        write_atomically(Path(path), lambda f: torch.save(checkpoint, f))
+        self.manifest.write(Path(path), lambda f: torch.save(checkpoint, f))
 
 
 def step_name(step: int) -> str:
@@ -65,19 +47,24 @@ class JsonlLogger(Logger):
     """metrics.jsonl: one JSON object a line. On resume, records past the checkpoint's step are dropped
     so steps never repeat."""
 
-    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+    def __init__(self, path: Path, manifest: Manifest, resume_step: int | None = None) -> None:
         super().__init__()
-        self.path = path
-        if rank_zero_only.rank == 0:
-            kept = []
-            if resume_step is not None and path.exists():
-                for line in path.read_text(encoding="utf-8").splitlines():
-                    try:
-                        if json.loads(line).get("step", 0) <= resume_step:
-                            kept.append(line + "\n")
-                    except ValueError:  # a line cut short by a crash
-                        continue
-            write_atomically(path, lambda f: f.write("".join(kept).encode("utf-8")))
+        self.path, self.manifest, self.resume_step = path, manifest, resume_step
+
+    def begin(self) -> None:
+        """Once the run is accepted: a new file, or on resume the records up to the checkpoint's step."""
+        if rank_zero_only.rank != 0:
+            return
+        kept = []
+        if self.resume_step is not None and self.path.exists():
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                    if isinstance(record, dict) and record.get("step", 0) <= self.resume_step:
+                        kept.append(line + "\n")
+                except (ValueError, TypeError):  # a line cut short by a crash
+                    continue
+        self.manifest.write(self.path, lambda f: f.write("".join(kept).encode("utf-8")))
 
     @property
     def name(self) -> str:
@@ -98,9 +85,7 @@ class JsonlLogger(Logger):
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:  # a line cut short here is skipped when the run resumes
-            raise CarlosError(
-                f"cannot write {self.path} ({e.strerror}); free some space or choose another --workdir"
-            ) from None
+            raise write_error(self.path, e) from None
 
 
 def log_record(trainer: L.Trainer, record: dict[str, float]) -> None:
@@ -185,6 +170,7 @@ class SampleText(Callback):
     def __init__(
         self,
         samples_dir: Path,
+        manifest: Manifest,
         prefix_ids: list[int],
         prefix: str,
         tokens: int,
@@ -194,7 +180,7 @@ class SampleText(Callback):
         seed: int,
         eos_id: int | None,
     ) -> None:
-        self.dir = samples_dir
+        self.dir, self.manifest = samples_dir, manifest
         self.prefix_ids, self.prefix, self.tokens = prefix_ids, prefix, tokens
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.seed, self.eos_id = seed, eos_id
@@ -211,7 +197,7 @@ class SampleText(Callback):
         ids = generate(model, self.prefix_ids, self.tokens, self.temperature, self.top_k, self.top_p, gen, self.eos_id)
         model.train(was_training)
         text = self.prefix + bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-        write_atomically(self.dir / f"{step_name(step)}.txt", lambda f: f.write(text.encode("utf-8")))
+        self.manifest.write(self.dir / f"{step_name(step)}.txt", lambda f: f.write(text.encode("utf-8")))
         for logger in trainer.loggers:
             if hasattr(logger, "log_text"):
                 logger.log_text(key="samples", columns=["step", "text"], data=[[step, text]], step=step)
@@ -226,8 +212,8 @@ class Checkpoints(Callback):
     so that last.pt's record of the best loss includes that validation. ModelCheckpoint saves its step
     files before validation runs."""
 
-    def __init__(self, dirpath: Path, ckpt_interval: int, eval_interval: int) -> None:
-        self.dir = dirpath
+    def __init__(self, dirpath: Path, manifest: Manifest, ckpt_interval: int, eval_interval: int) -> None:
+        self.dir, self.manifest = dirpath, manifest
         self.every, self.eval_every = ckpt_interval, eval_interval
         self.best = self.best_bpb = math.inf
         self.best_step = -1
@@ -289,7 +275,7 @@ class Checkpoints(Callback):
         path = self.dir / f"{step_name(step)}.pt"
         trainer.save_checkpoint(path, weights_only=False)  # False: full training state
         if trainer.is_global_zero:
-            write_atomically(self.dir / "last.pt", lambda f: f.write(path.read_bytes()))
+            self.manifest.write(self.dir / "last.pt", lambda f: f.write(path.read_bytes()))
         self.saved_step = step
 
 

@@ -9,9 +9,12 @@ Every problem a user can fix is one line on stderr and exit code 2; CARLOS_DEBUG
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +23,7 @@ from typing import Any
 from hydra.experimental.callback import Callback as HydraCallback
 
 from carlos.config import CarlosError, nearest
+from carlos.manifest import Manifest
 
 COMMANDS = ("prepare", "train", "eval", "sample", "bench", "report")
 
@@ -200,7 +204,7 @@ def prefer_carlos_hydra_configs() -> None:
         node.pop(path.name, None)
 
 
-def compose(command: str, overrides: list[str]):
+def compose(command: str, overrides: list[str], with_hydra: bool = False):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -209,7 +213,7 @@ def compose(command: str, overrides: list[str]):
     prefer_carlos_hydra_configs()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-            return hydra_compose(config_name=command, overrides=overrides)
+            return hydra_compose(config_name=command, overrides=overrides, return_hydra_config=with_hydra)
     finally:
         GlobalHydra.instance().clear()
 
@@ -248,11 +252,35 @@ def _explain_hydra_error(e: Exception, keys: list[str]) -> str:
     return first
 
 
+def check_output_dir(key: str, value: str) -> None:
+    """Hydra creates its run (or sweep) directory before the command starts: make sure it can, by
+    creating it now and removing again what this made."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return
+    if os.path.lexists(path):
+        raise CarlosError(f"{key}={value} is a file, not a directory; give a directory")
+    made, p = [], Path(os.path.abspath(path))
+    while not os.path.lexists(p):
+        made.append(p)
+        p = p.parent
+    try:
+        for d in reversed(made):
+            os.mkdir(d)
+    except OSError as e:
+        raise CarlosError(f"{key}={value} cannot be created ({e.strerror}); give a directory that can") from None
+    finally:
+        for d in made:
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+
+
 def validate(command: str, overrides: list[str], keys: list[str], hydra_args: tuple[str, ...] = ()) -> None:
     """Compose the config the run will get and check it against its schema, before Hydra creates any
     directory: a typo costs a second, and a refused command writes nothing. In a sweep, each swept
     key is checked with its first value."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import open_dict
 
     from carlos import config as schemas
 
@@ -267,8 +295,8 @@ def validate(command: str, overrides: list[str], keys: list[str], hydra_args: tu
                 f"cannot parse override {text!r}: {first}; quote values with spaces or commas, e.g. key='a, b'"
             ) from None
         key = o.get_key_element()
-        if key.startswith(("hydra.", "hydra/", "+hydra", "~hydra")) or key == "hydra":
-            continue
+        if key.startswith(("hydra.sweeper.params", "+hydra.sweeper.params")):
+            continue  # the sweeper's search space, read by the sweeper itself
         if o.is_sweep_override():
             first = next(iter(o.sweep_string_iterator()), None)
             if first is None:
@@ -276,11 +304,18 @@ def validate(command: str, overrides: list[str], keys: list[str], hydra_args: tu
             text = f"{key}={first}"
         single.append(text)
     try:
-        cfg = compose(command, single)
+        cfg = compose(command, single, with_hydra=True)
     except CarlosError:
         raise
     except Exception as e:
         raise CarlosError(_explain_hydra_error(e, keys)) from None
+    multirun = any(a in ("-m", "--multirun") for a in hydra_args)
+    if multirun:
+        check_output_dir("hydra.sweep.dir", str(cfg.hydra.sweep.dir))
+    else:
+        check_output_dir("hydra.run.dir", str(cfg.hydra.run.dir))
+    with open_dict(cfg):
+        del cfg["hydra"]
     schema = {
         "bench": schemas.BenchConfig,
         "prepare": schemas.PrepareConfig,
@@ -289,7 +324,6 @@ def validate(command: str, overrides: list[str], keys: list[str], hydra_args: tu
         "sample": schemas.GenerateConfig,
     }[command]
     parsed = schemas.parse(cfg, schema)
-    multirun = any(a in ("-m", "--multirun") for a in hydra_args)
     slurm = any(o.replace(" ", "") == "hydra/launcher=submitit_slurm" for o in overrides)
     if command == "train" and multirun and not slurm and parsed.trainer.several_processes:
         parsed.trainer.refuse_in_sweep()
@@ -387,6 +421,51 @@ def report(e: BaseException) -> None:
     print(f"carlos: error: {e}", file=sys.stderr)
 
 
+class Stopped(BaseException):
+    """SIGTERM asked the command to stop. A BaseException, like KeyboardInterrupt, so that no handler of
+    ordinary errors swallows it while every `finally` (temporary files, locks) still runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise Stopped(signum)
+
+
+def fail(e: BaseException) -> None:
+    """The failure policy, in one place. A problem the user can fix: one line, exit code 2. A stop asked
+    for by a signal: one line, exit code 128 + the signal, as a shell reports it. Anything else is a bug
+    in carlos: one line saying so, exit code 1. CARLOS_DEBUG=1 adds the traceback to each."""
+    if isinstance(e, CarlosError):
+        report(e)
+        sys.exit(2)
+    if os.environ.get("CARLOS_DEBUG"):
+        traceback.print_exception(e)
+    if isinstance(e, (KeyboardInterrupt, Stopped)):
+        name = "Ctrl+C" if isinstance(e, KeyboardInterrupt) else str(e)
+        print(f"carlos: stopped by {name}; files being written were removed", file=sys.stderr)
+        sys.exit(128 + (signal.SIGINT if isinstance(e, KeyboardInterrupt) else e.signum))
+    what = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+    print(
+        f"carlos: error: unexpected {what}; this is a bug in carlos, please report it with the output of "
+        "CARLOS_DEBUG=1",
+        file=sys.stderr,
+    )
+    sys.exit(1)
+
+
+def guarded(fn: Callable, *args: Any) -> Any:
+    """fn(*args) under the failure policy (SystemExit passes: it is already an exit code)."""
+    try:
+        return fn(*args)
+    except SystemExit:
+        raise
+    except BaseException as e:  # noqa: BLE001 - every way out goes through fail()
+        fail(e)
+
+
 def _runner(command: str) -> Callable:
     if command == "prepare":
         from carlos.config import PrepareConfig, parse
@@ -446,12 +525,15 @@ def _sweep_job(runner: Callable, cfg) -> Any:
     except Exception as e:  # noqa: BLE001 - any failure of one job is recorded, the sweep goes on
         why = str(e) if isinstance(e, CarlosError) else f"{type(e).__name__}: {e}"
         record.update(status="failed", error=why.splitlines()[0] if why else type(e).__name__)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "error.log").write_text("".join(traceback.format_exception(e)), encoding="utf-8")
+        log = "".join(traceback.format_exception(e)).encode("utf-8")
+        with contextlib.suppress(CarlosError):  # the job's result matters more than its traceback
+            Manifest(out).write(out / "error.log", lambda f: f.write(log))
         print(f"carlos: job {hc.job.num} failed: {record['error']}", file=sys.stderr)
         value = float("nan")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "job.json").write_text(json.dumps(record) + "\n", encoding="utf-8")
+    try:
+        Manifest(out).write(out / "job.json", lambda f: f.write((json.dumps(record) + "\n").encode("utf-8")))
+    except CarlosError as e:
+        print(f"carlos: job {hc.job.num}: {e}", file=sys.stderr)
     return value
 
 
@@ -463,18 +545,29 @@ class SweepSummary(HydraCallback):
     the job.json files, failed jobs with their reason, and the best objective. Reads the files rather
     than Hydra's job returns, which a launcher like submitit runs in other processes."""
 
+    def on_multirun_start(self, config, **kwargs: Any) -> None:
+        """A new sweep directory inside the workdir is recorded as carlos's before Hydra creates it, so that
+        `prepare --overwrite` can remove the runs trained on the old data."""
+        sweep, workdir = Path(str(config.hydra.sweep.dir)), Path(str(config.workdir)).expanduser()
+        manifest = Manifest(workdir)
+        if workdir.is_dir() and manifest.rel(sweep) not in (None, ".") and not os.path.lexists(sweep):
+            with contextlib.suppress(CarlosError):  # unrecorded, it is only left in place by a later prepare
+                manifest.claim(sweep, kind="tree")
+
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         import json
 
         sweep = Path(str(config.hydra.sweep.dir))
-        jobs, missing = [], []
+        jobs = []
         for d in sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
-            f = d / "job.json"
-            if f.is_file():
-                jobs.append(json.loads(f.read_text(encoding="utf-8")))
-            else:
-                missing.append({"job": int(d.name), "overrides": [], "status": "failed", "error": "no result"})
-        jobs = sorted(jobs + missing, key=lambda j: j["job"])
+            job = {"job": int(d.name), "overrides": [], "status": "failed", "error": "no result"}
+            try:
+                found = json.loads((d / "job.json").read_text(encoding="utf-8"))
+                if isinstance(found, dict) and found.get("job") == job["job"]:
+                    job = {**job, **found}
+            except (OSError, ValueError):  # missing, or cut short by a kill
+                pass
+            jobs.append(job)
         # name each job by the overrides that differ between the jobs: the swept ones
         shared = set.intersection(*(set(j["overrides"]) for j in jobs if j["overrides"])) if jobs else set()
         name = lambda j: " ".join(o for o in j["overrides"] if o not in shared or len(jobs) == 1)  # noqa: E731
@@ -505,11 +598,7 @@ def run_hydra(command: str, hydra_args: list[str], overrides: list[str]) -> Any:
     def task(cfg):
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             return _sweep_job(runner, cfg)
-        try:
-            return runner(cfg)
-        except CarlosError as e:
-            report(e)
-            sys.exit(2)
+        return guarded(runner, cfg)  # here, or Hydra would print its own report of the exception
 
     app = hydra.main(version_base=None, config_path=str(conf_dir()), config_name=command)(task)
     argv = sys.argv
@@ -575,7 +664,14 @@ def _report(args: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """`carlos <command>`: everything under the failure policy, with SIGTERM turned into Stopped so that
+    a stopped command cleans up after itself (train hands SIGTERM to Lightning once it trains)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop)
+    guarded(_main, list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return
@@ -583,25 +679,17 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS and os.environ.get("CARLOS_COMMAND") in COMMANDS and "LOCAL_RANK" in os.environ:
         # a DDP rank that Lightning started by re-running our command line (sys.argv without the command)
         command, argv = os.environ["CARLOS_COMMAND"], [os.environ["CARLOS_COMMAND"], *argv]
-    try:
-        if command not in COMMANDS:
-            raise CarlosError(
-                f"unknown command '{command}'{nearest(command, COMMANDS)}; commands: {', '.join(COMMANDS)}"
-            )
-        if command == "report":
-            _report(argv[1:])
-            return
-        defaults = flat_keys(compose(command, []))
-        hydra_args, overrides = translate(command, argv[1:], defaults)
-        if any(a in ("-h", "--help") for a in hydra_args):
-            print(_flag_help(command))
-        elif not any(
-            a in ("--hydra-help", "--version", "-i", "--info", "-sc", "--shell-completion") for a in hydra_args
-        ):
-            validate(command, overrides, list(defaults), tuple(hydra_args))
-    except CarlosError as e:
-        report(e)
-        sys.exit(2)
+    if command not in COMMANDS:
+        raise CarlosError(f"unknown command '{command}'{nearest(command, COMMANDS)}; commands: {', '.join(COMMANDS)}")
+    if command == "report":
+        _report(argv[1:])
+        return
+    defaults = flat_keys(compose(command, []))
+    hydra_args, overrides = translate(command, argv[1:], defaults)
+    if any(a in ("-h", "--help") for a in hydra_args):
+        print(_flag_help(command))
+    elif not any(a in ("--hydra-help", "--version", "-i", "--info", "-sc", "--shell-completion") for a in hydra_args):
+        validate(command, overrides, list(defaults), tuple(hydra_args))
     run_hydra(command, hydra_args, overrides)
 
 

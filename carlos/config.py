@@ -7,9 +7,13 @@ refused by OmegaConf's structured merge, values in ``__post_init__``), the way l
 from __future__ import annotations
 
 import difflib
+import errno
+import math
+import os
 import re
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -18,6 +22,22 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 
 class CarlosError(Exception):
     """A problem the user can fix; printed as one line, exit code 2."""
+
+
+def path_problem(path: Path, e: OSError) -> str:
+    """Why os.stat(path) failed, in words that lead to the fix ('does not exist' misleads for a symlink
+    loop or a dangling link)."""
+    if e.errno == errno.ELOOP:
+        return "is a symlink loop (a link that leads back to itself)"
+    if os.path.islink(path):
+        return f"is a symlink to {os.readlink(path)}, which does not exist"
+    if e.errno == errno.ENOTDIR:
+        return "cannot exist: a part of that path is a file, not a directory"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"cannot be reached ({e.strerror})"
+    if e.errno == errno.ENAMETOOLONG:
+        return "is a name too long for this file system"
+    return "does not exist"
 
 
 def nearest(word: str, choices) -> str:
@@ -39,6 +59,26 @@ def decode_escapes(text: str) -> str:
         return _ESCAPES[s]
 
     return re.sub(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|[ntr0\\'\"])", sub, text)
+
+
+SEED_MAX = 2**32 - 1  # the range Lightning's seed_everything and NumPy's legacy seeding accept
+
+
+def check_seed(name: str, value: int) -> None:
+    if not 0 <= value <= SEED_MAX:
+        raise CarlosError(f"{name} must be an integer from 0 to {SEED_MAX}, got {value}")
+
+
+def check_text(name: str, value: str) -> None:
+    """Text that becomes bytes (prompts, separators) must be encodable: a lone surrogate such as \\ud800
+    (from an escape, or an argument that was not valid UTF-8) is not a character."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = value[e.start : e.end].encode("unicode_escape").decode()
+        raise CarlosError(
+            f"{name} holds {bad}, which is not a character (a lone surrogate); give text that is valid UTF-8"
+        ) from None
 
 
 def _positive(name: str, value, allow_zero: bool = False) -> None:
@@ -70,6 +110,7 @@ class PrepareDataConfig:
         if self.val_fraction + self.test_fraction >= 1:
             raise CarlosError("data.val_fraction + data.test_fraction must leave some text for training (< 1)")
         self.separator = decode_escapes(self.separator)
+        check_text("data.separator (--separator)", self.separator)
         if not self.separator:
             raise CarlosError("data.separator must not be empty; the default is a blank line ('\\n\\n')")
 
@@ -81,6 +122,9 @@ class PrepareConfig:
     seed: int
     overwrite: bool
     data: PrepareDataConfig
+
+    def __post_init__(self) -> None:
+        check_seed("seed", self.seed)
 
 
 # ---------------------------------------------------------------- train
@@ -116,6 +160,9 @@ DEFAULT_MAX_STEPS = 5000
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16", "bf16-true", "16-true", "64-true", "64")
 
 
+MAX_TIME = timedelta(days=3650)  # a budget beyond ten years is a mistake (inf, 1e308), not a plan
+
+
 def parse_max_time(value: str | None) -> timedelta | None:
     """Seconds ('600', '90.5') or Lightning's 'DD:HH:MM:SS'."""
     if value is None or str(value).strip().lower() in ("", "none", "null"):
@@ -134,6 +181,10 @@ def parse_max_time(value: str | None) -> timedelta | None:
         raise CarlosError(
             f"trainer.max_time={text!r} is not a duration; give seconds (600) or DD:HH:MM:SS (00:00:10:00)"
         ) from None
+    except OverflowError:  # inf, 1e308: beyond what a timedelta holds
+        delta = timedelta.max
+    if delta > MAX_TIME:
+        raise CarlosError(f"trainer.max_time={text!r} is beyond {MAX_TIME.days} days; give a real time budget")
     if delta.total_seconds() <= 0:
         raise CarlosError(f"trainer.max_time must be positive, got {text!r}")
     return delta
@@ -159,6 +210,7 @@ class TrainerConfig:
                 f"choose one of {', '.join(PRECISIONS)}"
             )
         _positive("trainer.accumulate_grad_batches (--grad_accum_steps)", self.accumulate_grad_batches)
+        _positive("trainer.num_nodes", self.num_nodes)
         budget = parse_max_time(self.max_time)
         if self.max_steps is None:  # default: 5000 steps, or as many as the time budget allows
             self.max_steps = -1 if budget else DEFAULT_MAX_STEPS
@@ -200,6 +252,7 @@ class SampleConfig:
         _positive("sample.tokens (--sample_tokens)", self.tokens, allow_zero=True)
         check_sampling(self.temperature, self.top_k, self.top_p, prefix="sample.")
         self.prefix = decode_escapes(self.prefix)
+        check_text("sample.prefix (--sample_prefix)", self.prefix)
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, prefix: str = "") -> None:
@@ -211,7 +264,8 @@ def check_sampling(temperature: float, top_k: int, top_p: float, prefix: str = "
         raise CarlosError(f"{prefix}top_p must be in (0, 1] (1 turns it off), got {top_p}")
 
 
-WANDB_MODES = ("online", "offline", "disabled")
+# the first three are documented; wandb also accepts the others
+WANDB_MODES = ("online", "offline", "disabled", "dryrun", "shared", "run")
 
 
 @dataclass
@@ -249,10 +303,11 @@ class TrainConfig:
         if resume not in ("false", "true", "auto"):
             raise CarlosError(f"resume must be false, true or auto, got {self.resume!r}")
         self.resume = resume
+        check_seed("seed (--seed)", self.seed)
         for name in ("eval_interval", "ckpt_interval", "log_interval"):
             _positive(name, getattr(self, name))
         lr = self.optimizer.get("lr")
-        if not isinstance(lr, (int, float)) or lr <= 0:
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
             raise CarlosError(f"optimizer.lr (--peak_lr) must be a number > 0, got {lr!r}")
         min_lr = self.schedule.get("min_lr", 0.0)
         if not isinstance(min_lr, (int, float)) or min_lr < 0:
@@ -303,6 +358,8 @@ class GenerateConfig:
         check_sampling(self.temperature, self.top_k, self.top_p)
         if self.prompt is not None:
             self.prompt = decode_escapes(self.prompt)
+            check_text("prompt", self.prompt)
+        check_seed("seed", self.seed)
 
 
 @dataclass
@@ -350,11 +407,22 @@ def _keys(node, prefix: str = "") -> list[str]:
     return keys
 
 
+def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(node, dict):
+        return [leaf for k, v in node.items() for leaf in _leaves(v, f"{prefix}{k}.")]
+    if isinstance(node, list):
+        return [leaf for i, v in enumerate(node) for leaf in _leaves(v, f"{prefix}{i}.")]
+    return [(prefix.rstrip("."), node)]
+
+
 def parse(cfg: DictConfig, schema: type[T]) -> T:
     """Validate a composed config against its schema; every failure becomes a one-line CarlosError."""
     base = OmegaConf.structured(schema)
     try:
         merged = OmegaConf.merge(base, cfg)
+        for key, value in _leaves(OmegaConf.to_container(merged, resolve=True)):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise CarlosError(f"{key} must be a finite number, got {value}")
         return OmegaConf.to_object(merged)
     except ConfigKeyError as e:
         key = e.full_key or str(e.key)

@@ -45,26 +45,32 @@ def score_split(model: GPT, dataset, batch_size: int, device: torch.device) -> d
 
 def evaluate(cfg: EvalConfig) -> dict:
     """`carlos eval`: prints loss, perplexity and bpb of a checkpoint on a split; returns them."""
-    from carlos.generate import load_checkpoint, model_from_checkpoint, pick_device, resolve_checkpoint
+    from carlos.checkpoint import build_model, check_checkpoint, load_checkpoint, pick_device, resolve_checkpoint
+    from carlos.memory import num_params
     from carlos.workdir import PreparedData
 
     data = PreparedData.load(cfg.workdir)
     path = resolve_checkpoint(cfg.workdir, cfg.checkpoint)
     device = pick_device(cfg.device)
     ckpt = load_checkpoint(path)
-    model, tok = model_from_checkpoint(ckpt, device)
+    model_cfg, tok = check_checkpoint(ckpt, path)
     if tok != data.tokenizer:
         raise CarlosError(
             f"checkpoint {path.name} was trained with vocabulary {tok.vocab_size} (add_bos={tok.add_bos}, "
             f"add_eos={tok.add_eos}) but {cfg.workdir} is prepared with {data.tokenizer.vocab_size}; "
             "evaluate it on a workdir prepared like its training data"
         )
-    if data.seq_len > model.cfg.block_size:
+    if data.seq_len > model_cfg.block_size:
         raise CarlosError(
             f"{cfg.workdir} is prepared with seq_len={data.seq_len}, beyond the model's context of "
-            f"{model.cfg.block_size}; prepare with --seq_len {model.cfg.block_size} or less"
+            f"{model_cfg.block_size}; prepare with --seq_len {model_cfg.block_size} or less"
         )
-    m = score_split(model, data.windows(cfg.split), cfg.batch_size, device)
+    windows = data.windows(cfg.split)
+    batch = min(cfg.batch_size, len(windows))
+    what = f"evaluating checkpoint {path} ({num_params(model_cfg):,} parameters) in batches of {batch} x {data.seq_len}"
+    fix = "lower --batch_size, or use another --device"
+    model = build_model(ckpt, model_cfg, device, what, fix, batch, data.seq_len, kv_cache=False)
+    m = score_split(model, windows, batch, device)
     step = ckpt["carlos"].get("step")
     print(f"checkpoint: {path} (step {step})")
     print(f"split: {cfg.split} ({m['tokens']} tokens, {m['bytes']} bytes)")

@@ -1,89 +1,18 @@
-"""Load a checkpoint safely and generate text with a KV cache. Imports neither Lightning nor Hydra's
-training pieces, so `carlos sample` starts fast."""
+"""Generate text with a KV cache from a checkpoint read by carlos/checkpoint.py. Imports neither Lightning
+nor Hydra's training pieces, so `carlos sample` starts fast."""
 
 from __future__ import annotations
 
 import codecs
-import pickle
 import sys
-import zipfile
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from carlos.config import CarlosError, GenerateConfig
-from carlos.model import GPT, GPTConfig, KVCache
+from carlos.checkpoint import load_checkpoint, model_from_checkpoint, pick_device, resolve_checkpoint
+from carlos.config import GenerateConfig
+from carlos.model import GPT, KVCache
 from carlos.tokenizer import ByteTokenizer
-
-
-def resolve_checkpoint(workdir: str | Path, spec: str) -> Path:
-    """best, last, a step number (1000 -> checkpoints/step_001000.pt) or a path."""
-    ckpts = Path(workdir).expanduser() / "checkpoints"
-    spec = str(spec)
-    if spec in ("best", "last"):
-        path = ckpts / f"{spec}.pt"
-    elif spec.isdigit():
-        path = ckpts / f"step_{int(spec):06d}.pt"
-    else:
-        path = Path(spec).expanduser()
-    if not path.is_file():
-        have = sorted(p.stem for p in ckpts.glob("*.pt")) if ckpts.is_dir() else []
-        hint = f"available: {', '.join(have)}" if have else f"no checkpoints in {ckpts}; train first (carlos train)"
-        raise CarlosError(f"checkpoint '{spec}' not found at {path}; {hint}")
-    return path
-
-
-def _unpickler_reason(e: Exception) -> str:
-    """The line of torch's weights_only refusal that names what was refused (its other lines are advice
-    about weights_only=False, which carlos never takes)."""
-    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "WeightsUnpickler")
-    lines = [line.strip() for line in str(e).splitlines()]
-    reasons = [line for line in lines if line and not line.startswith(boilerplate)]
-    return reasons[0].rstrip(".") if reasons else "unsupported content"
-
-
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """torch.load with weights_only=True: tensors and plain containers only, never arbitrary code."""
-    # torch.save writes a zip archive; a file that is not a complete one (cut short by a full disk or
-    # a copy, or not a checkpoint at all) would otherwise reach torch's legacy raw-pickle path
-    if not zipfile.is_zipfile(path):
-        raise CarlosError(
-            f"checkpoint {path} is truncated or corrupt (not a complete torch archive); use another checkpoint"
-        )
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CarlosError(
-            f"checkpoint {path} was refused by the safe loader ({_unpickler_reason(e)}): it holds objects "
-            "other than tensors and plain values, which could run code; use a carlos checkpoint"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CarlosError(
-            f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); use another checkpoint"
-        ) from None
-    if not isinstance(ckpt, dict) or "carlos" not in ckpt or "state_dict" not in ckpt:
-        raise CarlosError(f"{path} is not a carlos checkpoint (no model metadata); use one from workdir/checkpoints")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> tuple[GPT, ByteTokenizer]:
-    meta = ckpt["carlos"]
-    model = GPT(GPTConfig(**meta["model"]))
-    prefix = "model."
-    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict(state)
-    model.to(device).eval()
-    return model, ByteTokenizer.from_dict(meta["tokenizer"])
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise CarlosError(f"device={name!r} is not a torch device; use auto, cpu or cuda") from None
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -93,7 +22,13 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
         logits = logits.masked_fill(logits < kth, float("-inf"))
     # shifted so the largest is 0 before scaling: a tiny temperature then sends the others to -inf (greedy)
     # instead of overflowing the largest to +inf, which would make softmax NaN
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    if temperature < torch.finfo(logits.dtype).tiny:
+        # 1e-300 is 0 in float32, and 0 / 0 is NaN: divide in float64, where the largest stays 0 and the
+        # others still overflow to -inf, the greedy limit (normal temperatures keep the float32 path)
+        logits = (logits.double() / temperature).to(logits.dtype)
+    else:
+        logits = logits / temperature
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = torch.softmax(sorted_logits, dim=-1)
@@ -176,7 +111,7 @@ def sample(cfg: GenerateConfig) -> list[str]:
     """`carlos sample`: stream num_samples generations to stdout; returns their texts."""
     path = resolve_checkpoint(cfg.workdir, cfg.checkpoint)
     device = pick_device(cfg.device)
-    model, tok = model_from_checkpoint(load_checkpoint(path), device)
+    model, tok = model_from_checkpoint(load_checkpoint(path), path, device)
     ids = prompt_ids(tok, cfg.prompt)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     texts = []

@@ -8,6 +8,7 @@ the model) and a lower bound for activations, so a refusal never happens for a r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -109,10 +110,8 @@ def host_available() -> int | None:
         if avail is not None:
             found.append(avail)
     if not found and hasattr(os, "sysconf"):
-        try:
+        with contextlib.suppress(OSError, ValueError):
             found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-        except (OSError, ValueError):
-            pass
     return min(found) if found else None
 
 

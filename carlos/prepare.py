@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import sysconfig
 import tempfile
 import time
@@ -30,11 +31,12 @@ from typing import BinaryIO
 
 import numpy as np
 
-from carlos.config import SPLITS, CarlosError, PrepareConfig
+from carlos.config import SPLITS, CarlosError, PrepareConfig, path_problem
+from carlos.lock import DirLock
+from carlos.manifest import Manifest, write_error
 from carlos.tokenizer import ByteTokenizer
 
 FORMAT_VERSION = 1
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples", ".hydra", "wandb")
 
 
 def write_stdlib_corpus(out: Path, max_bytes: int = 2_000_000) -> int:
@@ -62,78 +64,164 @@ NON_ASCII = bytes(range(0x80, 0x100))
 CHUNK = 16 << 20  # bytes read at a time: memory stays bounded whatever the corpus size
 
 
-def check_input(path_str: str | None) -> Path:
-    if not path_str:
-        raise CarlosError("no input corpus given; pass --input corpus.txt (or input=corpus.txt)")
-    path = Path(path_str).expanduser()
-    if not path.exists():
-        raise CarlosError(f"input {path} does not exist; check the path given to --input")
-    if path.is_dir():
-        raise CarlosError(f"input {path} is a directory; pass a UTF-8 text file to --input")
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as e:
-        raise CarlosError(f"input {path} cannot be read ({e.strerror}); check its permissions") from None
-    if path.stat().st_size == 0:
-        raise CarlosError(f"input {path} is empty; give a UTF-8 text corpus with some text in it")
-    return path
+class Source:
+    """The input corpus, opened once: every pass reads this open file, and one that changes while it is
+    read (grows, shrinks, is rewritten in place) is refused rather than read half old, half new."""
+
+    def __init__(self, path_str: str | None) -> None:
+        if not path_str:
+            raise CarlosError("no input corpus given; pass --input corpus.txt (or input=corpus.txt)")
+        self.path = Path(path_str).expanduser()
+        self.f = self._open()
+        self.stat = os.fstat(self.f.fileno())
+        self.size = self.stat.st_size
+        if self.size == 0:
+            self.f.close()
+            raise CarlosError(f"input {self.path} is empty; give a UTF-8 text corpus with some text in it")
+
+    def _open(self) -> BinaryIO:
+        path = self.path
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise CarlosError(f"input {path} {path_problem(path, e)}; check the path given to --input") from None
+        refuse_special(path, st)
+        try:
+            # O_NONBLOCK: were the path swapped for a FIFO after the check above, opening it must not hang
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        except OSError as e:
+            raise CarlosError(f"input {path} cannot be read ({e.strerror}); check its permissions") from None
+        refuse_special(path, os.fstat(fd), fd)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+
+    def changed(self, how: str) -> CarlosError:
+        return CarlosError(
+            f"input {self.path} changed while it was read ({how}); let whatever writes it finish, or prepare a copy"
+        )
+
+    def read_at(self, start: int, n: int) -> bytes:
+        self.f.seek(start)
+        data = self.f.read(n)
+        if len(data) != n:
+            raise self.changed("it is shorter now")
+        return data
+
+    def check_unchanged(self, sha256: str, digest_now: str) -> None:
+        """The same size, modification time and file as when it was opened, and the same bytes."""
+        now = os.fstat(self.f.fileno())
+        if (now.st_size, now.st_mtime_ns) != (self.size, self.stat.st_mtime_ns):
+            raise self.changed(f"{self.size:,} bytes when opened, {now.st_size:,} now")
+        if digest_now != sha256:
+            raise self.changed("its bytes differ between two reads")
+
+    def close(self) -> None:
+        self.f.close()
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def scan(path: Path, chunk: int = CHUNK) -> tuple[int, str]:
+SPECIAL_FILES = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def refuse_special(path: Path, st: os.stat_result, fd: int | None = None) -> None:
+    """Only a regular file has an end and a size known up front: a FIFO or a device would block or never end."""
+    if stat.S_ISREG(st.st_mode):
+        return
+    if fd is not None:
+        os.close(fd)
+    what = next((name for test, name in SPECIAL_FILES if test(st.st_mode)), "not a regular file")
+    fix = "pass a UTF-8 text file" if what == "a directory" else "save the text to a file and pass that"
+    raise CarlosError(f"input {path} is {what}; {fix} to --input")
+
+
+def scan(src: BinaryIO, chunk: int = CHUNK) -> tuple[int, str]:
     """(size, sha256) of the input, checking on the way that it is UTF-8: one pass, bounded memory."""
+    name = getattr(src, "name", "the input")
     digest = hashlib.sha256()
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     offset = 0
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-            pending = decoder.getstate()[0]  # the start of a character cut by the previous block
-            try:
-                decoder.decode(block)
-            except UnicodeDecodeError as e:
-                raise CarlosError(
-                    f"input {path} is not UTF-8: first bad byte 0x{(pending + block)[e.start]:02x} at offset "
-                    f"{offset - len(pending) + e.start}; convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
-                ) from None
-            offset += len(block)
-        pending = decoder.getstate()[0]
-        if pending:
+    src.seek(0)
+    while block := src.read(chunk):
+        digest.update(block)
+        pending = decoder.getstate()[0]  # the start of a character cut by the previous block
+        try:
+            decoder.decode(block)
+        except UnicodeDecodeError as e:
             raise CarlosError(
-                f"input {path} is not UTF-8: it ends inside a character at offset {offset - len(pending)}; "
-                "convert it to UTF-8"
-            )
+                f"input {name} is not UTF-8: first bad byte 0x{(pending + block)[e.start]:02x} at offset "
+                f"{offset - len(pending) + e.start}; convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+            ) from None
+        offset += len(block)
+    pending = decoder.getstate()[0]
+    if pending:
+        raise CarlosError(
+            f"input {name} is not UTF-8: it ends inside a character at offset {offset - len(pending)}; "
+            "convert it to UTF-8"
+        )
     return offset, digest.hexdigest()
 
 
-def _line_boundary(f: BinaryIO, size: int, target: int, block: int = 1 << 16) -> int:
-    """The offset just after the newline nearest to target (the end of the file counts as one)."""
-    after, pos = size, target
-    while pos < size:  # the first newline at or after target
-        f.seek(pos)
-        data = f.read(block)
+def _newline_after(source: Source, target: int, reach: int, block: int) -> int | None:
+    """The offset just after the first newline at or after target, within reach (the end counts as one)."""
+    pos, end = target, min(source.size, target + reach)
+    while pos < end:
+        data = source.read_at(pos, min(block, end - pos))
         i = data.find(b"\n")
         if i >= 0:
-            after = pos + i + 1
-            break
+            return pos + i + 1
         pos += len(data)
-    candidates, pos = [after], target
-    while pos > 0:  # the last newline before target
-        lo = max(0, pos - block)
-        f.seek(lo)
-        i = f.read(pos - lo).rfind(b"\n")
+    return source.size if end == source.size else None
+
+
+def _newline_before(source: Source, target: int, reach: int, block: int) -> int | None:
+    """The offset just after the last newline before target, within reach."""
+    pos, start = target, max(0, target - reach)
+    while pos > start:
+        lo = max(start, pos - block)
+        i = source.read_at(lo, pos - lo).rfind(b"\n")
         if i >= 0:
-            candidates.append(lo + i + 1)
-            break
+            return lo + i + 1
         pos = lo
-    return min(candidates, key=lambda c: abs(c - target))
+    return None
 
 
-def split_offsets(path: Path, size: int, val_fraction: float, test_fraction: float) -> dict[str, tuple[int, int]]:
-    """Contiguous train, val, test byte ranges, each cut just after a newline near its target size."""
-    with open(path, "rb") as f:
-        train_end = _line_boundary(f, size, round(size * (1 - val_fraction - test_fraction)))
-        val_end = max(train_end, _line_boundary(f, size, round(size * (1 - test_fraction))))
+def cut_near(source: Source, target: int, reach: int, block: int = 1 << 16) -> int:
+    """A cut between splits near target: just after the nearest newline within reach bytes (the later
+    one on a tie); failing that (a corpus with no newlines, one long line, CR-only line ends), before the
+    nearest ASCII byte, which NFKC never joins to the character before it, or else at the nearest
+    character. Reads blocks outward from target, so memory stays bounded."""
+    found = [c for c in (_newline_after(source, target, reach, block), _newline_before(source, target, reach, block))]
+    found = [c for c in found if c is not None]
+    if found:
+        return min(found, key=lambda c: (abs(c - target), -c))
+    lo, hi = max(0, target - block), min(source.size, target + block)
+    data = source.read_at(lo, hi - lo)
+    for starts in (lambda b: b < 0x80, lambda b: b & 0xC0 != 0x80):  # ASCII; any UTF-8 lead byte
+        cuts = [lo + i for i in range(len(data)) if starts(data[i])]
+        if cuts:
+            return min(cuts, key=lambda c: (abs(c - target), -c))
+    return target
+
+
+def split_offsets(source: Source, val_fraction: float, test_fraction: float) -> dict[str, tuple[int, int]]:
+    """Contiguous train, val, test byte ranges, each cut near its target size (see cut_near). A cut
+    moves at most a quarter of the smallest split away from its target, so no split is emptied."""
+    size = source.size
+    reach = max(1, round(size * min(val_fraction, test_fraction, 1 - val_fraction - test_fraction) / 4))
+    train_end = cut_near(source, round(size * (1 - val_fraction - test_fraction)), reach)
+    val_end = max(train_end, cut_near(source, round(size * (1 - test_fraction)), reach))
     return {"train": (0, train_end), "val": (train_end, val_end), "test": (val_end, size)}
 
 
@@ -204,10 +292,12 @@ def tokenize_split(
     nfkc: bool,
     out: BinaryIO,
     chunk: int = CHUNK,
+    whole=None,
 ) -> tuple[int, str]:
     """Stream input bytes [start, end) as token ids into out; returns (tokens written, sha256 of the bytes).
     Each chunk is cut after its last newline, so NFKC sees whole lines (a newline is a normalization
-    boundary, so chunked NFKC equals NFKC of the whole split; tests/test_properties.py checks it)."""
+    boundary, so chunked NFKC equals NFKC of the whole split; tests/test_properties.py checks it).
+    whole, a hashlib object, is fed the same bytes: the splits in order hash to the whole input."""
     digest = hashlib.sha256()
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     docs = DocumentTokens(tok, separator)
@@ -216,8 +306,15 @@ def tokenize_split(
     src.seek(start)
     while pos < end:
         block = src.read(min(chunk, end - pos))
+        if not block:
+            raise CarlosError(
+                f"input {getattr(src, 'name', '')} changed while it was read (it is shorter now); let whatever "
+                "writes it finish, or prepare a copy"
+            )
         pos += len(block)
         digest.update(block)
+        if whole is not None:
+            whole.update(block)
         data = rest + block
         cut = data.rfind(b"\n") + 1 if pos < end else len(data)
         if cut == 0 and nfkc:
@@ -265,115 +362,171 @@ def pack(tokens: Path, n: int, seq_len: int, dtype: np.dtype, out: Path, windows
     return full + tail
 
 
-def workdir_has_run(workdir: Path) -> bool:
-    """Checkpoints of a single run or of any sweep job trained on this workdir's data."""
-    return any((workdir / "checkpoints").glob("*.pt")) or any(workdir.glob("sweeps/*/*/checkpoints/*.pt"))
+PREPARED = ("splits.json", "tokenizer.json", "rng_state.json")  # beside data/{train,val,test}.npy
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples", ".hydra", "wandb")
 
 
-def remove_run_outputs(run_dir: Path) -> None:
-    for name in RUN_OUTPUTS:
-        p = run_dir / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
+def prepared_paths(workdir: Path) -> list[Path]:
+    return [workdir / name for name in PREPARED] + [workdir / "data" / f"{s}.npy" for s in SPLITS]
+
+
+def workdir_has_run(workdir: Path, manifest: Manifest) -> bool:
+    """Checkpoints that carlos wrote there: of a single run, or of a sweep job trained on its data."""
+    found = [*(workdir / "checkpoints").glob("*.pt"), *workdir.glob("sweeps/*/*/checkpoints/*.pt")]
+    return any(manifest.owns(p) for p in found)
+
+
+def remove_runs(workdir: Path, manifest: Manifest) -> None:
+    """What the runs trained on this data wrote (only what carlos's record names)."""
+    for name in (*RUN_OUTPUTS, "sweeps"):
+        manifest.remove(workdir / name)
+
+
+class MadeDirs:
+    """Creates a directory and its missing parents; when the command fails, removes those it created
+    itself (os.mkdir, not exist_ok: a directory another process made at the same moment is not ours)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.made = path, []
+
+    def __enter__(self) -> MadeDirs:
+        missing, p = [], Path(os.path.abspath(self.path))
+        while not os.path.lexists(p):
+            missing.append(p)
+            p = p.parent
+        if not p.is_dir():
+            raise CarlosError(f"workdir {self.path}: {p} is a file, not a directory; choose another --workdir")
+        for d in reversed(missing):
+            try:
+                os.mkdir(d)
+                self.made.append(d)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                self.__exit__(OSError, e, None)
+                raise write_error(d, e) from None
+        return self
+
+    def __exit__(self, kind, *rest: object) -> None:
+        if kind is not None and self.made:
+            shutil.rmtree(self.made[0], ignore_errors=True)
+
+
+def check_workdir(cfg: PrepareConfig, source: Source, workdir: Path, manifest: Manifest) -> None:
+    """Everything in the way, refused before a byte is written."""
+    if workdir_has_run(workdir, manifest) and not cfg.overwrite:
+        raise CarlosError(
+            f"workdir {workdir} already holds a trained run; use another --workdir, "
+            "or pass --overwrite to replace its data and remove that run"
+        )
+    fix = (
+        "move it away or choose another --workdir (carlos writes data/, splits.json, tokenizer.json and "
+        "rng_state.json there)"
+    )
+    manifest.refuse_foreign([workdir / "data", *prepared_paths(workdir)], fix)
+    replaced = [f for p in prepared_paths(workdir) for f in manifest.owned_files(p)]
+    if cfg.overwrite:
+        replaced += [f for name in (*RUN_OUTPUTS, "sweeps") for f in manifest.owned_files(workdir / name)]
+    for f in replaced:
+        if os.path.samestat(os.stat(f), source.stat):
+            raise CarlosError(
+                f"input {source.path} is {f}, which this prepare replaces or removes; copy it elsewhere first"
+            )
 
 
 def prepare(cfg: PrepareConfig) -> dict:
     """Prepare cfg.workdir from cfg.input; returns the splits.json record (plus "seconds" it took).
 
-    Everything is built in a temporary directory inside the workdir and moved into place at the end,
-    splits.json last: a prepare killed midway leaves no splits.json, which train refuses as unprepared."""
-    d = cfg.data
+    Refuses before writing anything when something of the user's is in the way. Everything is built in
+    a temporary directory inside the workdir and moved into place at the end, splits.json last: a
+    prepare killed midway leaves no splits.json, which train refuses as unprepared."""
     started = time.perf_counter()
-    path = check_input(cfg.input)
     workdir = Path(cfg.workdir).expanduser()
-    if workdir.exists() and not workdir.is_dir():
+    if workdir.is_file():
         raise CarlosError(f"workdir {workdir} is a file; pass a directory to --workdir")
-    if workdir_has_run(workdir) and not cfg.overwrite:
-        raise CarlosError(
-            f"workdir {workdir} already holds a trained run; use another --workdir, "
-            "or pass --overwrite to replace its data and remove that run"
-        )
-    size, sha256 = scan(path)
-    for stale in workdir.glob(".prepare-*"):  # left by a prepare that was killed (kill -9) midway
-        shutil.rmtree(stale, ignore_errors=True)
-    for stale in workdir.glob(".old-data-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tok = ByteTokenizer(add_bos=d.add_bos, add_eos=d.add_eos)
-    offsets = split_offsets(path, size, d.val_fraction, d.test_fraction)
-    created = None  # the outermost directory this prepare creates: removed again if it fails
-    if not workdir.exists():
-        created = workdir
-        while not created.parent.exists():
-            created = created.parent
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=workdir))
-    except OSError as e:
-        raise CarlosError(f"cannot write to workdir {workdir} ({e.strerror}); choose a writable --workdir") from None
-    try:
-        (tmp / "data").mkdir()
-        splits, tokens, windows = {}, {}, {}
-        with open(path, "rb") as src:
-            for name in SPLITS:
-                start, end = offsets[name]
-                flat = tmp / f"{name}.tokens"
-                with open(flat, "wb") as out:
-                    n, digest = tokenize_split(src, start, end, tok, d.separator, d.normalize_nfkc, out)
-                if n < d.seq_len + 1:
-                    smallest = min(d.val_fraction, d.test_fraction, 1 - d.val_fraction - d.test_fraction)
-                    raise CarlosError(
-                        f"the {name} split of {path} has {n} tokens, fewer than one window of seq_len+1 = "
-                        f"{d.seq_len + 1}; use a corpus of at least about {round((d.seq_len + 1) / smallest)} "
-                        "bytes or a smaller --seq_len"
-                    )
-                splits[name] = {"start": start, "end": end, "bytes": end - start, "sha256": digest}
-                windows[name] = pack(flat, n, d.seq_len, tok.dtype, tmp / "data" / f"{name}.npy")
-                tokens[name] = n
-                flat.unlink()
-        record = {
-            "splits": splits,
-            "input": str(path.resolve()),
-            "size": size,
-            "sha256": sha256,
-            "normalization": "NFKC" if d.normalize_nfkc else None,
-            "add_bos": d.add_bos,
-            "add_eos": d.add_eos,
-            "seq_len": d.seq_len,
-            "separator": d.separator,
-            "tokens": tokens,
-            "windows": windows,
-            "dtype": tok.dtype.name,
-            "format_version": FORMAT_VERSION,
-        }
-        tok.save(tmp / "tokenizer.json")
-        rng = {
-            "seed": cfg.seed,
-            "prepare": "deterministic, no random numbers drawn",
-            "train": "windows are shuffled by torch.Generator(seed + epoch) with the train seed",
-        }
-        (tmp / "rng_state.json").write_text(json.dumps(rng, indent=2) + "\n", encoding="utf-8")
-        (tmp / "splits.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-
-        (workdir / "splits.json").unlink(missing_ok=True)
-        if cfg.overwrite:  # the runs were trained on the old data
-            remove_run_outputs(workdir)
-            shutil.rmtree(workdir / "sweeps", ignore_errors=True)
-        old = workdir / "data"
-        if old.exists():
-            trash = Path(tempfile.mkdtemp(prefix=".old-data-", dir=workdir))
-            os.replace(old, trash / "data")
-            shutil.rmtree(trash)
-        os.replace(tmp / "data", workdir / "data")
-        for name in ("tokenizer.json", "rng_state.json", "splits.json"):
-            os.replace(tmp / name, workdir / name)
-    except OSError as e:
-        raise CarlosError(
-            f"cannot write to workdir {workdir} ({e.strerror}); free some space or choose another --workdir"
-        ) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created is not None and not (workdir / "splits.json").exists():
-            shutil.rmtree(created, ignore_errors=True)
+    with Source(cfg.input) as source, MadeDirs(workdir), DirLock(workdir, "prepare"):
+        manifest = Manifest(workdir)
+        check_workdir(cfg, source, workdir, manifest)
+        size, sha256 = scan(source.f)
+        for stale in workdir.glob(".prepare-*"):  # left by a prepare that was killed (kill -9) midway
+            if Manifest(stale).entries.get(".") == "tree":
+                shutil.rmtree(stale, ignore_errors=True)
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=workdir))
+            Manifest(tmp).claim(tmp, kind="tree")  # marks it as carlos's, for the stale clean-up above
+        except OSError as e:
+            raise write_error(workdir, e) from None
+        try:
+            record = build(cfg, source, tmp, size, sha256)
+            install(cfg, workdir, tmp, manifest)
+        except OSError as e:
+            raise write_error(Path(e.filename) if e.filename else workdir, e) from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return {**record, "seconds": time.perf_counter() - started}
+
+
+def build(cfg: PrepareConfig, source: Source, tmp: Path, size: int, sha256: str) -> dict:
+    """Every prepared file, in tmp: tokens and windows of each split, then tokenizer.json, rng_state.json
+    and splits.json; returns the splits.json record."""
+    d = cfg.data
+    tok = ByteTokenizer(add_bos=d.add_bos, add_eos=d.add_eos)
+    offsets = split_offsets(source, d.val_fraction, d.test_fraction)
+    (tmp / "data").mkdir()
+    splits, tokens, windows, whole = {}, {}, {}, hashlib.sha256()
+    for name in SPLITS:
+        start, end = offsets[name]
+        flat = tmp / f"{name}.tokens"
+        with open(flat, "wb") as out:
+            n, digest = tokenize_split(source.f, start, end, tok, d.separator, d.normalize_nfkc, out, whole=whole)
+        if n < d.seq_len + 1:
+            smallest = min(d.val_fraction, d.test_fraction, 1 - d.val_fraction - d.test_fraction)
+            raise CarlosError(
+                f"the {name} split of {source.path} has {n} tokens, fewer than one window of seq_len+1 = "
+                f"{d.seq_len + 1}; use a corpus of at least about {round((d.seq_len + 1) / smallest)} "
+                "bytes or a smaller --seq_len"
+            )
+        splits[name] = {"start": start, "end": end, "bytes": end - start, "sha256": digest}
+        windows[name] = pack(flat, n, d.seq_len, tok.dtype, tmp / "data" / f"{name}.npy")
+        tokens[name] = n
+        flat.unlink()
+    source.check_unchanged(sha256, whole.hexdigest())
+    record = {
+        "splits": splits,
+        "input": str(source.path.resolve()),
+        "size": size,
+        "sha256": sha256,
+        "normalization": "NFKC" if d.normalize_nfkc else None,
+        "add_bos": d.add_bos,
+        "add_eos": d.add_eos,
+        "seq_len": d.seq_len,
+        "separator": d.separator,
+        "tokens": tokens,
+        "windows": windows,
+        "dtype": tok.dtype.name,
+        "format_version": FORMAT_VERSION,
+    }
+    tok.save(tmp / "tokenizer.json")
+    rng = {
+        "seed": cfg.seed,
+        "prepare": "deterministic, no random numbers drawn",
+        "train": "windows are shuffled by torch.Generator(seed + epoch) with the train seed",
+    }
+    (tmp / "rng_state.json").write_text(json.dumps(rng, indent=2) + "\n", encoding="utf-8")
+    (tmp / "splits.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return record
+
+
+def install(cfg: PrepareConfig, workdir: Path, tmp: Path, manifest: Manifest) -> None:
+    """Move the built files into place, recorded first, splits.json last: a kill midway leaves no
+    splits.json, which every command refuses as not prepared. With overwrite, the runs trained on the
+    old data go (only what carlos wrote)."""
+    manifest.claim_dir(workdir / "data")
+    manifest.claim(*prepared_paths(workdir))
+    (workdir / "splits.json").unlink(missing_ok=True)
+    if cfg.overwrite:
+        remove_runs(workdir, manifest)
+    for split in SPLITS:
+        os.replace(tmp / "data" / f"{split}.npy", workdir / "data" / f"{split}.npy")
+    for name in PREPARED:
+        os.replace(tmp / name, workdir / name)

@@ -3,11 +3,18 @@ plot of validation bits-per-byte against tokens seen.
 
 A run is any directory holding a metrics.jsonl; its settings come from the config snapshot in .hydra/.
 Only the settings that differ between the runs are shown, as resolved values.
+
+Files damaged by a crash, a full disk or a hand edit never stop the report: a run with nothing readable
+is skipped and named, damaged lines and settings are left out and noted, and the plot is skipped with its
+reason when it cannot be written. The table always comes first, so it is printed whatever the plot does.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,13 +22,20 @@ from typing import Any
 
 from carlos.config import CarlosError
 
+NUMBERS = ("step", "tokens", "val_bpb", "tokens_per_s")  # the fields the table and the plot read
+
+
+class Unreadable(Exception):
+    """A run with nothing to show; the message says why, for its `skipped:` line."""
+
 
 @dataclass
 class Run:
     path: Path
     name: str
-    settings: dict[str, Any]
+    settings: dict[str, Any]  # {} when the run has no usable config snapshot
     records: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was left out of a damaged run, one line each
 
     @property
     def val(self) -> list[dict]:
@@ -54,62 +68,178 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _settings(run_dir: Path) -> dict[str, Any]:
+def _text(path: Path) -> str:
+    """OSError when path cannot be read, UnicodeDecodeError (a ValueError) when it is not UTF-8."""
+    with open(path, "rb") as f:
+        return f.read().decode("utf-8")
+
+
+def _settings(run_dir: Path) -> tuple[dict[str, Any], str | None]:
+    """The run's flattened config snapshot, or {} and what is wrong with the snapshot."""
+    import yaml
     from omegaconf import OmegaConf
 
     snapshot = run_dir / ".hydra" / "config.yaml"
     if not snapshot.is_file():
-        return {}
-    cfg = OmegaConf.load(snapshot)
+        return {}, None
+    try:
+        text = _text(snapshot)
+    except OSError as e:
+        return {}, f"cannot be read ({e.strerror})"
+    except UnicodeDecodeError:
+        return {}, "is not UTF-8 text"
+    try:
+        # OmegaConf would read a bare word at the top as a key, so ask its YAML parser for the shape first
+        if not isinstance(yaml.compose(text, Loader=yaml.SafeLoader), (yaml.MappingNode, type(None))):
+            return {}, "is not a mapping of settings"
+        cfg = OmegaConf.load(io.StringIO(text))
+    except Exception:  # noqa: BLE001 - the YAML parser and OmegaConf's grammar raise many kinds on damaged text
+        return {}, "is not valid YAML"
     try:
         plain = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # noqa: BLE001 - an interpolation that needs Hydra's runtime: show it unresolved
         plain = OmegaConf.to_container(cfg, resolve=False)
-    return _flatten(plain)
+    return _flatten(plain), None
 
 
-def _records(path: Path) -> list[dict]:
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:  # a line cut short by a crash
-            continue
-    return out
+def _finite(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False  # JSON's true and false are ints to Python, but no count or loss
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float: no plot could place it
+        return False
 
 
-def find_runs(root: Path) -> list[Run]:
+def _record(line: str) -> dict | None:
+    """One metrics.jsonl line, or None when it is damaged: not a JSON object, or one of NUMBERS is there
+    but is not a finite number."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):  # garbage, a line cut short, or nested deeper than Python goes
+        return None
+    if not isinstance(record, dict) or not all(_finite(record[k]) for k in NUMBERS if k in record):
+        return None
+    return record
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _cut_short(tail: str) -> bool:
+    """Whether the unterminated last line of a metrics.jsonl is the start of a record."""
+    if not tail.startswith("{"):
+        return False
+    try:
+        json.loads(tail)
+    except (ValueError, RecursionError):
+        return True
+    return False
+
+
+def _records(path: Path) -> tuple[list[dict], int]:
+    """The good records of a metrics.jsonl and how many damaged lines were left out; Unreadable when
+    there is nothing to show."""
+    try:
+        text = _text(path)
+    except OSError as e:
+        raise Unreadable(f"metrics.jsonl cannot be read: {e.strerror}") from None
+    except UnicodeDecodeError:  # carlos writes ASCII only, so this is not a metrics file any more
+        raise Unreadable("metrics.jsonl is not UTF-8 text") from None
+    *lines, tail = text.split("\n")
+    if _cut_short(tail):
+        tail = ""  # a run's normal end when it crashed, or a record being written right now: not damage
+    found = [_record(line) for line in [*lines, tail] if line.strip()]
+    good = [r for r in found if r is not None]
+    damaged = len(found) - len(good)
+    if damaged and not good:
+        raise Unreadable(f"no readable record in metrics.jsonl, {_plural(damaged, 'damaged line')}")
+    return good, damaged
+
+
+def _read_run(metrics: Path, name: str) -> Run:
+    records, damaged = _records(metrics)
+    settings, problem = _settings(metrics.parent)
+    run = Run(metrics.parent, name, settings, records)
+    if damaged:
+        run.notes.append(f"{_plural(damaged, 'damaged line')} in metrics.jsonl skipped")
+    if problem:
+        run.notes.append(f".hydra/config.yaml {problem}; shown without settings")
+    return run
+
+
+def read_runs(root: str | Path) -> tuple[list[Run], list[tuple[str, str]]]:
+    """The runs under root that can be read, and (name, why) for each run that cannot; refuses when
+    there is no readable run."""
     root = Path(root).expanduser()
     if not root.exists():
         raise CarlosError(f"{root} does not exist; give a run directory, a workdir or a sweep directory")
     files = sorted(root.rglob("metrics.jsonl"), key=lambda p: [(0, int(s)) if s.isdigit() else (1, s) for s in p.parts])
-    runs = []
+    runs, skipped = [], []
     for f in files:
         name = str(f.parent.relative_to(root)) if f.parent != root else root.name
-        runs.append(Run(f.parent, name, _settings(f.parent), _records(f)))
+        try:
+            runs.append(_read_run(f, name))
+        except Unreadable as e:
+            skipped.append((name, str(e)))
+    if not runs and skipped:
+        named = ", ".join(f"{name} ({why})" for name, why in skipped[:3])
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        raise CarlosError(f"no readable runs under {root}: {named}{more}")
     if not runs:
         raise CarlosError(f"no runs under {root} (no metrics.jsonl); train first, or point at a workdir")
-    return runs
+    return runs, skipped
+
+
+def find_runs(root: str | Path) -> list[Run]:
+    return read_runs(root)[0]
+
+
+def _same(value: Any) -> str:
+    """A key to compare setting values by; a hand-edited snapshot may hold what JSON cannot sort."""
+    try:
+        return json.dumps(value, sort_keys=True, default=str)
+    except TypeError:
+        return repr(value)
 
 
 def differing(runs: list[Run]) -> list[str]:
-    """Settings whose values differ between the runs (all of them... none for a single run)."""
-    keys = sorted({k for r in runs for k in r.settings})
-    return [k for k in keys if len({json.dumps(r.settings.get(k), sort_keys=True) for r in runs}) > 1]
+    """Settings whose values differ between the runs (all of them... none for a single run). Runs without
+    settings are left out: their unknown values differ from nothing."""
+    known = [r for r in runs if r.settings]
+    keys = sorted({k for r in known for k in r.settings})
+    return [k for k in keys if len({_same(r.settings.get(k)) for r in known}) > 1]
 
 
-def _cell(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+def _cell(run: Run, key: str) -> str:
+    if not run.settings:
+        return "-"
+    value = run.settings.get(key)
+    return json.dumps(value, default=str) if isinstance(value, (list, dict)) else str(value)
+
+
+def _job_line(f: Path) -> str | None:
+    """The `failed:` line for one job.json, or None for a job that finished."""
+    try:
+        job = json.loads(_text(f))
+    except OSError as e:
+        return f"failed: {f.parent.name} (job.json cannot be read: {e.strerror})"
+    except (ValueError, RecursionError):  # cut short, not JSON, or not UTF-8 (a ValueError too)
+        job = None
+    overrides = job.get("overrides", []) if isinstance(job, dict) else None
+    if not isinstance(job, dict) or not isinstance(job.get("status"), str) or not isinstance(overrides, list):
+        return f"failed: {f.parent.name} (job.json is damaged)"
+    if job["status"] == "ok":
+        return None
+    why = " ".join(str(job.get("error", "no reason recorded")).splitlines())  # one line, whatever was written
+    return f"failed: {f.parent.name} ({' '.join(str(o) for o in overrides)}): {why}"
 
 
 def failed_jobs(root: Path) -> list[str]:
     """Sweep jobs that ended without a run (their job.json says why)."""
-    out = []
-    for f in sorted(Path(root).expanduser().rglob("job.json")):
-        job = json.loads(f.read_text(encoding="utf-8"))
-        if job.get("status") != "ok":
-            out.append(f"failed: {f.parent.name} ({' '.join(job.get('overrides', []))}): {job.get('error')}")
-    return out
+    lines = (_job_line(f) for f in sorted(Path(root).expanduser().rglob("job.json")))
+    return [line for line in lines if line]
 
 
 def table(runs: list[Run]) -> str:
@@ -120,7 +250,7 @@ def table(runs: list[Run]) -> str:
     for r in ranked:
         cells = [
             r.name,
-            *(_cell(r.settings.get(k)) for k in keys),
+            *(_cell(r, k) for k in keys),
             f"{r.last_step:,}",
             f"{r.tokens:,}",
             f"{r.best_bpb:.4f}" if r.best_bpb is not None else "-",
@@ -130,7 +260,7 @@ def table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: list[Run], path: Path) -> Path:
+def _figure(runs: list[Run]):
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -139,7 +269,7 @@ def plot(runs: list[Run], path: Path) -> Path:
     keys = differing(runs)
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in runs:
-        val = r.val
+        val = [v for v in r.val if "tokens" in v]
         if not val:
             continue
         label = r.name + ("" if not keys else " (" + ", ".join(f"{k}={r.settings.get(k)}" for k in keys) + ")")
@@ -151,19 +281,63 @@ def plot(runs: list[Run], path: Path) -> Path:
     if ax.lines:
         ax.legend(fontsize="small")
     fig.tight_layout()
+    return fig
+
+
+def _save(fig, path: Path, fmt: str) -> None:
+    """Through a temporary file beside path: a write that fails halfway (disk full) leaves neither half a
+    plot nor a damaged older one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            fig.savefig(f, format=fmt, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def report(root: str | Path, output: str | Path | None = None) -> tuple[str, Path]:
-    """Print the table and write the plot (default DIR/report.png); returns both."""
-    runs = find_runs(Path(root))
+def _why(e: Exception, path: Path) -> str:
+    if isinstance(e, (FileExistsError, NotADirectoryError)):  # from mkdir: a file where a folder should be
+        blocker = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), path.parent)
+        return f"{blocker} is a file, not a folder"
+    if isinstance(e, OSError):
+        return f"{path}: {e.strerror or e}"
+    return f"{path}: {(str(e).splitlines() or [type(e).__name__])[0]}"  # a backend's own complaint (pgf: no LaTeX)
+
+
+def plot(runs: list[Run], path: Path) -> tuple[Path | None, str]:
+    """Write the plot to path, in the format its extension names, else PNG whatever the name; returns the
+    path written (None when it could not be) and the line that says so."""
+    import matplotlib.pyplot as plt
+
+    if path.is_dir():
+        return None, f"plot: skipped ({path} is a directory)"
+    fig = _figure(runs)
+    named = path.suffix[1:].lower()
+    fmt = named if named in fig.canvas.get_supported_filetypes() else "png"
+    try:
+        _save(fig, path, fmt)
+    except (OSError, RuntimeError) as e:
+        return None, f"plot: skipped ({_why(e, path)})"
+    finally:
+        plt.close(fig)
+    return path, f"plot: {path}" + ("" if fmt == named else f" ({fmt.upper()})")
+
+
+def report(root: str | Path, output: str | Path | None = None) -> tuple[str, Path | None]:
+    """Print the table, what was left out of it, and write the plot (default DIR/report.png); returns the
+    table and the plot's path (None when it could not be written)."""
+    runs, skipped = read_runs(root)
     text = table(runs)
-    png = plot(runs, Path(output) if output else Path(root).expanduser() / "report.png")
     print(text)
+    for r in runs:
+        for note in r.notes:
+            print(f"note: run {r.name}: {note}")
+    for name, why in skipped:
+        print(f"skipped: {name} ({why})")
     for line in failed_jobs(Path(root)):
         print(line)
-    print(f"plot: {png}")
-    return text, png
+    written, line = plot(runs, Path(output) if output else Path(root).expanduser() / "report.png")
+    print(line)
+    return text, written

@@ -6,21 +6,26 @@ workdir as it was (not even a config snapshot).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import signal
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from carlos.config import CarlosError, TrainConfig, parse, to_plain
+from carlos.config import WANDB_MODES, CarlosError, TrainConfig, parse, to_plain
 from carlos.generate import load_checkpoint, prompt_ids
+from carlos.lock import DirLock
+from carlos.manifest import Manifest
+from carlos.memory import check_fits, num_params, training_bytes
 from carlos.model import GPTConfig, ModelConfigError
-from carlos.prepare import remove_run_outputs
+from carlos.prepare import RUN_OUTPUTS
 from carlos.workdir import PreparedData
 
 log = logging.getLogger("carlos")
@@ -106,7 +111,7 @@ def _check_ddp_in_sweep(t) -> None:
         t.refuse_in_sweep()
 
 
-def trainer_plugins() -> list:
+def trainer_plugins(manifest: Manifest) -> list:
     """Atomic checkpoint writes; under SLURM, its environment with Lightning's auto-requeue off: submitit
     requeues a job that reaches its time limit (its signal -> Preemption writes last.pt -> the requeued
     job resumes), and Lightning's own SLURM requeue would requeue it a second time."""
@@ -114,62 +119,92 @@ def trainer_plugins() -> list:
 
     from carlos.callbacks import AtomicCheckpointIO
 
-    plugins: list = [AtomicCheckpointIO()]
+    plugins: list = [AtomicCheckpointIO(manifest)]
     if SLURMEnvironment.detect():
         plugins.append(SLURMEnvironment(auto_requeue=False))
     return plugins
 
 
-def save_snapshot(cfg: DictConfig, run_dir: Path) -> None:
+def save_snapshot(cfg: DictConfig, run_dir: Path, manifest: Manifest) -> None:
     """Hydra's snapshot (config, hydra, overrides), written only once the run is accepted: Hydra itself
     writes it before the task starts, so conf/ turns Hydra's own writing off (output_subdir: null)."""
     from hydra.core.hydra_config import HydraConfig
 
     out = run_dir / ".hydra"
-    out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out / "config.yaml")
+    manifest.claim_dir(out)
+    files = {"config.yaml": cfg}
     if HydraConfig.initialized():
         hc = HydraConfig.get()
-        OmegaConf.save(OmegaConf.create({"hydra": hc}), out / "hydra.yaml")
-        OmegaConf.save(hc.overrides.task, out / "overrides.yaml")
+        files.update({"hydra.yaml": OmegaConf.create({"hydra": hc}), "overrides.yaml": hc.overrides.task})
+    for name, node in files.items():
+        text = OmegaConf.to_yaml(node)
+        manifest.write(out / name, lambda f, text=text: f.write(text.encode("utf-8")))
 
 
 def _requeued() -> bool:
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
 
 
-def _resume_from(tc: TrainConfig, ckpt_dir: Path) -> Path | None:
+def newest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """last.pt, or when it is missing the highest-numbered step file (a kill cannot lose last.pt, but a
+    user's rm can)."""
     last = ckpt_dir / "last.pt"
-    if _requeued() and last.exists():
+    if last.is_file():
+        return last
+    steps = [p for p in ckpt_dir.glob("step_*.pt") if p.is_file() and p.stem[5:].isdigit()]
+    return max(steps, key=lambda p: int(p.stem[5:]), default=None)
+
+
+def _resume_from(tc: TrainConfig, ckpt_dir: Path) -> Path | None:
+    newest = newest_checkpoint(ckpt_dir)
+    if _requeued() and newest is not None:
         # SLURM requeued this job (submitit does after its time-limit signal, when carlos wrote last.pt):
         # it continues its own run whatever resume and overwrite say
-        return last
+        return newest
     if tc.resume != "false" and tc.overwrite:
         raise CarlosError("--resume and --overwrite contradict each other; pass one of them")
-    if tc.resume == "true" and not last.exists():
-        raise CarlosError(f"nothing to resume: {last} does not exist; start a new run without --resume")
-    if tc.resume in ("true", "auto") and last.exists():
-        return last
-    if any(ckpt_dir.glob("*.pt")) and not tc.overwrite:
+    earlier = any(ckpt_dir.glob("*.pt"))
+    if tc.resume == "true" and newest is None:
+        if earlier:
+            raise CarlosError(
+                f"nothing to resume: {ckpt_dir} has no last.pt or step_*.pt, only "
+                f"{', '.join(sorted(p.name for p in ckpt_dir.glob('*.pt')))}; pass --overwrite to start over"
+            )
+        raise CarlosError(f"nothing to resume: no checkpoints in {ckpt_dir}; start a new run without --resume")
+    if tc.resume in ("true", "auto") and newest is not None:
+        return newest
+    if earlier and not tc.overwrite:
+        how = "pass --resume to continue it or --overwrite" if newest else "pass --overwrite"
         raise CarlosError(
-            f"{ckpt_dir.parent} already holds checkpoints of an earlier run; pass --resume to continue it "
-            "or --overwrite to delete it and start over"
+            f"{ckpt_dir.parent} already holds checkpoints of an earlier run; {how} to delete it and start over"
         )
     return None
 
 
-def _wandb_logger(tc: TrainConfig, run_dir: Path):
+def _wandb_logger(tc: TrainConfig, run_dir: Path, manifest: Manifest):
     """W&B through Lightning's logger, on when a project comes from the config, the environment or a .env
-    in the current directory; wandb is not even imported otherwise."""
+    in the current directory; wandb is not even imported otherwise. Built (and its settings checked)
+    before the run writes anything; W&B itself starts with the run."""
     from dotenv import load_dotenv
 
-    load_dotenv(Path.cwd() / ".env", override=False)
+    env = Path.cwd() / ".env"
+    try:
+        load_dotenv(env, override=False)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        why = "it is not UTF-8 text" if isinstance(e, UnicodeDecodeError) else str(getattr(e, "strerror", e))
+        raise CarlosError(f"cannot read {env} ({why}); fix or remove it") from None
     project = tc.wandb.project or os.environ.get("WANDB_PROJECT")
     mode = tc.wandb.mode or os.environ.get("WANDB_MODE")
+    if mode is not None and mode not in WANDB_MODES:
+        raise CarlosError(
+            f"WANDB_MODE={mode!r} (from the environment or .env) is not a W&B mode; use one of "
+            f"{', '.join(WANDB_MODES[:3])}"
+        )
     if not project or mode == "disabled":
         return None
     from lightning.pytorch.loggers import WandbLogger
 
+    manifest.claim(run_dir / "wandb", kind="tree")
     return WandbLogger(
         project=project,
         entity=tc.wandb.entity or os.environ.get("WANDB_ENTITY"),
@@ -193,27 +228,92 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
 
+@dataclass
+class Run:
+    """An accepted run: everything checked and built, nothing written yet."""
+
+    cfg: DictConfig
+    tc: TrainConfig
+    data: PreparedData
+    run_dir: Path
+    leader: bool
+    manifest: Manifest
+    resume: Path | None
+    prev: dict | None
+    model_cfg: GPTConfig
+    precision: str
+    why: str
+    optimizer: dict
+    schedule: dict
+    trainer: object = None
+    metrics: object = None
+    checkpoints: object = None
+    preemption: object = None
+    jsonl: object = None
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
 def train(cfg: DictConfig) -> float:
-    """Train on a prepared workdir; returns the best validation bits-per-byte."""
+    """Train on a prepared workdir; returns the best validation bits-per-byte. Checks everything, then
+    writes: a refused run leaves the workdir as it was (not even a config snapshot)."""
     tc = parse(cfg, TrainConfig)
     workdir = Path(tc.workdir).expanduser()
     data = PreparedData.load(workdir)
     run_dir = run_dir_for(workdir)
-    ckpt_dir = run_dir / "checkpoints"
-    _check_ddp_in_sweep(tc.trainer)
     leader = is_rank_zero()
+    with contextlib.ExitStack() as locks:
+        if leader:  # the other ranks of a DDP run work under rank 0's lock
+            if run_dir != workdir:  # a sweep job: the prepared data is shared with the other jobs
+                locks.enter_context(DirLock(workdir, "train (sweep job)", shared=True))
+            locks.enter_context(DirLock(run_dir, "train"))
+        run = accept(cfg, tc, data, run_dir, leader)
+        begin(run)
+        return fit(run)
+
+
+def accept(cfg: DictConfig, tc: TrainConfig, data: PreparedData, run_dir: Path, leader: bool) -> Run:
+    """Every check a run can fail, in order: resume, files in the way, model, memory, optimizer, trainer."""
+    _check_ddp_in_sweep(tc.trainer)
+    manifest = Manifest(run_dir, writable=leader)
+    ckpt_dir = run_dir / "checkpoints"
     if leader:
         resume = _resume_from(tc, ckpt_dir)
+        fix = "move it away, or choose another --workdir"
+        manifest.refuse_foreign([run_dir / name for name in ("checkpoints", "samples", ".hydra", "metrics.jsonl")], fix)
     else:  # rank 0 already accepted the run (and may be writing checkpoints into it)
-        last = ckpt_dir / "last.pt"
-        resume = last if (tc.resume != "false" or _requeued()) and last.exists() else None
+        newest = newest_checkpoint(ckpt_dir)
+        resume = newest if tc.resume != "false" or _requeued() else None
     prev = load_checkpoint(resume)["carlos"] if resume else None
+    model_cfg = _model_config(tc, data, prev)
+    device = device_type(tc.trainer.accelerator)
+    stored = prev.get("precision") if prev else None
+    precision, why = resolve_precision(tc.trainer.precision, device, model_cfg.d_model, stored)
+    _check_machine(tc, model_cfg, device)
+    optimizer_cfg, schedule_cfg = dict(tc.optimizer), dict(tc.schedule)
+    if precision in ("16-mixed", "16") and optimizer_cfg.get("fused"):
+        # fp16's GradScaler must unscale the gradients before clipping, which a fused step does too late
+        optimizer_cfg["fused"] = False
+    # Lightning takes seconds to import: the checks above refuse a wrong workdir or model before it
+    from carlos.module import build_optimizer, build_schedule
 
-    tok = data.tokenizer
+    build_optimizer(optimizer_cfg, [torch.zeros(1, requires_grad=True)])
+    max_steps = tc.trainer.max_steps
+    build_schedule(schedule_cfg, optimizer_cfg["lr"])(0, max_steps if max_steps > 0 else math.inf)
+    run = Run(
+        cfg, tc, data, run_dir, leader, manifest, resume, prev, model_cfg, precision, why, optimizer_cfg, schedule_cfg
+    )
+    _build_trainer(run)
+    return run
+
+
+def _model_config(tc: TrainConfig, data: PreparedData, prev: dict | None) -> GPTConfig:
     m = tc.model
     try:
         model_cfg = GPTConfig(
-            vocab_size=tok.vocab_size,
+            vocab_size=data.tokenizer.vocab_size,
             block_size=data.seq_len,
             d_model=m.d_model,
             n_layers=m.n_layers,
@@ -228,156 +328,178 @@ def train(cfg: DictConfig) -> float:
     except ModelConfigError as e:
         raise CarlosError(str(e)) from None
     if prev is not None and prev["model"] != model_cfg.to_dict():
-        diff = [f"{k}: {prev['model'][k]} -> {v}" for k, v in model_cfg.to_dict().items() if prev["model"].get(k) != v]
+        diff = [
+            f"{k}: {prev['model'].get(k)} -> {v}" for k, v in model_cfg.to_dict().items() if prev["model"].get(k) != v
+        ]
         raise CarlosError(
             f"cannot resume: the model differs from the checkpoint ({'; '.join(diff)}); "
             "resume with the same model and prepared data, or start over with --overwrite"
         )
     if prev is not None and prev.get("data_sha256") not in (None, data.info["sha256"]):
         raise CarlosError(
-            f"cannot resume: {workdir} was prepared again from another corpus since the checkpoint; "
+            f"cannot resume: {data.workdir} was prepared again from another corpus since the checkpoint; "
             "start over with --overwrite, or prepare the original corpus again"
         )
-    device = device_type(tc.trainer.accelerator)
-    precision, why = resolve_precision(
-        tc.trainer.precision, device, model_cfg.d_model, prev.get("precision") if prev else None
+    return model_cfg
+
+
+def _check_machine(tc: TrainConfig, model_cfg: GPTConfig, device: str) -> None:
+    """What this machine cannot do: a GPU it lacks, more CPU processes or workers than cores, a model and
+    batch beyond its memory (checked before anything is allocated)."""
+    t, cores = tc.trainer, os.cpu_count() or 1
+    if t.accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise CarlosError(
+            f"trainer.accelerator={t.accelerator}: this machine has no CUDA GPU (torch sees none); "
+            "use trainer.accelerator=cpu or auto"
+        )
+    processes = int(t.devices) if device == "cpu" and str(t.devices).isdigit() else 1
+    if processes > cores:
+        raise CarlosError(
+            f"trainer.devices={t.devices} CPU processes exceed this machine's {cores} cores; use at most {cores}"
+        )
+    if tc.data.num_workers > 4 * cores:
+        raise CarlosError(
+            f"data.num_workers={tc.data.num_workers} is far beyond this machine's {cores} cores; use 0 (the default)"
+        )
+    need = training_bytes(model_cfg, tc.data.micro_batch_size) * processes
+    check_fits(
+        need,
+        device,
+        f"the model ({num_params(model_cfg):,} parameters) with micro-batch "
+        f"{tc.data.micro_batch_size} x {model_cfg.block_size}",
+        "use a smaller model or --micro_batch_size",
     )
-    # Lightning takes seconds to import: the checks above refuse a wrong workdir or model before it
+
+
+def _build_trainer(run: Run) -> None:
+    """The callbacks, loggers and Lightning Trainer; Lightning checks accelerator, devices, strategy and
+    num_nodes here, before anything is written."""
+    import lightning as L
+
+    from carlos.callbacks import Checkpoints, JsonlLogger, Preemption, ProgressBar, SampleText, TimeBudget, TrainMetrics
+
+    tc, run_dir, manifest = run.tc, run.run_dir, run.manifest
+    t, s = tc.trainer, tc.sample
+    tok = run.data.tokenizer
+    run.metrics = TrainMetrics(tc.log_interval, run.data.seq_len * tc.data.micro_batch_size)
+    run.checkpoints = Checkpoints(run.ckpt_dir, manifest, tc.ckpt_interval, tc.eval_interval)
+    run.preemption = Preemption(run.checkpoints)
+    sample = SampleText(
+        run_dir / "samples",
+        manifest,
+        prompt_ids(tok, s.prefix),
+        s.prefix,
+        s.tokens,
+        s.temperature,
+        s.top_k,
+        s.top_p,
+        tc.seed,
+        tok.eos_id,
+    )
+    callbacks = [run.metrics, sample, run.checkpoints, run.preemption, ProgressBar(run.metrics)]
+    budget = t.max_time_delta
+    if budget is not None:
+        callbacks.append(TimeBudget(budget.total_seconds()))  # last: it times the others' validation work
+    run.jsonl = JsonlLogger(run_dir / "metrics.jsonl", manifest, resume_step=run.prev["step"] if run.prev else None)
+    loggers = [run.jsonl]
+    wandb = _wandb_logger(tc, run_dir, manifest) if run.leader else None
+    if wandb is not None:
+        loggers.append(wandb)
+    _quiet_lightning()
+    try:
+        run.trainer = L.Trainer(
+            accelerator=t.accelerator,
+            devices=t.devices,
+            num_nodes=t.num_nodes,
+            strategy=t.strategy,
+            precision=run.precision,
+            max_steps=t.max_steps,
+            max_epochs=-1,
+            max_time=budget,
+            accumulate_grad_batches=t.accumulate_grad_batches,
+            gradient_clip_val=t.gradient_clip_val,
+            # validation every eval_interval optimizer steps; Lightning counts micro-batches here
+            val_check_interval=tc.eval_interval * t.accumulate_grad_batches,
+            check_val_every_n_epoch=None,
+            num_sanity_val_steps=0,
+            logger=loggers,
+            callbacks=callbacks,
+            plugins=trainer_plugins(manifest),
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            default_root_dir=str(run_dir),
+            use_distributed_sampler=False,
+            deterministic=t.deterministic,
+            log_every_n_steps=tc.log_interval,  # silences a warning; carlos logs through its own callback
+        )
+    except Exception as e:  # noqa: BLE001 - Lightning refuses settings with several exception types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CarlosError(f"Lightning refused the trainer settings: {first}") from None
+
+
+def begin(run: Run) -> None:
+    """The run is accepted: from here on it writes into run_dir (rank 0 only)."""
+    if not run.leader:
+        return
+    manifest, run_dir = run.manifest, run.run_dir
+    if run.tc.overwrite and run.resume is None:
+        for name in RUN_OUTPUTS:
+            manifest.remove(run_dir / name)
+    save_snapshot(run.cfg, run_dir, manifest)
+    manifest.remove_stale_temporaries()
+    if run.resume:
+        for p in (run_dir / "samples").glob("step_*.txt"):
+            if p.stem[5:].isdigit() and int(p.stem[5:]) > run.prev["step"] and manifest.owns(p):
+                p.unlink()
+    run.jsonl.begin()
+
+
+def fit(run: Run) -> float:
+    """Seed, build the module and the data, train, and say how it went."""
     import lightning as L
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from carlos.callbacks import (
-        Checkpoints,
-        JsonlLogger,
-        Preemption,
-        ProgressBar,
-        SampleText,
-        TimeBudget,
-        TrainMetrics,
-        remove_stale_temporaries,
-    )
     from carlos.data import ByteDataModule
-    from carlos.module import LitGPT, build_optimizer, build_schedule
+    from carlos.module import LitGPT
 
-    max_steps = tc.trainer.max_steps
-    budget = tc.trainer.max_time_delta
-    optimizer_cfg, schedule_cfg = dict(tc.optimizer), dict(tc.schedule)
-    if precision in ("16-mixed", "16") and optimizer_cfg.get("fused"):
-        # fp16's GradScaler must unscale the gradients before clipping, which a fused step does too late
-        optimizer_cfg["fused"] = False
-    build_optimizer(optimizer_cfg, [torch.zeros(1, requires_grad=True)])
-    build_schedule(schedule_cfg, optimizer_cfg["lr"])(0, max_steps if max_steps > 0 else math.inf)
-
-    # -------- accepted: from here on the run writes into run_dir (rank 0 only)
-    if tc.overwrite and leader and resume is None:
-        remove_run_outputs(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if leader:
-            save_snapshot(cfg, run_dir)
-    except OSError as e:
-        raise CarlosError(f"cannot write to {run_dir} ({e.strerror}); choose a writable --workdir") from None
-    if leader:
-        remove_stale_temporaries(run_dir)
-    if resume and leader:
-        for p in (run_dir / "samples").glob("step_*.txt"):
-            if int(p.stem.split("_")[1]) > prev["step"]:
-                p.unlink()
-
-    _quiet_lightning()
+    tc, data, trainer = run.tc, run.data, run.trainer
     L.seed_everything(tc.seed, workers=True, verbose=False)
-    run = {
-        "tokenizer": tok.to_dict(),
+    info = {
+        "tokenizer": data.tokenizer.to_dict(),
         "seq_len": data.seq_len,
-        "precision": precision,
+        "precision": run.precision,
         "seed": tc.seed,
-        "workdir": str(workdir),
+        "workdir": str(data.workdir),
         "data_sha256": data.info["sha256"],
-        "config": to_plain(cfg),
+        "config": to_plain(run.cfg),
     }
-    module = LitGPT(model_cfg.to_dict(), optimizer_cfg, schedule_cfg, max_steps, run)
+    module = LitGPT(run.model_cfg.to_dict(), run.optimizer, run.schedule, tc.trainer.max_steps, info)
     d = tc.data
     dm = ByteDataModule(data, d.micro_batch_size, d.eval_batch_size, tc.seed, d.num_workers, d.random_offsets)
-
-    metrics = TrainMetrics(tc.log_interval, data.seq_len * tc.data.micro_batch_size)
-    s = tc.sample
-    checkpoints = Checkpoints(ckpt_dir, tc.ckpt_interval, tc.eval_interval)
-    preemption = Preemption(checkpoints)
-    callbacks = [
-        metrics,
-        SampleText(
-            run_dir / "samples",
-            prompt_ids(tok, s.prefix),
-            s.prefix,
-            s.tokens,
-            s.temperature,
-            s.top_k,
-            s.top_p,
-            tc.seed,
-            tok.eos_id,
-        ),
-        checkpoints,
-        preemption,
-        ProgressBar(metrics),
-    ]
-    if budget is not None:
-        callbacks.append(TimeBudget(budget.total_seconds()))  # last: it times the others' validation work
-    loggers = [JsonlLogger(run_dir / "metrics.jsonl", resume_step=prev["step"] if prev else None)]
-    wandb = _wandb_logger(tc, run_dir) if leader else None
-    if wandb is not None:
-        loggers.append(wandb)
-
-    t = tc.trainer
-    plugins = trainer_plugins()
-    trainer = L.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=t.strategy,
-        precision=precision,
-        max_steps=max_steps,
-        max_epochs=-1,
-        max_time=budget,
-        accumulate_grad_batches=t.accumulate_grad_batches,
-        gradient_clip_val=t.gradient_clip_val,
-        # validation every eval_interval optimizer steps; Lightning counts micro-batches here
-        val_check_interval=tc.eval_interval * t.accumulate_grad_batches,
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        logger=loggers,
-        callbacks=callbacks,
-        plugins=plugins,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        default_root_dir=str(run_dir),
-        use_distributed_sampler=False,
-        deterministic=t.deterministic,
-        log_every_n_steps=tc.log_interval,  # silences a warning; carlos logs through its own callback
-    )
     if trainer.is_global_zero:
-        print(f"model: {module.model.num_params():,} parameters ({_shape(model_cfg)})")
-        per_step = data.seq_len * tc.data.micro_batch_size * t.accumulate_grad_batches * trainer.world_size
-        print(f"precision: {precision} ({why}); {per_step:,} tokens per optimizer step")
-        if resume:
-            print(f"resuming from {resume} at step {prev['step']}")
+        print(f"model: {module.model.num_params():,} parameters ({_shape(run.model_cfg)})")
+        per_step = data.seq_len * d.micro_batch_size * tc.trainer.accumulate_grad_batches * trainer.world_size
+        print(f"precision: {run.precision} ({run.why}); {per_step:,} tokens per optimizer step")
+        if run.resume:
+            print(f"resuming from {run.resume} at step {run.prev['step']}")
+    # Lightning chains a SIGTERM handler it finds into its own; its graceful stop must be the only one
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     started = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
+        trainer.fit(module, datamodule=dm, ckpt_path=str(run.resume) if run.resume else None, weights_only=True)
     except SIGTERMException:
         # stopped by a signal after writing its checkpoint (Preemption); 128 + signal is the shell's code
-        signum = preemption.signum or signal.SIGTERM
+        signum = run.preemption.signum or signal.SIGTERM
         raise SystemExit(128 + int(signum)) from None
-    ck = checkpoints
-    best_bpb = ck.best_bpb
+    ck = run.checkpoints
     if trainer.is_global_zero:
-        step = trainer.global_step
-        secs = time.perf_counter() - started
+        step, secs = trainer.global_step, time.perf_counter() - started
         print(
-            f"done: {step} steps, {step * metrics.tokens_per_step:,} tokens, {secs:.1f} s this session "
+            f"done: {step} steps, {step * run.metrics.tokens_per_step:,} tokens, {secs:.1f} s this session "
             f"({module.eval_seconds / max(secs, 1e-9):.1%} of it validating, sampling and checkpointing); "
-            f"best val_loss {ck.best:.4f} (bpb {best_bpb:.4f}) at step {ck.best_step}; checkpoints in {ckpt_dir}"
+            f"best val_loss {ck.best:.4f} (bpb {ck.best_bpb:.4f}) at step {ck.best_step}; checkpoints in {run.ckpt_dir}"
         )
-    return best_bpb
+    return ck.best_bpb
 
 
 def _shape(c: GPTConfig) -> str:

@@ -1,0 +1,330 @@
+"""A checkpoint file read back safely: found by name, unpickled with weights_only=True, its structure and
+weights checked against its own model settings before anything is built, and the model built only when
+it fits the device. Every problem is a one-line CarlosError naming the file. Imports neither Lightning
+nor Hydra, so `carlos sample` starts fast."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import math
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+
+from carlos.config import CarlosError
+from carlos.memory import check_fits, inference_bytes, num_params
+from carlos.model import GPT, GPTConfig, ModelConfigError
+from carlos.tokenizer import ByteTokenizer
+
+PREFIX = "model."  # LitGPT keeps the GPT as self.model, so Lightning saves its weights as model.*
+
+
+# ---------------------------------------------------------------- finding and loading the file
+
+
+def _available(ckpts: Path) -> list[str]:
+    """Names of the regular checkpoint files (symlinks to one included) in a checkpoints directory."""
+    try:
+        return sorted(p.stem for p in ckpts.glob("*.pt") if not p.name.startswith(".") and p.is_file())
+    except OSError:
+        return []
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why an existing path is not a checkpoint file, or None when it is a regular file (or missing)."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a symlink loop"
+        if path.is_symlink():
+            return f"is a dangling symlink (to {os.readlink(path)})"
+        return None
+    if path.is_dir():
+        return "is a directory, not a checkpoint file"
+    if not path.is_file():
+        return "is not a regular file"
+    return None
+
+
+def resolve_checkpoint(workdir: str | Path, spec: str) -> Path:
+    """best, last, a step number (1000 -> checkpoints/step_001000.pt) or a path."""
+    ckpts = Path(workdir).expanduser() / "checkpoints"
+    spec = str(spec)
+    if spec in ("best", "last"):
+        path = ckpts / f"{spec}.pt"
+    elif spec.isdigit():
+        path = ckpts / f"step_{int(spec):06d}.pt"
+    else:
+        try:
+            path = Path(spec).expanduser()
+        except RuntimeError:  # ~user of a user that does not exist: take the name as it is
+            path = Path(spec)
+    have = _available(ckpts) if ckpts.is_dir() else []
+    hint = f"available: {', '.join(have)}" if have else f"no checkpoints in {ckpts}; train first (carlos train)"
+    why = _not_a_file(path)
+    if why:
+        raise CarlosError(f"checkpoint '{spec}' at {path} {why}; {hint}")
+    if not path.is_file():
+        raise CarlosError(f"checkpoint '{spec}' not found at {path}; {hint}")
+    return path
+
+
+def _unpickler_reason(e: Exception) -> str:
+    """The sentence of torch's weights_only refusal that names what was refused. Its other lines advise
+    loading with weights_only=False or allow-listing the global, which carlos never does, so they are
+    dropped; the names come from the file, so they are cut to printable text."""
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)", "(2)")
+    for line in str(e).splitlines():
+        line = line.strip().removeprefix("WeightsUnpickler error:").strip()
+        if not line or line.startswith(advice) or "weights_only" in line:
+            continue
+        line = line.split(". ")[0].rstrip(".")
+        line = re.sub(r"[^\x20-\x7e]", "?", line)[:200]
+        if "weights_only" not in line:
+            return line
+    return "unsupported content"
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """torch.load with weights_only=True: tensors and plain containers only, never arbitrary code."""
+    try:
+        # torch.save writes a zip archive; a file that is not a complete one (cut short by a full disk or
+        # a copy, or not a checkpoint at all) would otherwise reach torch's legacy raw-pickle path
+        with open(path, "rb") as f:
+            is_zip = zipfile.is_zipfile(f)
+    except OSError as e:
+        raise CarlosError(f"checkpoint {path} cannot be read ({e.strerror}); check its permissions") from None
+    if not is_zip:
+        raise CarlosError(
+            f"checkpoint {path} is truncated or corrupt (not a complete torch archive); use another checkpoint"
+        )
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CarlosError(
+            f"checkpoint {path} was refused by the safe loader ({_unpickler_reason(e)}): it holds objects "
+            "other than tensors and plain values, which could run code; use a carlos checkpoint"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - a damaged archive can fail anywhere inside torch.load
+        raise CarlosError(
+            f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); use another checkpoint"
+        ) from None
+    if not isinstance(ckpt, dict) or "carlos" not in ckpt or "state_dict" not in ckpt:
+        raise CarlosError(f"{path} is not a carlos checkpoint (no model metadata); use one from workdir/checkpoints")
+    return ckpt
+
+
+# ---------------------------------------------------------------- the structure, before anything is built
+
+
+def _short(value) -> str:
+    """A value from the file, as one short line."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _type_problem(name: str, value, want: type) -> str | None:
+    """Why a model setting is not of the type GPTConfig's default has (bool is not an int here)."""
+    if want is bool:
+        ok = isinstance(value, bool)
+    elif want is float:  # an int is a fine float (YAML writes 0 for 0.0)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif want is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, want)
+    return None if ok else f"model.{name} is {_short(value)} ({type(value).__name__}), not {want.__name__}"
+
+
+def _model_config(meta: dict) -> GPTConfig:
+    """GPTConfig from the checkpoint's model settings; raises ValueError saying what is wrong."""
+    model = meta.get("model")
+    if not isinstance(model, dict):
+        raise ValueError(f"its model settings are {'missing' if model is None else type(model).__name__}, not a dict")
+    want = {f.name: type(f.default) for f in dataclasses.fields(GPTConfig)}
+    missing = [name for name in want if name not in model]
+    extra = [key for key in model if key not in want]
+    if missing or extra:
+        what = [f"lack {', '.join(missing)}"] if missing else []
+        what += [f"have unknown {', '.join(map(_short, extra))}"] if extra else []
+        raise ValueError(f"its model settings {' and '.join(what)}")
+    for name, kind in want.items():
+        problem = _type_problem(name, model[name], kind)
+        if problem:
+            raise ValueError(problem)
+    if not 0 < model["rope_base"] < math.inf:  # GPTConfig does not check it (and NaN fails this)
+        raise ValueError(f"model.rope_base must be a positive number, got {model['rope_base']!r}")
+    try:
+        return GPTConfig(**model)
+    except ModelConfigError as e:
+        raise ValueError(str(e).split(";")[0]) from None
+
+
+def _tokenizer(meta: dict, cfg: GPTConfig) -> ByteTokenizer:
+    """The tokenizer the checkpoint was trained with, checked against the model's vocabulary."""
+    d = meta.get("tokenizer")
+    if not isinstance(d, dict):
+        raise ValueError(f"its tokenizer is {'missing' if d is None else type(d).__name__}, not a dict")
+    for flag in ("add_bos", "add_eos"):
+        if not isinstance(d.get(flag, False), bool):
+            raise ValueError(f"tokenizer.{flag} is {_short(d[flag])}, not true or false")
+    tok = ByteTokenizer.from_dict(d)
+    if d.get("vocab_size", tok.vocab_size) != tok.vocab_size:
+        raise ValueError(
+            f"tokenizer.vocab_size is {_short(d['vocab_size'])} but add_bos={tok.add_bos}, add_eos={tok.add_eos} "
+            f"make {tok.vocab_size}"
+        )
+    if tok.vocab_size != cfg.vocab_size:
+        raise ValueError(
+            f"its tokenizer (add_bos={tok.add_bos}, add_eos={tok.add_eos}) has {tok.vocab_size} tokens but "
+            f"model.vocab_size is {cfg.vocab_size}"
+        )
+    seq_len = meta.get("seq_len", cfg.block_size)
+    if seq_len != cfg.block_size or isinstance(seq_len, bool):
+        raise ValueError(f"it was trained with seq_len={_short(seq_len)} but model.block_size={cfg.block_size}")
+    return tok
+
+
+def _tensors(state) -> dict[str, torch.Tensor]:
+    """The model's entries of a state dict, each checked to be a dense floating-point tensor with data."""
+    if not isinstance(state, dict):
+        raise ValueError(f"its state_dict is a {type(state).__name__}, not a dict")
+    out = {}
+    for key, t in state.items():
+        if not isinstance(key, str):
+            raise ValueError(f"its state_dict has a key {_short(key)} that is not a name")
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"state_dict entry {_short(key)} is a {type(t).__name__}, not a tensor")
+        if key.startswith(PREFIX):
+            if t.layout != torch.strided or t.device.type == "meta":
+                raise ValueError(f"state_dict entry {_short(key)} is a {t.layout} {t.device.type} tensor, not weights")
+            if not t.is_floating_point():
+                raise ValueError(f"state_dict entry {_short(key)} holds {t.dtype}, not floating-point weights")
+            out[key] = t
+    return out
+
+
+def _layers_held(tensors: dict[str, torch.Tensor]) -> int:
+    return len({key.split(".")[2] for key in tensors if key.startswith(PREFIX + "blocks.")})
+
+
+def _check_weights(tensors: dict[str, torch.Tensor], cfg: GPTConfig) -> None:
+    """The weights are exactly what the settings describe: layers, parameter count, names and shapes."""
+    held = _layers_held(tensors)
+    if held != cfg.n_layers:
+        raise ValueError(f"its model settings say n_layers={cfg.n_layers} but its weights hold {held} layers")
+    # the head is tied to the embedding, and the state dict holds it under both names
+    expected = num_params(cfg) + cfg.vocab_size * cfg.d_model
+    have = sum(t.numel() for t in tensors.values())
+    if expected > 2 * have:  # an absurd claim (block_size 1e9): refused before even an empty model is built
+        raise ValueError(f"its model settings describe {expected:,} parameters but its weights hold {have:,}")
+    try:
+        with torch.device("meta"):  # names and shapes only: nothing is allocated
+            shapes = {PREFIX + k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
+    except (RuntimeError, OverflowError) as e:  # e.g. rotary tables for a block_size beyond int64
+        raise ValueError(f"its model settings cannot be built ({str(e).splitlines()[0][:100]})") from None
+    missing = [k for k in shapes if k not in tensors]
+    extra = [k for k in tensors if k not in shapes]
+    if missing or extra:
+        what = [f"lack {', '.join(missing[:3])}"] if missing else []
+        what += [f"have unexpected {', '.join(map(_short, extra[:3]))}"] if extra else []
+        raise ValueError(f"its weights {' and '.join(what)} for its model settings")
+    for key, shape in shapes.items():
+        if tuple(tensors[key].shape) != shape:
+            raise ValueError(f"{key} has shape {tuple(tensors[key].shape)} but its model settings need {shape}")
+
+
+def _earlier_step(path: Path, step) -> str:
+    """The newest step checkpoint beside path that is older than it, as a --checkpoint value."""
+    steps = []
+    for p in path.parent.glob("step_*.pt"):
+        number = p.stem.removeprefix("step_")
+        if number.isdigit() and p.is_file() and p.resolve() != path.resolve():
+            steps.append(int(number))
+    if isinstance(step, int) and not isinstance(step, bool):
+        steps = [s for s in steps if s < step]
+    return f"--checkpoint {max(steps)}" if steps else "--checkpoint <a step>"
+
+
+def check_checkpoint(ckpt: dict, path: Path) -> tuple[GPTConfig, ByteTokenizer]:
+    """The model settings and tokenizer of a loaded checkpoint, after checking that its weights are
+    exactly what those settings describe, and finite. Nothing is allocated for the model."""
+    meta = ckpt.get("carlos")
+    try:
+        if not isinstance(meta, dict):
+            raise ValueError(f"its carlos metadata is a {type(meta).__name__}, not a dict")
+        cfg = _model_config(meta)
+        tok = _tokenizer(meta, cfg)
+        tensors = _tensors(ckpt.get("state_dict"))
+        _check_weights(tensors, cfg)
+    except ValueError as e:
+        raise CarlosError(f"checkpoint {path} is damaged: {e}; use another checkpoint") from None
+    if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
+        raise CarlosError(
+            f"checkpoint {path} holds NaN or inf weights (the run diverged); use an earlier checkpoint, "
+            f"e.g. {_earlier_step(path, meta.get('step'))}"
+        )
+    if not torch.equal(tensors[PREFIX + "head.weight"], tensors[PREFIX + "tok_emb.weight"]):
+        raise CarlosError(
+            f"checkpoint {path} is damaged: model.head.weight differs from model.tok_emb.weight, which it is "
+            "tied to; use another checkpoint"
+        )
+    return cfg, tok
+
+
+# ---------------------------------------------------------------- the model, when it fits
+
+
+def build_model(
+    ckpt: dict, cfg: GPTConfig, device: torch.device, what: str, fix: str, batch: int, length: int, kv_cache: bool
+) -> GPT:
+    """GPT(cfg) with the checkpoint's weights, on device, after checking that the weights, buffers, a
+    batch's activations and (kv_cache) the keys and values fit there."""
+    check_fits(inference_bytes(cfg, batch, length, kv_cache), str(device), what, fix)
+    model = GPT(cfg)
+    state = {k[len(PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)}
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def model_from_checkpoint(ckpt: dict, path: Path, device: str | torch.device = "cpu") -> tuple[GPT, ByteTokenizer]:
+    """The checked model and tokenizer for sampling: batch 1, the whole context, with a KV cache."""
+    cfg, tok = check_checkpoint(ckpt, path)
+    what = f"sampling from checkpoint {path} ({num_params(cfg):,} parameters, context {cfg.block_size})"
+    fix = "free some memory or use another --device"
+    return build_model(ckpt, cfg, torch.device(device), what, fix, 1, cfg.block_size, True), tok
+
+
+def pick_device(name: str) -> torch.device:
+    """auto, cpu, cuda, cuda:N or mps, refused in one line when this machine does not have it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CarlosError(f"device={name!r} is not a torch device; use auto, cpu or cuda") from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CarlosError(
+                f"--device {name}: this machine has no CUDA GPU (torch sees none); use --device cpu or auto"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise CarlosError(
+                f"--device {name}: this machine has {count} CUDA GPU{'s' if count > 1 else ''} "
+                f"(cuda:0 to cuda:{count - 1}); use one of them, or --device cuda"
+            )
+        return device
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise CarlosError(f"--device {name}: this machine has no Apple GPU (MPS); use --device cpu or auto")
+        return device
+    raise CarlosError(f"--device {name}: carlos runs on cpu, cuda or mps, not {device.type}; use --device cpu or auto")

@@ -1,0 +1,121 @@
+"""One writer per directory: `prepare` and `train` hold DIR/.carlos-lock for the whole command.
+
+A second writer is refused in one line naming the holder. The lock is the operating system's
+(flock on POSIX, a byte-range lock on Windows), so it dies with its process: a lock left by
+`kill -9` or a node that went down does not block the next command. The file only tells who holds it.
+
+Written here rather than with the filelock package (a dependency of torch) because filelock truncates
+the lock file on every attempt, so a refused second writer could not read who holds it, and it has no
+shared mode, which the jobs of a sweep need to read one prepared workdir side by side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from carlos.config import CarlosError
+from carlos.manifest import write_error
+
+LOCK = ".carlos-lock"
+
+if sys.platform == "win32":  # no shared mode there: every holder is exclusive
+    import msvcrt
+
+    def _try_lock(fd: int, shared: bool) -> bool:
+        os.lseek(fd, 1 << 30, os.SEEK_SET)  # lock a byte far past the text, which stays readable
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+
+    def _unlock(fd: int) -> None:
+        os.lseek(fd, 1 << 30, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+else:
+    import fcntl
+
+    def _try_lock(fd: int, shared: bool) -> bool:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    def _unlock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _holder(path: Path) -> str:
+    try:
+        h = json.loads(path.read_text(encoding="utf-8"))
+        return f"carlos {h['command']} (pid {h['pid']} on {h['host']}, since {h['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another carlos command"
+
+
+class DirLock:
+    """Exclusive (a writer) or shared (a sweep job reading the prepared data beside other jobs)."""
+
+    def __init__(self, directory: Path, command: str, shared: bool = False) -> None:
+        self.path = Path(directory) / LOCK
+        self.command, self.shared = command, shared
+        self.fd: int | None = None
+
+    def acquire(self) -> DirLock:
+        for _ in range(10):  # retried when the file was removed between our open and our lock
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise write_error(self.path, e) from None
+            if not _try_lock(fd, self.shared):
+                os.close(fd)
+                raise CarlosError(
+                    f"{self.path.parent} is in use by {_holder(self.path)}; wait for it to finish or stop it, "
+                    "or use another --workdir"
+                )
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except OSError:
+                same = False
+            if same:
+                self.fd = fd
+                self._write_holder()
+                return self
+            _unlock(fd)
+            os.close(fd)
+        raise CarlosError(f"cannot lock {self.path}: it keeps being replaced; check what else writes there")
+
+    def _write_holder(self) -> None:
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        text = json.dumps({"command": self.command, "pid": os.getpid(), "host": socket.gethostname(), "since": since})
+        try:
+            os.ftruncate(self.fd, 0)
+            os.lseek(self.fd, 0, os.SEEK_SET)
+            os.write(self.fd, text.encode("utf-8") + b"\n")
+        except OSError:
+            pass  # the lock holds without the note of who holds it
+
+    def release(self) -> None:
+        """Remove the file while it is still ours (shared: only when no other job holds it), then unlock."""
+        if self.fd is None:
+            return
+        if not self.shared or _try_lock(self.fd, shared=False):
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+        _unlock(self.fd)
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> DirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
