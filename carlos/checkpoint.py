@@ -129,6 +129,11 @@ def _short(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def _is_int(value) -> bool:
+    """An int and not a bool (True == 1 in Python), nor a tensor, whose == gives no plain answer."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _type_problem(name: str, value, want: type) -> str | None:
     """Why a model setting is not of the type GPTConfig's default has (bool is not an int here)."""
     if want is bool:
@@ -136,7 +141,7 @@ def _type_problem(name: str, value, want: type) -> str | None:
     elif want is float:  # an int is a fine float (YAML writes 0 for 0.0)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     elif want is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
+        ok = _is_int(value)
     else:
         ok = isinstance(value, want)
     return None if ok else f"model.{name} is {_short(value)} ({type(value).__name__}), not {want.__name__}"
@@ -160,6 +165,9 @@ def _model_config(meta: dict) -> GPTConfig:
             raise ValueError(problem)
     if not 0 < model["rope_base"] < math.inf:  # GPTConfig does not check it (and NaN fails this)
         raise ValueError(f"model.rope_base must be a positive number, got {model['rope_base']!r}")
+    d_model, n_heads = model["d_model"], model["n_heads"]
+    if d_model > 0 and n_heads > 0 and d_model % n_heads:  # before GPTConfig, whose message lists every divisor
+        raise ValueError(f"model.n_heads={n_heads} does not divide model.d_model={d_model}")
     try:
         return GPTConfig(**model)
     except ModelConfigError as e:
@@ -175,7 +183,7 @@ def _tokenizer(meta: dict, cfg: GPTConfig) -> ByteTokenizer:
         if not isinstance(d.get(flag, False), bool):
             raise ValueError(f"tokenizer.{flag} is {_short(d[flag])}, not true or false")
     tok = ByteTokenizer.from_dict(d)
-    if d.get("vocab_size", tok.vocab_size) != tok.vocab_size:
+    if "vocab_size" in d and not (_is_int(d["vocab_size"]) and d["vocab_size"] == tok.vocab_size):
         raise ValueError(
             f"tokenizer.vocab_size is {_short(d['vocab_size'])} but add_bos={tok.add_bos}, add_eos={tok.add_eos} "
             f"make {tok.vocab_size}"
@@ -186,7 +194,7 @@ def _tokenizer(meta: dict, cfg: GPTConfig) -> ByteTokenizer:
             f"model.vocab_size is {cfg.vocab_size}"
         )
     seq_len = meta.get("seq_len", cfg.block_size)
-    if seq_len != cfg.block_size or isinstance(seq_len, bool):
+    if not (_is_int(seq_len) and seq_len == cfg.block_size):
         raise ValueError(f"it was trained with seq_len={_short(seq_len)} but model.block_size={cfg.block_size}")
     return tok
 
@@ -218,7 +226,8 @@ def _check_weights(tensors: dict[str, torch.Tensor], cfg: GPTConfig) -> None:
     """The weights are exactly what the settings describe: layers, parameter count, names and shapes."""
     held = _layers_held(tensors)
     if held != cfg.n_layers:
-        raise ValueError(f"its model settings say n_layers={cfg.n_layers} but its weights hold {held} layers")
+        layers = f"{held} layer{'' if held == 1 else 's'}"
+        raise ValueError(f"its model settings say n_layers={cfg.n_layers} but its weights hold {layers}")
     # the head is tied to the embedding, and the state dict holds it under both names
     expected = num_params(cfg) + cfg.vocab_size * cfg.d_model
     have = sum(t.numel() for t in tensors.values())
@@ -242,10 +251,10 @@ def _check_weights(tensors: dict[str, torch.Tensor], cfg: GPTConfig) -> None:
 
 def _earlier_step(path: Path, step) -> str:
     """The newest step checkpoint beside path that is older than it, as a --checkpoint value."""
-    steps = []
+    steps, here = [], path.resolve()
     for p in path.parent.glob("step_*.pt"):
         number = p.stem.removeprefix("step_")
-        if number.isdigit() and p.is_file() and p.resolve() != path.resolve():
+        if number.isdigit() and p.is_file() and p.resolve() != here:
             steps.append(int(number))
     if isinstance(step, int) and not isinstance(step, bool):
         steps = [s for s in steps if s < step]
@@ -287,10 +296,13 @@ def build_model(
     """GPT(cfg) with the checkpoint's weights, on device, after checking that the weights, buffers, a
     batch's activations and (kv_cache) the keys and values fit there."""
     check_fits(inference_bytes(cfg, batch, length, kv_cache), str(device), what, fix)
-    model = GPT(cfg)
     state = {k[len(PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)}
-    model.load_state_dict(state)
-    return model.to(device).eval()
+    try:
+        model = GPT(cfg)
+        model.load_state_dict(state)
+        return model.to(device).eval()
+    except torch.OutOfMemoryError:  # the check above is a lower bound; the allocator has the last word
+        raise CarlosError(f"{what} ran out of memory on {device}; {fix}") from None
 
 
 def model_from_checkpoint(ckpt: dict, path: Path, device: str | torch.device = "cpu") -> tuple[GPT, ByteTokenizer]:
@@ -318,10 +330,8 @@ def pick_device(name: str) -> torch.device:
             )
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise CarlosError(
-                f"--device {name}: this machine has {count} CUDA GPU{'s' if count > 1 else ''} "
-                f"(cuda:0 to cuda:{count - 1}); use one of them, or --device cuda"
-            )
+            have = "1 CUDA GPU (cuda:0)" if count == 1 else f"{count} CUDA GPUs (cuda:0 to cuda:{count - 1})"
+            raise CarlosError(f"--device {name}: this machine has {have}; use one of them, or --device cuda")
         return device
     if device.type == "mps":
         if not torch.backends.mps.is_available():

@@ -30,7 +30,8 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     else:
         logits = logits / temperature
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        # stable: among tied tokens the first ones are kept, so the argmax (the greedy token) always is
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1, stable=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         # drop a token when the tokens ranked above it already reach top_p (the first is always kept)
         drop = probs.cumsum(dim=-1) - probs >= top_p

@@ -93,13 +93,29 @@ class Manifest:
         return any(self.entries.get("/".join(parts[:i])) == "tree" for i in range(1, len(parts)))
 
     # -- recording
-    def _append(self, lines: list[str]) -> None:
+    def _append(self, lines: list[str]) -> os.stat_result | None:
+        """Append lines to the record; returns its state before, for _undo."""
         record = self.root / RECORD
+        before = os.stat(record) if record.exists() else None
         try:
             with open(record, "a", encoding="utf-8") as f:
                 f.write("".join(lines))
         except OSError as e:
+            self._undo(before)
             raise write_error(record, e) from None
+        return before
+
+    def _undo(self, before: os.stat_result | None) -> None:
+        """The record as it was before an append whose writes then failed: a refused command leaves no trace."""
+        record = self.root / RECORD
+        with contextlib.suppress(OSError):
+            if before is None:
+                record.unlink(missing_ok=True)
+            else:
+                os.truncate(record, before.st_size)
+                os.utime(record, ns=(before.st_atime_ns, before.st_mtime_ns))
+        self.entries.clear()
+        self._read()
 
     def claim(self, *paths: Path, kind: str = "file") -> None:
         """Record paths (and each missing parent directory under root, which this creates) before
@@ -123,21 +139,25 @@ class Manifest:
             if not (self.owns(path) and self.entries.get(rel, kind) == kind):
                 lines.append(json.dumps({kind: rel}) + "\n")
                 self.entries[rel] = kind
-        if lines:
-            self._append(lines)
+        before = self._append(lines) if lines else None
         for d in make:
             try:
                 d.mkdir(exist_ok=True)
             except OSError as e:
+                if lines:
+                    self._undo(before)
                 raise write_error(d, e) from None
 
     def claim_dir(self, path: Path) -> None:
         """Create a directory as carlos's (recorded first); one that already exists stays as it is."""
         if not Path(path).exists():
+            record = self.root / RECORD
+            before = os.stat(record) if record.exists() else None
             self.claim(path, kind="dir")
             try:
                 Path(path).mkdir(exist_ok=True)
             except OSError as e:
+                self._undo(before)
                 raise write_error(Path(path), e) from None
 
     def write(self, path: Path, write: Callable[[BinaryIO], object]) -> None:

@@ -66,6 +66,13 @@ def corpus(tmp_path: Path) -> Path:
     return make_corpus(tmp_path / "corpus.txt")
 
 
+def record_as_carlos(root: Path, *paths: Path) -> None:
+    """Files a test put under root by hand, recorded as if carlos had written them (carlos/manifest.py)."""
+    from carlos.manifest import Manifest
+
+    Manifest(root).claim(*paths)
+
+
 def prepare_workdir(corpus: Path, workdir: Path, *overrides: str) -> Path:
     cfg = compose("prepare", [f"input={corpus}", f"workdir={workdir}", "data.seq_len=32", *overrides])
     prepare(parse(cfg, PrepareConfig))

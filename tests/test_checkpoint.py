@@ -155,8 +155,8 @@ DAMAGED = {
     "d_model-changed": (setting("d_model", 64), "describe"),
     "d_model-changed-a-little": (setting("d_model", 40), "model.tok_emb.weight has shape (256, 32)"),
     "d_ff-changed": (setting("d_ff", 128), "model.blocks.0.mlp.fc.weight has shape (64, 32)"),
-    "n_layers-changed": (setting("n_layers", 2), "say n_layers=2 but its weights hold 1 layers"),
-    "n_layers-1e6": (setting("n_layers", 10**6), "say n_layers=1000000 but its weights hold 1 layers"),
+    "n_layers-changed": (setting("n_layers", 2), "say n_layers=2 but its weights hold 1 layer"),
+    "n_layers-1e6": (setting("n_layers", 10**6), "say n_layers=1000000 but its weights hold 1 layer"),
     "block_size-changed": (setting("block_size", 64), "trained with seq_len=32 but model.block_size=64"),
     "block_size-1e9": (
         no_seq_len(setting("block_size", 10**9)),
@@ -175,6 +175,10 @@ DAMAGED = {
     "int-for-bool": (setting("bias", 1), "model.bias is 1 (int), not bool"),
     "none-for-str": (setting("norm", None), "model.norm is None (NoneType), not str"),
     "heads-do-not-divide": (setting("n_heads", 5), "model.n_heads=5 does not divide model.d_model=32"),
+    "heads-do-not-divide-huge": (  # GPTConfig's own message would list the divisors of 10**12 one by one
+        lambda c: c["carlos"]["model"].update(d_model=10**12, n_heads=7),
+        "model.n_heads=7 does not divide model.d_model=1000000000000",
+    ),
     "d_model-zero": (setting("d_model", 0), "model.d_model must be a positive integer"),
     "norm-unknown": (setting("norm", "batchnorm"), "model.norm must be one of"),
     "dropout-nan": (setting("dropout", float("nan")), "model.dropout must be in [0, 1)"),
@@ -204,6 +208,11 @@ DAMAGED = {
         "tokenizer.vocab_size is 300 but add_bos=False, add_eos=False make 256",
     ),
     "seq_len-changed": (lambda c: c["carlos"].__setitem__("seq_len", 64), "trained with seq_len=64"),
+    "seq_len-tensor": (lambda c: c["carlos"].__setitem__("seq_len", torch.zeros(3)), "trained with seq_len=tensor("),
+    "tokenizer-vocab-tensor": (
+        lambda c: c["carlos"]["tokenizer"].__setitem__("vocab_size", torch.zeros(3)),
+        "tokenizer.vocab_size is tensor(",
+    ),
     # the weights
     "state_dict-string": (lambda c: c.__setitem__("state_dict", "weights"), "state_dict is a str, not a dict"),
     "state_dict-list": (lambda c: c.__setitem__("state_dict", []), "state_dict is a list, not a dict"),
@@ -325,6 +334,8 @@ def test_a_cuda_index_beyond_the_gpus_is_refused(carlos, monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     both(carlos, "best", "--device cuda:2: this machine has 2 CUDA GPUs (cuda:0 to cuda:1)", "--device", "cuda:2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    both(carlos, "best", "--device cuda:1: this machine has 1 CUDA GPU (cuda:0); use one of them", "--device", "cuda:1")
 
 
 @pytest.mark.parametrize("device", ["cpu", "auto"])
@@ -337,18 +348,19 @@ def test_cpu_and_auto_are_accepted(device, carlos, monkeypatch) -> None:
 # ---------------------------------------------------------------- tiny temperatures
 
 
-@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-46])
-def test_a_tiny_temperature_is_greedy(temperature, good, root, carlos) -> None:
+def test_a_tiny_temperature_is_greedy(good, root, carlos) -> None:
     from carlos.checkpoint import model_from_checkpoint
 
     model, _ = model_from_checkpoint(good, root / "w" / "checkpoints" / "best.pt")
-    g = torch.Generator().manual_seed(0)
-    greedy = generate(model, [10], 40, temperature=0)
-    assert generate(model, [10], 40, temperature, 50, 0.9, g) == greedy  # 40 > context 32: the window slides
-    assert generate(model, [10], 40, temperature, 0, 1.0, g) == greedy
-    code, out, err = carlos("sample", "--workdir", "w", "--max_new_tokens", "40", "--temperature", str(temperature))
+    greedy = generate(model, [10], 40, temperature=0)  # 40 > context 32: the window slides
+    for temperature in (1e-300, 5e-324, 1e-46):  # 0 in float32; the smallest float64; a float32 denormal
+        g = torch.Generator().manual_seed(0)
+        assert generate(model, [10], 40, temperature, 50, 0.9, g) == greedy, temperature
+        assert generate(model, [10], 40, temperature, 0, 1.0, g) == greedy, temperature
+    sample = ["sample", "--workdir", "w", "--max_new_tokens", "40", "--temperature"]
+    code, out, err = carlos(*sample, "1e-300")
     assert code == 0, err
-    assert out == carlos("sample", "--workdir", "w", "--max_new_tokens", "40", "--temperature", "0")[1]
+    assert out == carlos(*sample, "0")[1]
 
 
 def test_filtering_with_a_tiny_temperature_is_finite_and_normal_ones_unchanged() -> None:
@@ -362,6 +374,12 @@ def test_filtering_with_a_tiny_temperature_is_finite_and_normal_ones_unchanged()
     for t in (0.8, 1.0, 1.7, 1e-3):  # the float32 path as before: bit for bit
         expect = (logits - logits.max(dim=-1, keepdim=True).values) / t
         assert torch.equal(filter_logits(logits, t, 0, 1.0), expect)
+
+
+def test_top_p_among_tied_logits_keeps_the_greedy_token() -> None:
+    logits = torch.zeros(17)  # all tied: a sort that is not stable could drop index 0, argmax's choice
+    kept = filter_logits(logits, 1.0, 0, 0.5)
+    assert torch.isfinite(kept[: int(torch.isfinite(kept).sum())]).all() and torch.isfinite(kept[0])
 
 
 # ---------------------------------------------------------------- names that are not checkpoint files

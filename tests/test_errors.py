@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from carlos.checkpoint import load_checkpoint
 from carlos.cli import main
-from carlos.generate import load_checkpoint
+from carlos.manifest import RECORD
 
 from .conftest import make_corpus
 
@@ -71,32 +72,60 @@ def unreadable(name: str) -> Callable:
         path.write_text("some text\n")
         path.chmod(0)
         if os.access(path, os.R_OK):  # root reads anything: refuse it the way the kernel does for others
-            real_open = open
+            real_open, real_os_open = open, os.open
+
+            def refused(file) -> bool:
+                return isinstance(file, (str, os.PathLike)) and Path(file).resolve() == path
 
             def guarded_open(file, *args, **kwargs):
-                if isinstance(file, (str, os.PathLike)) and Path(file).resolve() == path:
+                if refused(file):
                     raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
                 return real_open(file, *args, **kwargs)
 
+            def guarded_os_open(file, *args, **kwargs):
+                if refused(file):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+                return real_os_open(file, *args, **kwargs)
+
             mp.setattr("builtins.open", guarded_open)
+            mp.setattr(os, "open", guarded_os_open)
 
     return setup
 
 
 def unwritable(name: str) -> Callable:
+    """name becomes a directory where no new entry can be made (mode 0555). As root, where the mode stops
+    nothing, creating a file or directory in it is refused the way the kernel refuses other users;
+    writing to a file that is already there stays allowed, as the kernel allows it."""
+
     def setup(d: Path, mp: pytest.MonkeyPatch) -> None:
         path = (d / name).resolve()
         path.mkdir(exist_ok=True)
         path.chmod(0o555)
-        if os.access(path, os.W_OK):  # root writes anywhere: refuse new entries the way the kernel does
-            real_mkdir = os.mkdir
+        if not os.access(path, os.W_OK):
+            return
+        real_mkdir, real_os_open, real_open = os.mkdir, os.open, open
 
-            def guarded_mkdir(p, *args, **kwargs):
-                if path in Path(p).resolve().parents:
-                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(p))
-                return real_mkdir(p, *args, **kwargs)
+        def new_entry(p) -> bool:
+            p = Path(p).resolve()
+            return path in p.parents and not p.exists()
 
-            mp.setattr(os, "mkdir", guarded_mkdir)
+        def deny(p):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(p))
+
+        def guarded_mkdir(p, *args, **kwargs):
+            return deny(p) if new_entry(p) else real_mkdir(p, *args, **kwargs)
+
+        def guarded_os_open(p, flags, *args, **kwargs):
+            return deny(p) if flags & os.O_CREAT and new_entry(p) else real_os_open(p, flags, *args, **kwargs)
+
+        def guarded_open(p, mode="r", *args, **kwargs):
+            creates = isinstance(p, (str, os.PathLike)) and any(m in mode for m in "wax") and new_entry(p)
+            return deny(p) if creates else real_open(p, mode, *args, **kwargs)
+
+        mp.setattr(os, "mkdir", guarded_mkdir)
+        mp.setattr(os, "open", guarded_os_open)
+        mp.setattr("builtins.open", guarded_open)
 
     return setup
 
@@ -138,8 +167,13 @@ def not_carlos(name: str) -> Callable:
 
 
 def copy_checkpoints(src: str, dst: str) -> Callable:
+    """The checkpoints of src, as if carlos had written them into dst (with its record of them)."""
+
     def setup(d: Path, mp: pytest.MonkeyPatch) -> None:
         shutil.copytree(d / src / "checkpoints", d / dst / "checkpoints")
+        record = [line for line in (d / src / RECORD).read_text().splitlines() if "checkpoints" in line]
+        with open(d / dst / RECORD, "a") as f:
+            f.write("\n".join(record) + "\n")
 
     return setup
 

@@ -147,7 +147,8 @@ def test_unprepared_and_half_prepared_workdirs_are_refused(workdir, tmp_path):
 def test_prepare_again_replaces_the_data_and_leaves_no_temporary_files(corpus, workdir):
     prepare_workdir(corpus, workdir, "data.seq_len=16")
     assert json.loads((workdir / "splits.json").read_text())["seq_len"] == 16
-    assert sorted(p.name for p in workdir.iterdir()) == ["data", "rng_state.json", "splits.json", "tokenizer.json"]
+    left = sorted(p.name for p in workdir.iterdir())
+    assert left == [".carlos-files", "data", "rng_state.json", "splits.json", "tokenizer.json"]
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 64, 1 << 20])
@@ -181,10 +182,11 @@ def test_documents_stream_without_holding_a_whole_document():
 def test_scan_finds_the_first_bad_byte_across_chunk_boundaries(tmp_path, chunk):
     path = tmp_path / "c.txt"
     path.write_bytes("aé".encode() + b"\xc3" + b"x")  # a 2-byte lead cut short at offset 3
-    with pytest.raises(CarlosError, match="first bad byte 0xc3 at offset 3"):
-        scan(path, chunk=chunk)
+    with pytest.raises(CarlosError, match="first bad byte 0xc3 at offset 3"), open(path, "rb") as f:
+        scan(f, chunk=chunk)
     path.write_bytes("aé🙂".encode()[:-1])
-    with pytest.raises(CarlosError, match="ends inside a character at offset 3"):
-        scan(path, chunk=chunk)
+    with pytest.raises(CarlosError, match="ends inside a character at offset 3"), open(path, "rb") as f:
+        scan(f, chunk=chunk)
     path.write_bytes("aé🙂\n".encode())
-    assert scan(path, chunk=chunk) == (8, hashlib.sha256("aé🙂\n".encode()).hexdigest())
+    with open(path, "rb") as f:
+        assert scan(f, chunk=chunk) == (8, hashlib.sha256("aé🙂\n".encode()).hexdigest())

@@ -12,7 +12,7 @@ import torch
 from carlos.config import CarlosError
 from carlos.train import resolve_precision, train
 
-from .conftest import train_cfg
+from .conftest import record_as_carlos, train_cfg
 
 TOKENS_PER_STEP = 32 * 4 * 2  # seq_len * micro_batch_size * accumulate
 
@@ -112,6 +112,7 @@ def test_resume_continues_exactly_where_the_checkpoint_left_off(workdir, tmp_pat
     shutil.copy(full / "checkpoints" / "step_000008.pt", part / "checkpoints" / "last.pt")
     lines = [json.dumps(r) for r in records(full) if r["step"] <= 8] + ['{"step": 9, "lr": 1}']  # past the ckpt
     (part / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    record_as_carlos(part, part / "checkpoints", part / "checkpoints" / "last.pt", part / "metrics.jsonl")
     train(train_cfg(part, "ckpt_interval=8", "trainer.max_steps=16", "resume=true"))
 
     recs = records(part)
@@ -250,17 +251,18 @@ def test_schedule_horizon_follows_elapsed_time(workdir):
     assert m.total_steps(10) == 30
 
 
-def test_lightning_slurm_requeue_is_off_under_slurm(monkeypatch):
+def test_lightning_slurm_requeue_is_off_under_slurm(monkeypatch, tmp_path):
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
+    from carlos.manifest import Manifest
     from carlos.train import trainer_plugins
 
     for key in [k for k in os.environ if k.startswith("SLURM_")]:
         monkeypatch.delenv(key)
-    assert not any(isinstance(p, SLURMEnvironment) for p in trainer_plugins())
+    assert not any(isinstance(p, SLURMEnvironment) for p in trainer_plugins(Manifest(tmp_path)))
     monkeypatch.setenv("SLURM_NTASKS", "1")
     monkeypatch.setenv("SLURM_JOB_NAME", "carlos")
-    (slurm,) = [p for p in trainer_plugins() if isinstance(p, SLURMEnvironment)]
+    (slurm,) = [p for p in trainer_plugins(Manifest(tmp_path)) if isinstance(p, SLURMEnvironment)]
     assert slurm.auto_requeue is False
 
 
