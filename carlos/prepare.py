@@ -94,7 +94,9 @@ class Source:
         refuse_special(path, os.fstat(fd), fd)
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
+        f = os.fdopen(fd, "rb")
+        f.raw.name = str(path)  # messages name the path, not the descriptor
+        return f
 
     def changed(self, how: str) -> CarlosError:
         return CarlosError(

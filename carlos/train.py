@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from carlos.checkpoint import check_checkpoint, load_checkpoint
 from carlos.config import WANDB_MODES, CarlosError, TrainConfig, parse, to_plain
-from carlos.generate import load_checkpoint, prompt_ids
+from carlos.generate import prompt_ids
 from carlos.lock import DirLock
 from carlos.manifest import Manifest
 from carlos.memory import check_fits, num_params, training_bytes
@@ -286,7 +287,7 @@ def accept(cfg: DictConfig, tc: TrainConfig, data: PreparedData, run_dir: Path, 
     else:  # rank 0 already accepted the run (and may be writing checkpoints into it)
         newest = newest_checkpoint(ckpt_dir)
         resume = newest if tc.resume != "false" or _requeued() else None
-    prev = load_checkpoint(resume)["carlos"] if resume else None
+    prev = _resume_state(resume) if resume else None
     model_cfg = _model_config(tc, data, prev)
     device = device_type(tc.trainer.accelerator)
     stored = prev.get("precision") if prev else None
@@ -307,6 +308,18 @@ def accept(cfg: DictConfig, tc: TrainConfig, data: PreparedData, run_dir: Path, 
     )
     _build_trainer(run)
     return run
+
+
+def _resume_state(path: Path) -> dict:
+    """The carlos metadata of the checkpoint to resume, once its weights and Lightning's training state
+    are known to be whole (a damaged one would otherwise fail inside fit, after the run started writing)."""
+    ckpt = load_checkpoint(path)
+    check_checkpoint(ckpt, path)
+    missing = [k for k in ("optimizer_states", "lr_schedulers", "loops", "global_step") if k not in ckpt]
+    if missing or not isinstance(ckpt.get("optimizer_states"), list) or not isinstance(ckpt["carlos"].get("step"), int):
+        what = f"no {missing[0]}" if missing else "a damaged training state"
+        raise CarlosError(f"cannot resume from {path}: it holds {what}; resume from another checkpoint or start over")
+    return ckpt["carlos"]
 
 
 def _model_config(tc: TrainConfig, data: PreparedData, prev: dict | None) -> GPTConfig:

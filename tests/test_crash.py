@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from carlos.checkpoint import load_checkpoint
 from carlos.cli import main
-from carlos.generate import load_checkpoint
 from carlos.workdir import PreparedData
 
 from .conftest import make_corpus
@@ -214,5 +214,5 @@ def test_prepare_killed_midway_leaves_nothing_train_accepts(
     p = _run([CARLOS, *prep, "--input", "other.txt", "--overwrite"], tmp_path)
     assert p.returncode == 0, p.stderr
     left = sorted(x.name for x in (tmp_path / "w").iterdir())
-    assert left == ["data", "rng_state.json", "splits.json", "tokenizer.json"]  # no temporary directories
+    assert left == [".carlos-files", "data", "rng_state.json", "splits.json", "tokenizer.json"]  # no temporaries
     assert json.loads(splits.read_text())["input"].endswith("other.txt")

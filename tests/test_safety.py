@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from carlos.checkpoint import load_checkpoint
 from carlos.config import CarlosError
-from carlos.generate import load_checkpoint
 
-from .conftest import make_corpus
+from .conftest import make_corpus, record_as_carlos
 
 CARLOS = str(Path(sys.executable).parent / "carlos")
 
@@ -59,6 +59,8 @@ def test_hostile_checkpoint_through_eval_sample_and_resume(tmp_path):
     marker = tmp_path / "pwned"
     (tmp_path / "W" / "checkpoints").mkdir()
     _evil_checkpoint(tmp_path / "W" / "checkpoints" / "last.pt", marker)
+    # as if carlos had written it (a file carlos did not write is refused before anything loads it)
+    record_as_carlos(tmp_path / "W", tmp_path / "W" / "checkpoints", tmp_path / "W" / "checkpoints" / "last.pt")
     for args in (
         ["eval", "--workdir", "W", "--checkpoint", "last"],
         ["sample", "--workdir", "W", "--checkpoint", "last"],
@@ -131,4 +133,4 @@ def test_nothing_in_carlos_unpickles_unguarded():
         # np.load refuses pickled arrays unless allow_pickle=True is passed
         for banned in ("pickle.load", "pickle.Unpickler", "allow_pickle=True", "dill", "joblib.load"):
             assert banned not in text, f"{path.name} uses {banned}"
-    assert loads == 1 and fits == 1  # generate.load_checkpoint and train's resume
+    assert loads == 1 and fits == 1  # checkpoint.load_checkpoint and train's resume
