@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from carlos.config import BenchConfig, CarlosError
+from carlos.manifest import write_error
 from carlos.model import GPT, GPTConfig
-from carlos.prepare import write_stdlib_corpus
+from carlos.prepare import Source, write_stdlib_corpus
 from carlos.tokenizer import ByteTokenizer
 
 SECTIONS = {
@@ -303,7 +304,14 @@ def bench(cfg: BenchConfig) -> dict:
     from carlos.config import TrainConfig, parse
 
     root = Path(cfg.workdir).expanduser().resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(root) and not root.is_dir():
+        raise CarlosError(f"workdir {cfg.workdir} is a file; pass a directory to --workdir")
+    if cfg.input is not None:
+        Source(cfg.input).close()  # the corpus's problems, before any work
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(root, e) from None
     corpus = cfg.input
     if corpus is None:
         corpus = str(root / "corpus.txt")

@@ -167,7 +167,7 @@ class Manifest:
         the writer reports it) is one line."""
         path = Path(path)
         if os.path.lexists(path) and not self.owns(path):  # a user's file by a name carlos writes
-            raise CarlosError(f"{path} was not written by carlos, and carlos would replace it; move it away")
+            raise CarlosError(f"{path} is a file carlos did not write, and carlos would replace it; move it away")
         self.claim(path)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
@@ -201,7 +201,7 @@ class Manifest:
         for path in map(Path, paths):
             found = self.foreign(path)
             if found == [path]:
-                raise CarlosError(f"{path} was not written by carlos, and carlos would replace it; {fix}")
+                raise CarlosError(f"{path} is a file carlos did not write, and carlos would replace it; {fix}")
             if found:
                 names = ", ".join(f.relative_to(path).as_posix() for f in found[:3])
                 more = f" and {len(found) - 3} more" if len(found) > 3 else ""

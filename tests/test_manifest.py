@@ -1,0 +1,228 @@
+"""carlos replaces or removes only what it wrote (carlos/manifest.py): a user's files in the workdir,
+in carlos's own directories, or given as the input, survive every command, and what is in the way is
+refused in one line before anything is written."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from carlos.cli import main
+from carlos.config import CarlosError
+from carlos.manifest import RECORD, Manifest
+
+from .conftest import make_corpus
+
+TINY = ["model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.d_ff=64", "--micro_batch_size", "4"]
+TINY += ["--eval_interval", "2", "--ckpt_interval", "2", "--sample_tokens", "4", "--warmup_steps", "1"]
+
+
+def files(d: Path) -> dict[str, str]:
+    """Every file under d (the record of written files aside): its sha256."""
+    return {
+        p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(d.rglob("*"))
+        if p.is_file() and p.name != RECORD
+    }
+
+
+def run(argv: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+        raise SystemExit(0)
+    err = capsys.readouterr().err
+    return e.value.code, err
+
+
+def refused(argv: list[str], capsys, expect: str) -> str:
+    code, err = run(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("carlos: error: "), err
+    assert expect in lines[0], lines[0]
+    return lines[0]
+
+
+# ---------------------------------------------------------------- the record itself
+
+
+def test_a_path_is_carlos_only_when_the_record_names_it(tmp_path):
+    m = Manifest(tmp_path)
+    m.claim(tmp_path / "checkpoints" / "best.pt")  # creates checkpoints/, recorded as carlos's
+    assert (tmp_path / "checkpoints").is_dir()
+    (tmp_path / "checkpoints" / "best.pt").write_text("x")
+    (tmp_path / "checkpoints" / "notes.txt").write_text("mine")
+    m.claim(tmp_path / "wandb", kind="tree")
+    (tmp_path / "wandb" / "run-1").mkdir(parents=True)
+    (tmp_path / "wandb" / "run-1" / "log").write_text("w&b's")
+    again = Manifest(tmp_path)  # read back from the file
+    assert again.owns(tmp_path / "checkpoints" / "best.pt") and again.owns(tmp_path / "wandb" / "run-1" / "log")
+    assert not again.owns(tmp_path / "checkpoints" / "notes.txt")
+    assert again.foreign(tmp_path / "checkpoints") == []  # a carlos directory may hold the user's files
+    again.remove(tmp_path / "checkpoints")
+    again.remove(tmp_path / "wandb")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == [RECORD, "checkpoints", "notes.txt"]
+
+
+def test_a_torn_last_line_and_foreign_lines_are_ignored(tmp_path):
+    (tmp_path / RECORD).write_text('{"file": "a"}\n[1, 2]\n{"file": 3}\n{"tree": "w", "x": 1}\n{"file": "b')
+    assert Manifest(tmp_path).entries == {"a": "file"}
+
+
+def test_a_user_file_by_a_name_carlos_writes_is_never_replaced(tmp_path):
+    (tmp_path / "last.pt").write_text("the user's")
+    with pytest.raises(CarlosError, match="carlos did not write"):
+        Manifest(tmp_path).write(tmp_path / "last.pt", lambda f: f.write(b"new"))
+    assert (tmp_path / "last.pt").read_text() == "the user's"
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    m = Manifest(tmp_path)
+    m.write(tmp_path / "a.txt", lambda f: f.write(b"old"))
+
+    def broken(f):
+        f.write(b"half")
+        raise RuntimeError("unexpected pos") from OSError(28, "No space left on device")
+
+    with pytest.raises(CarlosError, match=r"cannot write .*a\.txt \(No space left on device\); free some space"):
+        m.write(tmp_path / "a.txt", broken)
+    assert (tmp_path / "a.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [RECORD, "a.txt"]
+
+
+def test_temporaries_of_recorded_files_only_are_removed(tmp_path):
+    m = Manifest(tmp_path)
+    m.claim(tmp_path / "c" / "last.pt")
+    for name in (".last.pt.tmp-123", ".notes.tmp-9", ".other.pt.tmp-5"):
+        (tmp_path / "c" / name).write_text("x")
+    m.remove_stale_temporaries()
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [".notes.tmp-9", ".other.pt.tmp-5"]
+
+
+# ---------------------------------------------------------------- prepare
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """A user's project: data/corpus.txt and data/notes.txt, the current directory."""
+    (tmp_path / "data").mkdir()
+    make_corpus(tmp_path / "data" / "corpus.txt")
+    (tmp_path / "data" / "notes.txt").write_text("my notes\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    return tmp_path
+
+
+@pytest.mark.parametrize("workdir", [".", "", "./", "data/.."])
+def test_prepare_into_a_directory_holding_the_users_data_is_refused(project, capsys, workdir):
+    before = files(project)
+    refused(["prepare", "--input", "data/corpus.txt", "--workdir", workdir, "--seq_len", "32"], capsys, "holds")
+    assert files(project) == before and not (project / RECORD).exists()
+
+
+def test_prepare_beside_the_users_files_keeps_them(project, capsys):
+    """--workdir data: nothing of the user's is where carlos writes, so it prepares there and keeps them."""
+    before = files(project)
+    assert run(["prepare", "--input", "data/corpus.txt", "--workdir", "data", "--seq_len", "32"], capsys)[0] == 0
+    assert {k: v for k, v in files(project).items() if k in before} == before
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [("splits.json", "{}"), ("tokenizer.json", "{}"), ("rng_state.json", "{}"), ("data/train.npy", "x")],
+)
+def test_a_user_file_where_prepare_writes_is_refused(project, capsys, name, content):
+    (project / "w" / "data").mkdir(parents=True)
+    (project / "w" / name).write_text(content)
+    before = files(project)
+    refused(["prepare", "--input", "data/corpus.txt", "--workdir", "w", "--seq_len", "32"], capsys, "carlos did not")
+    assert files(project) == before
+
+
+def test_prepare_leaves_a_users_file_inside_its_own_directories(project, capsys):
+    prep = ["prepare", "--input", "data/corpus.txt", "--workdir", "w", "--seq_len", "32"]
+    assert run(prep, capsys)[0] == 0
+    (project / "w" / "data" / "mine.txt").write_text("mine")
+    assert run([*prep, "--seq_len", "16"], capsys)[0] == 0
+    assert (project / "w" / "data" / "mine.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("name", ["data/train.npy", "splits.json", "metrics.jsonl"])
+def test_the_input_is_never_among_what_prepare_replaces(project, capsys, name):
+    prep = ["prepare", "--input", "data/corpus.txt", "--workdir", "w", "--seq_len", "32"]
+    assert run(prep, capsys)[0] == 0
+    assert run(["train", "--workdir", "w", *TINY, "--max_steps", "2"], capsys)[0] == 0
+    before = files(project)
+    refused(["prepare", "--input", f"w/{name}", "--workdir", "w", "--overwrite"], capsys, "which this prepare")
+    os.link(project / "w" / name, project / "linked.txt")  # the same file under another name
+    refused(["prepare", "--input", "linked.txt", "--workdir", "w", "--overwrite"], capsys, "which this prepare")
+    (project / "linked.txt").unlink()
+    assert files(project) == before
+
+
+# ---------------------------------------------------------------- train
+
+
+@pytest.fixture
+def prepared(project, capsys) -> Path:
+    assert run(["prepare", "--input", "data/corpus.txt", "--workdir", "w", "--seq_len", "32"], capsys)[0] == 0
+    return project / "w"
+
+
+@pytest.mark.parametrize("name", ["checkpoints", "samples", ".hydra"])
+def test_a_users_directory_where_train_writes_is_refused(prepared, capsys, name):
+    (prepared / name).mkdir()
+    (prepared / name / "mine.txt").write_text("mine")
+    before = files(prepared)
+    refused(["train", "--workdir", "w", *TINY, "--max_steps", "2"], capsys, "which carlos did not write")
+    assert files(prepared) == before
+
+
+@pytest.mark.parametrize("name", ["checkpoints", "samples", "metrics.jsonl", ".hydra"])
+def test_a_users_file_where_train_writes_is_refused(prepared, capsys, name):
+    (prepared / name).write_text("mine")
+    before = files(prepared)
+    refused(["train", "--workdir", "w", *TINY, "--max_steps", "2"], capsys, "carlos did not write")
+    assert files(prepared) == before
+
+
+def test_overwrite_removes_only_what_the_run_wrote(prepared, capsys):
+    train = ["train", "--workdir", "w", *TINY, "--max_steps", "4"]
+    assert run(train, capsys)[0] == 0
+    for d in ("checkpoints", "samples", ".hydra"):
+        (prepared / d / "mine.txt").write_text("mine")
+    assert run([*train, "--max_steps", "2", "--overwrite"], capsys)[0] == 0
+    assert sorted(p.name for p in (prepared / "checkpoints").iterdir()) == [
+        "best.pt",
+        "last.pt",
+        "mine.txt",
+        "step_000002.pt",
+    ]
+    assert all((prepared / d / "mine.txt").read_text() == "mine" for d in ("checkpoints", "samples", ".hydra"))
+    # prepare --overwrite removes the run, and keeps the user's files (so their directories too)
+    assert run(["prepare", "--input", "data/corpus.txt", "--workdir", "w", "--overwrite"], capsys)[0] == 0
+    left = sorted(p.relative_to(prepared).as_posix() for p in prepared.rglob("*") if p.is_file())
+    assert left == [
+        RECORD,
+        ".hydra/mine.txt",
+        "checkpoints/mine.txt",
+        "data/test.npy",
+        "data/train.npy",
+        "data/val.npy",
+        "rng_state.json",
+        "samples/mine.txt",
+        "splits.json",
+        "tokenizer.json",
+    ]
+
+
+def test_a_workdir_copied_without_its_record_is_refused_not_deleted(prepared, capsys):
+    assert run(["train", "--workdir", "w", *TINY, "--max_steps", "2"], capsys)[0] == 0
+    shutil.copytree(prepared, prepared.parent / "copy", ignore=shutil.ignore_patterns(RECORD))
+    before = files(prepared.parent / "copy")
+    refused(["train", "--workdir", "copy", *TINY, "--max_steps", "2", "--overwrite"], capsys, "carlos did not write")
+    refused(["prepare", "--input", "data/corpus.txt", "--workdir", "copy", "--overwrite"], capsys, "carlos did not")
+    assert files(prepared.parent / "copy") == before
