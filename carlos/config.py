@@ -61,6 +61,8 @@ def decode_escapes(text: str) -> str:
     return re.sub(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|[ntr0\\'\"])", sub, text)
 
 
+MAX_LR = 10.0
+MAX_INT = 2**53  # beyond it a whole number is not exact as a float, and counts overflow torch's 64-bit indices
 SEED_MAX = 2**32 - 1  # the range Lightning's seed_everything and NumPy's legacy seeding accept
 
 
@@ -309,6 +311,18 @@ class TrainConfig:
         lr = self.optimizer.get("lr")
         if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
             raise CarlosError(f"optimizer.lr (--peak_lr) must be a number > 0, got {lr!r}")
+        if lr > MAX_LR:
+            raise CarlosError(
+                f"optimizer.lr (--peak_lr) is {lr}, above {MAX_LR}, where none of carlos's optimizers trains "
+                "(the weights become NaN in a few steps); use a rate like 6e-3"
+            )
+        decay = self.optimizer.get("weight_decay", 0.0)
+        if isinstance(decay, (int, float)) and not isinstance(decay, bool) and lr * decay >= 1:
+            raise CarlosError(
+                f"optimizer.weight_decay={decay} with optimizer.lr={lr}: each step would scale the weights by "
+                f"1 - lr x weight_decay = {1 - lr * decay:.3g}, which destroys them; use a weight decay "
+                f"below {1 / lr:.3g}"
+            )
         min_lr = self.schedule.get("min_lr", 0.0)
         if not isinstance(min_lr, (int, float)) or min_lr < 0:
             raise CarlosError(f"schedule.min_lr must be a number >= 0, got {min_lr!r}")
@@ -423,6 +437,8 @@ def parse(cfg: DictConfig, schema: type[T]) -> T:
         for key, value in _leaves(OmegaConf.to_container(merged, resolve=True)):
             if isinstance(value, float) and not math.isfinite(value):
                 raise CarlosError(f"{key} must be a finite number, got {value}")
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+                raise CarlosError(f"{key}={value} is beyond {MAX_INT:,} (2**53); give a smaller number")
         return OmegaConf.to_object(merged)
     except ConfigKeyError as e:
         key = e.full_key or str(e.key)

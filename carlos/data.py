@@ -107,7 +107,7 @@ class ByteDataModule(L.LightningDataModule):
         # called after Lightning restored a checkpoint, so global_step is the resumed step
         start = trainer.global_step * accumulate
         # the whole run is one epoch; a run bounded by max_time only gets an endless one
-        length = trainer.max_steps * accumulate if trainer.max_steps > 0 else 10**12
+        length = min(trainer.max_steps * accumulate, 2**62) if trainer.max_steps > 0 else 10**12
         sampler = ShuffledBatches(
             len(self.train_set),
             self.micro_batch_size,

@@ -23,9 +23,11 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     # shifted so the largest is 0 before scaling: a tiny temperature then sends the others to -inf (greedy)
     # instead of overflowing the largest to +inf, which would make softmax NaN
     logits = logits - logits.max(dim=-1, keepdim=True).values
-    if temperature < torch.finfo(logits.dtype).tiny:
-        # 1e-300 is 0 in float32, and 0 / 0 is NaN: divide in float64, where the largest stays 0 and the
-        # others still overflow to -inf, the greedy limit (normal temperatures keep the float32 path)
+    finfo = torch.finfo(logits.dtype)
+    if not finfo.tiny <= temperature <= finfo.max:
+        # 1e-300 is 0 in float32, and 0 / 0 is NaN; 1e308 is inf, and -inf / inf is NaN: divide in float64,
+        # where 1e-300 sends all but the largest to -inf (the greedy limit) and 1e308 flattens them all
+        # (normal temperatures keep the float32 path)
         logits = (logits.double() / temperature).to(logits.dtype)
     else:
         logits = logits / temperature
@@ -35,6 +37,7 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
         probs = torch.softmax(sorted_logits, dim=-1)
         # drop a token when the tokens ranked above it already reach top_p (the first is always kept)
         drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop[..., 0] = False  # even when top_p is 0 in float32 (1e-300)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits

@@ -84,6 +84,12 @@ def _instantiate(cfg: dict, what: str) -> Callable:
         return instantiate(cfg, _convert_="all")
     except InstantiationException as e:
         raise CarlosError(f"{what} config is invalid: {str(e).splitlines()[-1].strip()}") from None
+    except (TypeError, ValueError, AttributeError, ImportError) as e:  # e.g. _partial_=abc, a bad _target_
+        raise CarlosError(f"{what} config is invalid: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _check_kwargs(fn: Callable, cfg: dict, what: str, supplied: tuple[str, ...] = ()) -> None:
@@ -101,17 +107,37 @@ def build_optimizer(cfg: dict, params) -> torch.optim.Optimizer:
     _check_kwargs(partial, cfg, "optimizer", supplied=("params",))
     try:
         return partial(params)
-    except (TypeError, ValueError) as e:
-        raise CarlosError(f"optimizer config is invalid: {e}") from None
+    except Exception as e:  # noqa: BLE001 - torch checks its arguments with several exception types
+        raise CarlosError(f"optimizer config is invalid: {_first_line(e)}") from None
+
+
+def check_optimization(optimizer: dict, schedule: dict, max_steps: int) -> None:
+    """Build the optimizer and take one step with it on a stand-in weight, and compute the schedule's first
+    lr: a setting that torch only rejects when it steps (betas='') is refused before the run writes."""
+    weight = torch.zeros(2, requires_grad=True)
+    opt = build_optimizer(optimizer, [{"params": [weight], "weight_decay": optimizer.get("weight_decay", 0.0)}])
+    weight.grad = torch.ones(2)
+    try:
+        opt.step()
+    except Exception as e:  # noqa: BLE001 - torch checks some settings only here, with several exception types
+        raise CarlosError(f"optimizer config is invalid: {_first_line(e)}") from None
+    lr_at = build_schedule(schedule, optimizer["lr"])
+    try:
+        lr_at(0, max_steps if max_steps > 0 else math.inf)
+    except (TypeError, ValueError, ArithmeticError) as e:
+        raise CarlosError(f"schedule config is invalid: {_first_line(e)}") from None
 
 
 def build_schedule(cfg: dict, peak_lr: float) -> Callable[[int, float], float]:
     """lr as a function of the optimizer step and the run's length in steps. The target is resolved once
     and called directly: it runs every step, and Hydra's deferred call re-checks its target each time."""
+    target = cfg.get("_target_")
     try:
-        fn = get_method(cfg["_target_"])
-    except (KeyError, ImportError, ValueError) as e:
-        raise CarlosError(f"schedule._target_ is invalid ({e}); use one of conf/schedule/*.yaml") from None
+        if not isinstance(target, str) or not target:
+            raise ValueError(f"{target!r} is not the dotted name of a function")
+        fn = get_method(target)
+    except (ImportError, ValueError, AttributeError, IndexError) as e:
+        raise CarlosError(f"schedule._target_ is invalid ({_first_line(e)}); use one of conf/schedule/*.yaml") from None
     kwargs = {k: v for k, v in cfg.items() if not k.startswith("_")}
     _check_kwargs(fn, kwargs, "schedule", supplied=("step", "total_steps", "peak_lr"))
 

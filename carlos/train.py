@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import signal
 import time
@@ -30,6 +29,7 @@ from carlos.prepare import RUN_OUTPUTS
 from carlos.workdir import PreparedData
 
 log = logging.getLogger("carlos")
+LONGEST = 2**62  # micro-batches: what a run may count to without overflowing a 64-bit length
 
 
 def device_type(accelerator: str) -> str:
@@ -298,11 +298,9 @@ def accept(cfg: DictConfig, tc: TrainConfig, data: PreparedData, run_dir: Path, 
         # fp16's GradScaler must unscale the gradients before clipping, which a fused step does too late
         optimizer_cfg["fused"] = False
     # Lightning takes seconds to import: the checks above refuse a wrong workdir or model before it
-    from carlos.module import build_optimizer, build_schedule
+    from carlos.module import check_optimization
 
-    build_optimizer(optimizer_cfg, [torch.zeros(1, requires_grad=True)])
-    max_steps = tc.trainer.max_steps
-    build_schedule(schedule_cfg, optimizer_cfg["lr"])(0, max_steps if max_steps > 0 else math.inf)
+    check_optimization(optimizer_cfg, schedule_cfg, tc.trainer.max_steps)
     run = Run(
         cfg, tc, data, run_dir, leader, manifest, resume, prev, model_cfg, precision, why, optimizer_cfg, schedule_cfg
     )
@@ -364,6 +362,12 @@ def _check_machine(tc: TrainConfig, model_cfg: GPTConfig, device: str) -> None:
         raise CarlosError(
             f"trainer.accelerator={t.accelerator}: this machine has no CUDA GPU (torch sees none); "
             "use trainer.accelerator=cpu or auto"
+        )
+    cluster = any(k in os.environ for k in ("SLURM_NTASKS", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"))
+    if t.num_nodes > 1 and not cluster:
+        raise CarlosError(
+            f"trainer.num_nodes={t.num_nodes} needs a cluster that starts the other nodes' processes (SLURM, "
+            "torchrun); on one machine use trainer.devices, or launch with hydra/launcher=submitit_slurm"
         )
     processes = int(t.devices) if device == "cpu" and str(t.devices).isdigit() else 1
     if processes > cores:
@@ -432,7 +436,7 @@ def _build_trainer(run: Run) -> None:
             accumulate_grad_batches=t.accumulate_grad_batches,
             gradient_clip_val=t.gradient_clip_val,
             # validation every eval_interval optimizer steps; Lightning counts micro-batches here
-            val_check_interval=tc.eval_interval * t.accumulate_grad_batches,
+            val_check_interval=min(tc.eval_interval * t.accumulate_grad_batches, LONGEST),
             check_val_every_n_epoch=None,
             num_sanity_val_steps=0,
             logger=loggers,
