@@ -453,18 +453,17 @@ def prepare(cfg: PrepareConfig) -> dict:
         for stale in workdir.glob(".prepare-*"):  # left by a prepare that was killed (kill -9) midway
             if Manifest(stale).entries.get(".") == "tree":
                 shutil.rmtree(stale, ignore_errors=True)
+        tmp = None
         try:
             tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=workdir))
             Manifest(tmp).claim(tmp, kind="tree")  # marks it as carlos's, for the stale clean-up above
-        except OSError as e:
-            raise write_error(workdir, e) from None
-        try:
             record = build(cfg, source, tmp, size, sha256)
             install(cfg, workdir, tmp, manifest)
         except OSError as e:
             raise write_error(Path(e.filename) if e.filename else workdir, e) from None
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
     return {**record, "seconds": time.perf_counter() - started}
 
 
