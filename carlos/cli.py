@@ -160,7 +160,8 @@ BOOL_WORDS = {
     "0": "false",
     "auto": "auto",
 }
-PLAIN_VALUE = re.compile(r"^[-+]?[0-9][0-9_.eE+-]*(,[-+]?[0-9][0-9_.eE+-]*)*$|^(true|false|null)$")
+NUMBER = r"[-+]?([0-9][0-9_.eE+-]*|inf|nan)"
+PLAIN_VALUE = re.compile(rf"^{NUMBER}(,{NUMBER})*$|^(true|false|null)$")
 SWEEP_FUNCTION = re.compile(r"^(range|choice|interval|glob|tag|shuffle|sort)\(.*\)$")
 
 
@@ -233,7 +234,17 @@ def flat_keys(cfg, prefix: str = "") -> dict[str, Any]:
 
 
 def _group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+    """The options Hydra knows for a config group: carlos's files, Hydra's own and its plugins'."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    prefer_carlos_hydra_configs()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+            return sorted(GlobalHydra.instance().config_loader().get_group_options(group))
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def _explain_hydra_error(e: Exception, keys: list[str]) -> str:
@@ -244,7 +255,7 @@ def _explain_hydra_error(e: Exception, keys: list[str]) -> str:
         key = m.group(1)
         public = [k for k in keys if not k.rsplit(".", 1)[-1].startswith("_")]
         return f"unknown key '{key}'{nearest(key, public)}; see the keys with --cfg job"
-    m = re.search(r"Could not find '([^/']+)/([^']+)'", msg) or re.search(r"Could not load '([^/']+)/([^']+)'", msg)
+    m = re.search(r"Could not (?:find|load) '([^']+)/([^'/]+)'", msg)
     if m:
         group, option = m.groups()
         options = _group_options(group)

@@ -74,7 +74,7 @@ class DirLock:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
-                raise write_error(self.path, e) from None
+                raise write_error(f"to {self.path.parent}", e) from None
             if not _try_lock(fd, self.shared):
                 os.close(fd)
                 raise CarlosError(

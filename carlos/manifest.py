@@ -30,7 +30,7 @@ RECORD = ".carlos-files"
 KINDS = ("file", "dir", "tree")
 
 
-def write_error(path: Path, e: OSError) -> CarlosError:
+def write_error(path: Path | str, e: OSError) -> CarlosError:
     """The one-line refusal for a failed write; the fix depends on why it failed."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = "free some space or choose another --workdir"

@@ -431,8 +431,10 @@ def check_workdir(cfg: PrepareConfig, source: Source, workdir: Path, manifest: M
         replaced += [f for name in (*RUN_OUTPUTS, "sweeps") for f in manifest.owned_files(workdir / name)]
     for f in replaced:
         if os.path.samestat(os.stat(f), source.stat):
+            same = "" if os.path.abspath(f) == os.path.abspath(source.path) else f" (the same file as {f})"
             raise CarlosError(
-                f"input {source.path} is {f}, which this prepare replaces or removes; copy it elsewhere first"
+                f"input {source.path}{same} was written by carlos into workdir {workdir}, and this prepare "
+                "replaces or removes it; copy it elsewhere first"
             )
 
 
@@ -460,7 +462,8 @@ def prepare(cfg: PrepareConfig) -> dict:
             record = build(cfg, source, tmp, size, sha256)
             install(cfg, workdir, tmp, manifest)
         except OSError as e:
-            raise write_error(Path(e.filename) if e.filename else workdir, e) from None
+            where = Path(e.filename) if e.filename else f"the prepared data into {workdir}"
+            raise write_error(where, e) from None
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)

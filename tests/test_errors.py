@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -176,6 +177,130 @@ def copy_checkpoints(src: str, dst: str) -> Callable:
             f.write("\n".join(record) + "\n")
 
     return setup
+
+
+def rewrite_checkpoint(name: str, change: Callable[[dict], None]) -> Callable:
+    """Set-up: the checkpoint `name` saved again after change(its dict)."""
+
+    def setup(d: Path, mp: pytest.MonkeyPatch) -> None:
+        ckpt = load_checkpoint(d / name)
+        change(ckpt)
+        torch.save(ckpt, d / name)
+
+    return setup
+
+
+def model_settings(**settings) -> Callable[[dict], None]:
+    """A change: the checkpoint's model settings updated; its seq_len, which would be refused first, dropped."""
+
+    def change(ckpt: dict) -> None:
+        ckpt["carlos"]["model"].update(settings)
+        ckpt["carlos"].pop("seq_len", None)
+
+    return change
+
+
+def string_weight(ckpt: dict) -> None:
+    ckpt["state_dict"]["model.ln_f.bias"] = "zeros"
+
+
+def nan_weight(ckpt: dict) -> None:
+    ckpt["state_dict"]["model.blocks.0.attn.qkv.weight"][0, 0] = float("nan")
+
+
+def no_cuda(d: Path, mp: pytest.MonkeyPatch) -> None:
+    mp.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a machine with a GPU
+
+
+def directory(name: str) -> Callable:
+    """Set-up: the file `name` replaced by a directory of that name."""
+
+    def setup(d: Path, mp: pytest.MonkeyPatch) -> None:
+        (d / name).unlink()
+        (d / name).mkdir()
+
+    return setup
+
+
+def users_data(d: Path, mp: pytest.MonkeyPatch) -> None:
+    """The user's own data/ beside the corpus, where carlos would write its prepared data."""
+    (d / "data").mkdir()
+    shutil.copy(d / "corpus.txt", d / "data" / "corpus.txt")
+    (d / "data" / "notes.txt").write_text("my notes\n")
+
+
+def users_dir(name: str) -> Callable:
+    def setup(d: Path, mp: pytest.MonkeyPatch) -> None:
+        (d / name).mkdir()
+        (d / name / "mine.txt").write_text("mine\n")
+
+    return setup
+
+
+def fifo(name: str) -> Callable:
+    def setup(d: Path, mp: pytest.MonkeyPatch) -> None:
+        os.mkfifo(d / name)
+
+    return setup
+
+
+def symlink(name: str, target: str) -> Callable:
+    def setup(d: Path, mp: pytest.MonkeyPatch) -> None:
+        os.symlink(target, d / name)
+
+    return setup
+
+
+def env(name: str, value: str) -> Callable:
+    def setup(d: Path, mp: pytest.MonkeyPatch) -> None:
+        mp.setenv(name, value)
+
+    return setup
+
+
+def truncated_while_read(d: Path, mp: pytest.MonkeyPatch) -> None:
+    """The corpus loses its second half while prepare tokenizes its val split."""
+    import carlos.prepare
+
+    real = carlos.prepare.tokenize_split
+
+    def tokenize_split(src, start, *args, **kwargs):
+        if start > 0:
+            os.truncate(d / "corpus.txt", (d / "corpus.txt").stat().st_size // 2)
+        return real(src, start, *args, **kwargs)
+
+    mp.setattr(carlos.prepare, "tokenize_split", tokenize_split)
+
+
+HOLDER = '{"command": "train", "pid": 4242, "host": "node7", "since": "2026-11-29 10:00:00"}\n'
+HELD: list = []
+
+
+def locked(name: str) -> Callable:
+    """Another carlos command holds name's lock (taken here on a file of its own, as another process
+    would; its note of who holds it is fixed, so that the documented message does not change)."""
+
+    def setup(d: Path, mp: pytest.MonkeyPatch) -> None:
+        from carlos.lock import LOCK, DirLock
+
+        HELD.append(DirLock(d / name, "train").acquire())
+        (d / name / LOCK).write_text(HOLDER)
+
+    return setup
+
+
+def nothing_but_the_input_changed(d: Path, before: dict) -> None:
+    """After a fault that changes the input itself: everything else as it was, no workdir made."""
+    after = snapshot(d)
+    assert {k: v for k, v in after.items() if k != "corpus.txt"} == {
+        k: v for k, v in before.items() if k != "corpus.txt"
+    }
+
+
+def only_best(d: Path, mp: pytest.MonkeyPatch) -> None:
+    for p in (d / "w" / "checkpoints").glob("*.pt"):
+        if p.name != "best.pt":
+            p.unlink()
 
 
 # ---------------------------------------------------------------- checks after a refusal
@@ -501,6 +626,149 @@ CASES = [
     Case("unknown-option", "unknown config group option", ["train", "model=basline"], "did you mean 'baseline'"),
     Case("bad-override", "override that does not parse", ["train", "model=["], "cannot parse override"),
     Case("flag-value", "flag without its value", ["train", "--max_steps"], "needs a value"),
+    # -- what carlos may replace: only what it wrote
+    Case(
+        "prepare-users-data",
+        "prepare into a directory where data/ is the user's (the input among it)",
+        ["prepare", "--input", "data/corpus.txt", "--workdir", "."],
+        "which carlos did not write",
+        users_data,
+    ),
+    Case(
+        "prepare-input-replaced",
+        "the input is a file that prepare --overwrite would replace",
+        ["prepare", "--input", "w/metrics.jsonl", "--workdir", "w", "--overwrite"],
+        "and this prepare replaces or removes it",
+    ),
+    Case(
+        "train-users-checkpoints",
+        "the user's own checkpoints/ directory where train writes",
+        ["train", "--workdir", "fresh"],
+        "which carlos did not write",
+        users_dir("fresh/checkpoints"),
+    ),
+    Case(
+        "train-checkpoints-file",
+        "workdir/checkpoints is a file",
+        ["train", "--workdir", "fresh"],
+        "is a file carlos did not write",
+        write("fresh/checkpoints", b"not a directory"),
+    ),
+    # -- one writer per workdir
+    Case(
+        "prepare-while-training",
+        "prepare --overwrite while a run trains in the workdir",
+        ["prepare", "--input", "corpus.txt", "--workdir", "w", "--overwrite"],
+        "w is in use by carlos train (pid 4242 on node7, since 2026-11-29 10:00:00)",
+        locked("w"),
+    ),
+    Case(
+        "train-while-training",
+        "a second train on a workdir that is training",
+        ["train", "--workdir", "w", "--resume"],
+        "w is in use by carlos train (pid 4242 on node7",
+        locked("w"),
+    ),
+    # -- inputs that would hang or change
+    Case("input-fifo", "input is a FIFO (named pipe)", ["prepare", "--input", "pipe"], "is a FIFO", fifo("pipe")),
+    Case("input-device", "input is a device", ["prepare", "--input", "/dev/zero"], "is a character device"),
+    Case(
+        "input-symlink-loop",
+        "input is a symlink loop",
+        ["prepare", "--input", "loop.txt"],
+        "is a symlink loop",
+        symlink("loop.txt", "loop.txt"),
+    ),
+    Case(
+        "input-changed",
+        "input truncated while prepare reads it (simulated at the val split)",
+        ["prepare", "--input", "corpus.txt", "--workdir", "x"],
+        "changed while it was read",
+        truncated_while_read,
+        nothing_but_the_input_changed,
+    ),
+    # -- values refused before anything is written
+    Case("seed-negative", "--seed -1, resuming", ["train", "--workdir", "w", "--resume", "--seed", "-1"], "from 0 to"),
+    Case(
+        "seed-huge", "a seed beyond 2**53", ["sample", "--workdir", "w", "--seed", "99999999999999999999999"], "2**53"
+    ),
+    Case("prompt-surrogate", "prompt not encodable", ["sample", "--workdir", "w", "--prompt", "\\ud800"], "surrogate"),
+    Case(
+        "sample-prefix-surrogate",
+        "training sample prefix not encodable",
+        ["train", "--workdir", "w", "--overwrite", "--sample_prefix", "\\ud800"],
+        "not a character",
+    ),
+    Case("lr-inf", "peak lr inf", ["train", "--workdir", "w", "--overwrite", "--peak_lr", "inf"], "finite number"),
+    Case("lr-huge", "peak lr above 10", ["train", "--workdir", "w", "--overwrite", "--peak_lr", "100"], "above 10"),
+    Case(
+        "weight-decay",
+        "weight decay x lr >= 1",
+        ["train", "--workdir", "w", "--overwrite", "optimizer.weight_decay=1000"],
+        "destroys them",
+    ),
+    Case("max-time-inf", "max_time inf", ["train", "--workdir", "w", "--max_time", "inf"], "beyond 3650 days"),
+    Case(
+        "accelerator-cuda",
+        "trainer.accelerator=cuda on a machine without CUDA",
+        ["train", "--workdir", "w", "--overwrite", "trainer.accelerator=cuda"],
+        "this machine has no CUDA GPU",
+        no_cuda,
+    ),
+    Case(
+        "devices-text",
+        "trainer.devices not a number",
+        ["train", "--workdir", "w", "--overwrite", "trainer.devices=abc"],
+        "Lightning refused the trainer settings",
+    ),
+    Case(
+        "strategy-unknown",
+        "unknown trainer.strategy",
+        ["train", "--workdir", "w", "--overwrite", "trainer.strategy=foo"],
+        "invalid strategy name",
+    ),
+    Case("num-nodes-zero", "trainer.num_nodes=0", ["train", "--workdir", "w", "trainer.num_nodes=0"], "must be > 0"),
+    Case(
+        "num-nodes-no-cluster",
+        "trainer.num_nodes > 1 without a cluster",
+        ["train", "--workdir", "w", "--overwrite", "trainer.num_nodes=2"],
+        "needs a cluster",
+    ),
+    Case(
+        "model-too-big",
+        "a model that cannot fit in memory",
+        ["train", "--workdir", "w", "--overwrite", "model.d_model=100000"],
+        "needs at least about",
+    ),
+    Case(
+        "wandb-mode-env",
+        "WANDB_MODE in the environment is not a W&B mode",
+        ["train", "--workdir", "w", "--overwrite"],
+        "WANDB_MODE='bogus'",
+        env("WANDB_MODE", "bogus"),
+    ),
+    Case(
+        "dotenv-not-utf8",
+        ".env is not UTF-8",
+        ["train", "--workdir", "w", "--overwrite"],
+        "(it is not UTF-8 text)",
+        write(".env", b"WANDB_PROJECT=caf\xe9\n"),
+    ),
+    Case(
+        "resume-only-best",
+        "--resume with only best.pt left",
+        ["train", "--workdir", "w", "--resume"],
+        "only best.pt; pass --overwrite",
+        only_best,
+    ),
+    # -- Hydra's own keys
+    Case(
+        "hydra-run-dir", "hydra.run.dir cannot be created", ["train", "hydra.run.dir=/proc/nope"], "cannot be created"
+    ),
+    Case("hydra-run-dir-file", "hydra.run.dir is a file", ["eval", "hydra.run.dir=corpus.txt"], "is a file"),
+    Case("hydra-key", "unknown Hydra key", ["train", "hydra.foo=1"], "unknown key 'hydra.foo'"),
+    Case("hydra-launcher", "unknown Hydra launcher", ["train", "-m", "hydra/launcher=nope"], "choose hydra/launcher="),
+    Case("bench-workdir-file", "bench workdir is a file", ["bench", "--workdir", "corpus.txt"], "is a file"),
     # -- eval and sample: checkpoints
     Case("unknown-split", "unknown split", ["eval", "--workdir", "w", "--split", "tset"], "did you mean 'test'"),
     Case(
@@ -560,6 +828,56 @@ CASES = [
     Case("eval-unprepared", "eval on an unprepared workdir", ["eval", "--workdir", "nowhere"], "is not prepared"),
     Case("eval-batch", "batch_size <= 0", ["eval", "--workdir", "w", "--batch_size", "0"], "batch_size must be > 0"),
     Case("device", "unknown device", ["eval", "--workdir", "w", "--device", "gpu0"], "is not a torch device"),
+    Case(
+        "checkpoint-settings-changed",
+        "checkpoint's model settings changed (d_model 32 -> 64)",
+        ["eval", "--workdir", "w"],
+        "is damaged: its model settings describe",
+        rewrite_checkpoint("w/checkpoints/best.pt", model_settings(d_model=64)),
+    ),
+    Case(
+        "checkpoint-weight-string",
+        "a checkpoint's state_dict entry is a string",
+        ["sample", "--workdir", "w"],
+        "entry 'model.ln_f.bias' is a str, not a tensor",
+        rewrite_checkpoint("w/checkpoints/best.pt", string_weight),
+    ),
+    Case(
+        "checkpoint-block-size-1e9",
+        "checkpoint claims block_size 1e9",
+        ["sample", "--workdir", "w"],
+        "its model settings describe 32,000,0",
+        rewrite_checkpoint("w/checkpoints/best.pt", model_settings(block_size=10**9)),
+    ),
+    Case(
+        "checkpoint-nan-eval",
+        "checkpoint with NaN weights, evaluated",
+        ["eval", "--workdir", "w", "--checkpoint", "last"],
+        "holds NaN or inf weights (the run diverged); use an earlier checkpoint, e.g. --checkpoint 2",
+        rewrite_checkpoint("w/checkpoints/last.pt", nan_weight),
+    ),
+    Case(
+        "checkpoint-nan-sample",
+        "checkpoint with NaN weights, sampled",
+        ["sample", "--workdir", "w", "--checkpoint", "last"],
+        "holds NaN or inf weights (the run diverged); use an earlier checkpoint, e.g. --checkpoint 2",
+        rewrite_checkpoint("w/checkpoints/last.pt", nan_weight),
+    ),
+    Case(
+        "device-no-cuda",
+        "--device cuda on a machine without CUDA",
+        ["sample", "--workdir", "w", "--device", "cuda"],
+        "this machine has no CUDA GPU (torch sees none)",
+        no_cuda,
+    ),
+    Case("device-meta", "--device meta", ["eval", "--workdir", "w", "--device", "meta"], "not meta"),
+    Case(
+        "checkpoint-directory",
+        "best.pt is a directory",
+        ["eval", "--workdir", "w"],
+        "is a directory, not a checkpoint file",
+        directory("w/checkpoints/best.pt"),
+    ),
     Case("temperature", "temperature < 0", ["sample", "--temperature", "-1"], "temperature must be >= 0"),
     Case("top-p-high", "top_p above 1", ["sample", "--top_p", "1.5"], "top_p must be in (0, 1]"),
     Case("top-p-zero", "top_p 0", ["sample", "--top_p", "0"], "top_p must be in (0, 1]"),
@@ -570,6 +888,27 @@ CASES = [
     Case("prompt-interpolation", "prompt with ${...}", ["sample", "prompt='${x}'"], "invalid value for 'prompt'"),
     Case("report-missing", "report on a missing directory", ["report", "nowhere"], "does not exist"),
     Case("report-empty", "report on a directory with no runs", ["report", "fresh"], "no runs under fresh"),
+    Case(
+        "report-not-utf8",
+        "report on a directory whose only run's metrics.jsonl is not UTF-8 text",
+        ["report", "w"],
+        "no readable runs under w: w (metrics.jsonl is not UTF-8 text)",
+        write("w/metrics.jsonl", b"\xff\xfe\x00\x01 not text"),
+    ),
+    Case(
+        "report-damaged",
+        "report on a directory whose only run's metrics.jsonl has no readable record",
+        ["report", "w"],
+        "no readable runs under w: w (no readable record in metrics.jsonl, 2 damaged lines)",
+        write("w/metrics.jsonl", b'[1, 2]\n{"val_bpb": "abc"}\n'),
+    ),
+    Case(
+        "report-unreadable",
+        "report on a directory whose only run's metrics.jsonl cannot be read",
+        ["report", "w"],
+        "no readable runs under w: w (metrics.jsonl cannot be read: Permission denied)",
+        unreadable("w/metrics.jsonl"),
+    ),
     # -- faults during a run: stop with a message, keep what was written before
     Case(
         "nan-loss",
@@ -627,6 +966,8 @@ def test_refusal(case: Case, template: Path, tmp_path: Path, monkeypatch: pytest
         err = capsys.readouterr().err
         monkeypatch.undo()  # the simulated faults end with the command
     finally:
+        while HELD:  # the other holder goes away; its lock file stays, as a killed holder's would
+            os.close(HELD.pop().fd)
         for p in tmp_path.rglob("*"):  # undo unreadable/unwritable so the directory can be removed
             if not p.is_symlink():
                 p.chmod(0o755 if p.is_dir() else 0o644)
@@ -639,7 +980,9 @@ def test_refusal(case: Case, template: Path, tmp_path: Path, monkeypatch: pytest
     else:
         assert snapshot(tmp_path) == before, "a refused command changed the directory"
     assert not (tmp_path / "PWNED").exists()
-    MESSAGES[case.id] = lines[0].replace(str(tmp_path) + os.sep, "").replace(str(tmp_path), ".")
+    message = lines[0].replace(str(tmp_path) + os.sep, "").replace(str(tmp_path), ".")
+    # what this machine has free changes from run to run: the table shows it as N
+    MESSAGES[case.id] = re.sub(r"has [\d,.]+ ([MG]B) available", r"has N \1 available", message)
 
 
 def table() -> str:

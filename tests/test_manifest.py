@@ -156,9 +156,9 @@ def test_the_input_is_never_among_what_prepare_replaces(project, capsys, name):
     assert run(prep, capsys)[0] == 0
     assert run(["train", "--workdir", "w", *TINY, "--max_steps", "2"], capsys)[0] == 0
     before = files(project)
-    refused(["prepare", "--input", f"w/{name}", "--workdir", "w", "--overwrite"], capsys, "which this prepare")
+    refused(["prepare", "--input", f"w/{name}", "--workdir", "w", "--overwrite"], capsys, "prepare replaces")
     os.link(project / "w" / name, project / "linked.txt")  # the same file under another name
-    refused(["prepare", "--input", "linked.txt", "--workdir", "w", "--overwrite"], capsys, "which this prepare")
+    refused(["prepare", "--input", "linked.txt", "--workdir", "w", "--overwrite"], capsys, "prepare replaces")
     (project / "linked.txt").unlink()
     assert files(project) == before
 
