@@ -277,3 +277,12 @@ def test_same_seed_and_config_give_identical_metrics_on_cpu(workdir):
     first = records()
     train(train_cfg(workdir, "overwrite=true"))
     assert records() == first and any("val_loss" in r for r in first) and any("train_loss" in r for r in first)
+
+
+def test_resume_without_last_pt_continues_from_the_newest_step_file(workdir, capsys):
+    train(train_cfg(workdir, "ckpt_interval=4", "trainer.max_steps=8"))
+    (workdir / "checkpoints" / "last.pt").unlink()
+    capsys.readouterr()
+    train(train_cfg(workdir, "ckpt_interval=4", "trainer.max_steps=12", "resume=true"))
+    assert f"resuming from {workdir / 'checkpoints' / 'step_000008.pt'} at step 8" in capsys.readouterr().out
+    assert torch.load(workdir / "checkpoints" / "last.pt", weights_only=True)["global_step"] == 12
