@@ -291,7 +291,8 @@ def validate(command: str, overrides: list[str], keys: list[str], hydra_args: tu
     directory: a typo costs a second, and a refused command writes nothing. In a sweep, each swept
     key is checked with its first value."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import open_dict
+    from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
 
     from carlos import config as schemas
 
@@ -321,10 +322,12 @@ def validate(command: str, overrides: list[str], keys: list[str], hydra_args: tu
     except Exception as e:
         raise CarlosError(_explain_hydra_error(e, keys)) from None
     multirun = any(a in ("-m", "--multirun") for a in hydra_args)
-    if multirun:
-        check_output_dir("hydra.sweep.dir", str(cfg.hydra.sweep.dir))
-    else:
-        check_output_dir("hydra.run.dir", str(cfg.hydra.run.dir))
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    try:
+        output_dir = str(OmegaConf.select(cfg, key, throw_on_missing=True))
+    except OmegaConfBaseException as e:
+        raise CarlosError(f"invalid value for '{key}': {str(e).splitlines()[0]}; write a literal $ as \\$") from None
+    check_output_dir(key, output_dir)
     with open_dict(cfg):
         del cfg["hydra"]
     schema = {

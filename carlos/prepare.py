@@ -92,7 +92,7 @@ class Source:
         except OSError as e:
             raise CarlosError(f"input {path} cannot be read ({e.strerror}); check its permissions") from None
         refuse_special(path, os.fstat(fd), fd)
-        if hasattr(os, "set_blocking"):
+        if getattr(os, "O_NONBLOCK", 0):  # POSIX: reads of the regular file it is block as usual
             os.set_blocking(fd, True)
         f = os.fdopen(fd, "rb")
         f.raw.name = str(path)  # messages name the path, not the descriptor
@@ -423,7 +423,7 @@ def check_workdir(cfg: PrepareConfig, source: Source, workdir: Path, manifest: M
         )
     fix = (
         "move it away or choose another --workdir (carlos writes data/, splits.json, tokenizer.json and "
-        "rng_state.json there)"
+        "rng_state.json there; files an older carlos wrote, before it kept a record, go by hand)"
     )
     manifest.refuse_foreign([workdir / "data", *prepared_paths(workdir)], fix)
     replaced = [f for p in prepared_paths(workdir) for f in manifest.owned_files(p)]

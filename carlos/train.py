@@ -182,7 +182,7 @@ def _resume_from(tc: TrainConfig, ckpt_dir: Path) -> Path | None:
     return None
 
 
-def _wandb_logger(tc: TrainConfig, run_dir: Path, manifest: Manifest):
+def _wandb_logger(tc: TrainConfig, run_dir: Path):
     """W&B through Lightning's logger, on when a project comes from the config, the environment or a .env
     in the current directory; wandb is not even imported otherwise. Built (and its settings checked)
     before the run writes anything; W&B itself starts with the run."""
@@ -205,7 +205,6 @@ def _wandb_logger(tc: TrainConfig, run_dir: Path, manifest: Manifest):
         return None
     from lightning.pytorch.loggers import WandbLogger
 
-    manifest.claim(run_dir / "wandb", kind="tree")
     return WandbLogger(
         project=project,
         entity=tc.wandb.entity or os.environ.get("WANDB_ENTITY"),
@@ -251,6 +250,7 @@ class Run:
     checkpoints: object = None
     preemption: object = None
     jsonl: object = None
+    wandb: object = None
 
     @property
     def ckpt_dir(self) -> Path:
@@ -419,9 +419,9 @@ def _build_trainer(run: Run) -> None:
         callbacks.append(TimeBudget(budget.total_seconds()))  # last: it times the others' validation work
     run.jsonl = JsonlLogger(run_dir / "metrics.jsonl", manifest, resume_step=run.prev["step"] if run.prev else None)
     loggers = [run.jsonl]
-    wandb = _wandb_logger(tc, run_dir, manifest) if run.leader else None
-    if wandb is not None:
-        loggers.append(wandb)
+    run.wandb = _wandb_logger(tc, run_dir) if run.leader else None
+    if run.wandb is not None:
+        loggers.append(run.wandb)
     _quiet_lightning()
     try:
         run.trainer = L.Trainer(
@@ -463,6 +463,8 @@ def begin(run: Run) -> None:
         for name in RUN_OUTPUTS:
             manifest.remove(run_dir / name)
     save_snapshot(run.cfg, run_dir, manifest)
+    if run.wandb is not None and not (run_dir / "wandb").exists():
+        manifest.claim(run_dir / "wandb", kind="tree")  # W&B writes it; a wandb/ that was there stays yours
     manifest.remove_stale_temporaries()
     if run.resume:
         for p in (run_dir / "samples").glob("step_*.txt"):

@@ -125,3 +125,32 @@ def test_a_value_is_refused_in_one_line_before_writing_or_runs(
         assert files(tmp_path) == before, f"refused after writing: {lines[0]}"
     else:
         assert "carlos: error" not in err, err
+
+
+HYDRA = [
+    (["train", "hydra.run.dir=/proc/nope"], "cannot be created"),
+    (["train", "hydra.run.dir=corpus.txt"], "is a file, not a directory"),
+    (["eval", "hydra.run.dir=corpus.txt/inside"], "cannot be created"),
+    (["sample", "hydra.run.dir=/dev/null/x"], "cannot be created"),
+    (["train", "-m", "hydra.sweep.dir=corpus.txt"], "is a file, not a directory"),
+    (["train", "-m", "hydra.sweep.dir=/proc/nope/sweep"], "cannot be created"),
+    (["train", "hydra.foo=1"], "unknown key 'hydra.foo'"),
+    (["prepare", "hydra.job.nme=x"], "unknown key 'hydra.job.nme'"),
+    (["train", "-m", "hydra/launcher=nope"], "choose hydra/launcher=basic"),
+    (["train", "-m", "hydra/sweeper=optuan"], "did you mean 'optuna'"),
+    (["train", "hydra.run.dir='${nowhere}'"], "hydra.run.dir"),
+]
+
+
+@pytest.mark.parametrize("argv, expect", HYDRA, ids=[" ".join(a) for a, _ in HYDRA])
+def test_hydras_own_keys_are_refused_in_one_line_before_writing(argv, expect, template, tmp_path, monkeypatch, capsys):
+    shutil.copytree(template, tmp_path, dirs_exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    before = files(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([argv[0], *BASE[argv[0]], *argv[1:]])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith("carlos: error: "), lines
+    assert expect in lines[0], lines[0]
+    assert files(tmp_path) == before
