@@ -14,6 +14,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -27,6 +28,12 @@ from carlos.memory import check_fits, num_params, training_bytes
 from carlos.model import GPTConfig, ModelConfigError
 from carlos.prepare import RUN_OUTPUTS
 from carlos.workdir import PreparedData
+
+if TYPE_CHECKING:  # Lightning takes seconds to import: train imports it only once the workdir is accepted
+    import lightning as L
+    from lightning.pytorch.loggers import WandbLogger
+
+    from carlos.callbacks import Checkpoints, JsonlLogger, Preemption, TrainMetrics
 
 log = logging.getLogger("carlos")
 LONGEST = 2**62  # micro-batches: what a run may count to without overflowing a 64-bit length
@@ -146,30 +153,30 @@ def _requeued() -> bool:
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
 
 
-def newest_checkpoint(ckpt_dir: Path) -> Path | None:
+def newest_checkpoint(ckpt_dir: Path, manifest: Manifest) -> Path | None:
     """last.pt, or when it is missing the highest-numbered step file (a kill cannot lose last.pt, but a
-    user's rm can)."""
+    user's rm can); only checkpoints this run wrote."""
     last = ckpt_dir / "last.pt"
-    if last.is_file():
+    if last.is_file() and manifest.owns(last):
         return last
-    steps = [p for p in ckpt_dir.glob("step_*.pt") if p.is_file() and p.stem[5:].isdigit()]
+    steps = [p for p in ckpt_dir.glob("step_*.pt") if p.is_file() and p.stem[5:].isdigit() and manifest.owns(p)]
     return max(steps, key=lambda p: int(p.stem[5:]), default=None)
 
 
-def _resume_from(tc: TrainConfig, ckpt_dir: Path) -> Path | None:
-    newest = newest_checkpoint(ckpt_dir)
+def _resume_from(tc: TrainConfig, ckpt_dir: Path, manifest: Manifest) -> Path | None:
+    newest = newest_checkpoint(ckpt_dir, manifest)
     if _requeued() and newest is not None:
         # SLURM requeued this job (submitit does after its time-limit signal, when carlos wrote last.pt):
         # it continues its own run whatever resume and overwrite say
         return newest
     if tc.resume != "false" and tc.overwrite:
         raise CarlosError("--resume and --overwrite contradict each other; pass one of them")
-    earlier = any(ckpt_dir.glob("*.pt"))
+    earlier = sorted(p.name for p in ckpt_dir.glob("*.pt") if manifest.owns(p))
     if tc.resume == "true" and newest is None:
         if earlier:
             raise CarlosError(
-                f"nothing to resume: {ckpt_dir} has no last.pt or step_*.pt, only "
-                f"{', '.join(sorted(p.name for p in ckpt_dir.glob('*.pt')))}; pass --overwrite to start over"
+                f"nothing to resume: {ckpt_dir} has no last.pt or step_*.pt, only {', '.join(earlier)}; "
+                "pass --overwrite to start over"
             )
         raise CarlosError(f"nothing to resume: no checkpoints in {ckpt_dir}; start a new run without --resume")
     if tc.resume in ("true", "auto") and newest is not None:
@@ -245,12 +252,13 @@ class Run:
     why: str
     optimizer: dict
     schedule: dict
-    trainer: object = None
-    metrics: object = None
-    checkpoints: object = None
-    preemption: object = None
-    jsonl: object = None
-    wandb: object = None
+    # built by _build_trainer
+    trainer: L.Trainer | None = None
+    metrics: TrainMetrics | None = None
+    checkpoints: Checkpoints | None = None
+    preemption: Preemption | None = None
+    jsonl: JsonlLogger | None = None
+    wandb: WandbLogger | None = None
 
     @property
     def ckpt_dir(self) -> Path:
@@ -281,11 +289,11 @@ def accept(cfg: DictConfig, tc: TrainConfig, data: PreparedData, run_dir: Path, 
     manifest = Manifest(run_dir, writable=leader)
     ckpt_dir = run_dir / "checkpoints"
     if leader:
-        resume = _resume_from(tc, ckpt_dir)
         fix = "move it away, or choose another --workdir"
         manifest.refuse_foreign([run_dir / name for name in ("checkpoints", "samples", ".hydra", "metrics.jsonl")], fix)
+        resume = _resume_from(tc, ckpt_dir, manifest)
     else:  # rank 0 already accepted the run (and may be writing checkpoints into it)
-        newest = newest_checkpoint(ckpt_dir)
+        newest = newest_checkpoint(ckpt_dir, manifest)
         resume = newest if tc.resume != "false" or _requeued() else None
     prev = _resume_state(resume) if resume else None
     model_cfg = _model_config(tc, data, prev)
