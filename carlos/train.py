@@ -396,35 +396,36 @@ def _check_machine(tc: TrainConfig, model_cfg: GPTConfig, device: str) -> None:
     )
 
 
+def _callbacks(run: Run) -> list:
+    """carlos's callbacks (metrics, samples, checkpoints, preemption, progress, time budget), kept on run."""
+    from carlos.callbacks import Checkpoints, Preemption, ProgressBar, SampleText, TimeBudget, TrainMetrics
+
+    tc, s, tok = run.tc, run.tc.sample, run.data.tokenizer
+    run.metrics = TrainMetrics(tc.log_interval, run.data.seq_len * tc.data.micro_batch_size)
+    run.checkpoints = Checkpoints(run.ckpt_dir, run.manifest, tc.ckpt_interval, tc.eval_interval)
+    run.preemption = Preemption(run.checkpoints)
+    prompt = prompt_ids(tok, s.prefix)
+    sample = SampleText(
+        run.run_dir / "samples", run.manifest, prompt, s.prefix, s.tokens, s.temperature, s.top_k, s.top_p,
+        tc.seed, tok.eos_id,
+    )  # fmt: skip
+    callbacks = [run.metrics, sample, run.checkpoints, run.preemption, ProgressBar(run.metrics)]
+    budget = tc.trainer.max_time_delta
+    if budget is not None:
+        callbacks.append(TimeBudget(budget.total_seconds()))  # last: it times the others' validation work
+    return callbacks
+
+
 def _build_trainer(run: Run) -> None:
     """The callbacks, loggers and Lightning Trainer; Lightning checks accelerator, devices, strategy and
     num_nodes here, before anything is written."""
     import lightning as L
 
-    from carlos.callbacks import Checkpoints, JsonlLogger, Preemption, ProgressBar, SampleText, TimeBudget, TrainMetrics
+    from carlos.callbacks import JsonlLogger
 
     tc, run_dir, manifest = run.tc, run.run_dir, run.manifest
-    t, s = tc.trainer, tc.sample
-    tok = run.data.tokenizer
-    run.metrics = TrainMetrics(tc.log_interval, run.data.seq_len * tc.data.micro_batch_size)
-    run.checkpoints = Checkpoints(run.ckpt_dir, manifest, tc.ckpt_interval, tc.eval_interval)
-    run.preemption = Preemption(run.checkpoints)
-    sample = SampleText(
-        run_dir / "samples",
-        manifest,
-        prompt_ids(tok, s.prefix),
-        s.prefix,
-        s.tokens,
-        s.temperature,
-        s.top_k,
-        s.top_p,
-        tc.seed,
-        tok.eos_id,
-    )
-    callbacks = [run.metrics, sample, run.checkpoints, run.preemption, ProgressBar(run.metrics)]
-    budget = t.max_time_delta
-    if budget is not None:
-        callbacks.append(TimeBudget(budget.total_seconds()))  # last: it times the others' validation work
+    t, budget = tc.trainer, tc.trainer.max_time_delta
+    callbacks = _callbacks(run)
     run.jsonl = JsonlLogger(run_dir / "metrics.jsonl", manifest, resume_step=run.prev["step"] if run.prev else None)
     loggers = [run.jsonl]
     run.wandb = _wandb_logger(tc, run_dir) if run.leader else None
