@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from carlos.config import BenchConfig, CarlosError
-from carlos.manifest import write_error
+from carlos.files import MadeDirs, write_error
+from carlos.manifest import Manifest
 from carlos.model import GPT, GPTConfig
-from carlos.prepare import Source, write_stdlib_corpus
+from carlos.prepare import Source, stdlib_corpus
 from carlos.tokenizer import ByteTokenizer
 
 SECTIONS = {
@@ -300,22 +301,24 @@ def machine() -> str:
 
 
 def bench(cfg: BenchConfig) -> dict:
-    from carlos.cli import compose
-    from carlos.config import TrainConfig, parse
-
     root = Path(cfg.workdir).expanduser().resolve()
     if os.path.lexists(root) and not root.is_dir():
         raise CarlosError(f"workdir {cfg.workdir} is a file; pass a directory to --workdir")
     if cfg.input is not None:
         Source(cfg.input).close()  # the corpus's problems, before any work
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise write_error(root, e) from None
+    with MadeDirs(root):  # removed again, when empty, if the bench fails
+        return _bench(cfg, root)
+
+
+def _bench(cfg: BenchConfig, root: Path) -> dict:
+    from carlos.cli import compose
+    from carlos.config import TrainConfig, parse
+
     corpus = cfg.input
-    if corpus is None:
+    if corpus is None:  # written through carlos's record: a corpus.txt of the user's there is never replaced
         corpus = str(root / "corpus.txt")
-        write_stdlib_corpus(Path(corpus))
+        text = stdlib_corpus().encode("utf-8")
+        Manifest(root).write(Path(corpus), lambda f: f.write(text))
     py = [sys.executable, "-m", "carlos"]
     same, defaults = root / "same_shape", root / "defaults"  # prepared at the bench's seq_len / carlos's own
     info = _prepare(py, corpus, same, f"data.seq_len={cfg.seq_len}")
@@ -435,15 +438,17 @@ def _scale(cfg: BenchConfig, py, root: Path, corpus: str) -> dict:
     """Prepare a generated corpus of cfg.prepare_gb GB: this corpus repeated, each copy with its number
     in front (so no two are identical), written in large blocks."""
     big = root / "scale" / "corpus.txt"
-    big.parent.mkdir(parents=True, exist_ok=True)
     unit = Path(corpus).read_bytes()
     target = int(cfg.prepare_gb * 1e9)
-    with open(big, "wb") as f:
+
+    def write(f) -> None:
         written, i = 0, 0
         while written < target:
             piece = f"== copy {i}\n".encode() + unit[: target - written]
             f.write(piece)
             written, i = written + len(piece), i + 1
+
+    Manifest(root).write(big, write)  # recorded: a file of the user's by that name is never replaced
     workdir = root / "scale" / "run"
     t = time.perf_counter()
     p, rss = _isolated([*py, "prepare", f"input={big}", f"workdir={workdir}", "overwrite=true"], root)

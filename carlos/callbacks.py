@@ -9,6 +9,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,20 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from carlos.config import CarlosError
+from carlos.files import write_error
 from carlos.generate import generate
-from carlos.manifest import Manifest, write_error
+from carlos.manifest import Manifest
+
+
+class BeforeFirstStep(Callback):
+    """Calls fn once Lightning has set up the run and restored the checkpoint it resumes, just before the
+    first step."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self.fn()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -290,7 +303,7 @@ class Preemption(Callback):
     of a DDP run at the same batch (rank 0's flag is broadcast each step): the checkpoint, a collective
     operation, is then written in on_exception by all ranks together."""
 
-    NAMES = ("SIGUSR1", "SIGUSR2", "SIGINT")  # the first two are POSIX only
+    NAMES = ("SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT")  # all but SIGINT are POSIX only; SIGHUP: a lost terminal
 
     def __init__(self, checkpoints: Checkpoints) -> None:
         self.checkpoints = checkpoints

@@ -10,6 +10,7 @@ Every problem a user can fix is one line on stderr and exit code 2; CARLOS_DEBUG
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import signal
@@ -23,7 +24,8 @@ from typing import Any
 from hydra.experimental.callback import Callback as HydraCallback
 
 from carlos.config import CarlosError, nearest
-from carlos.manifest import Manifest
+from carlos.files import read_regular
+from carlos.manifest import RECORD, Manifest
 
 COMMANDS = ("prepare", "train", "eval", "sample", "bench", "report")
 
@@ -263,12 +265,13 @@ def _explain_hydra_error(e: Exception, keys: list[str]) -> str:
     return first
 
 
-def check_output_dir(key: str, value: str) -> None:
+def check_output_dir(key: str, value: str) -> list[Path]:
     """Hydra creates its run (or sweep) directory before the command starts: make sure it can, by
-    creating it now and removing again what this made."""
+    creating it now and removing again what this made. Returns the directories Hydra will create, for
+    removing again (when empty) if the command is refused."""
     path = Path(value).expanduser()
     if path.is_dir():
-        return
+        return []
     if os.path.lexists(path):
         raise CarlosError(f"{key}={value} is a file, not a directory; give a directory")
     made, p = [], Path(os.path.abspath(path))
@@ -284,9 +287,10 @@ def check_output_dir(key: str, value: str) -> None:
         for d in made:
             with contextlib.suppress(OSError):
                 os.rmdir(d)
+    return made
 
 
-def validate(command: str, overrides: list[str], keys: list[str], hydra_args: tuple[str, ...] = ()) -> None:
+def validate(command: str, overrides: list[str], keys: list[str], hydra_args: tuple[str, ...] = ()) -> list[Path]:
     """Compose the config the run will get and check it against its schema, before Hydra creates any
     directory: a typo costs a second, and a refused command writes nothing. In a sweep, each swept
     key is checked with its first value."""
@@ -327,7 +331,7 @@ def validate(command: str, overrides: list[str], keys: list[str], hydra_args: tu
         output_dir = str(OmegaConf.select(cfg, key, throw_on_missing=True))
     except OmegaConfBaseException as e:
         raise CarlosError(f"invalid value for '{key}': {str(e).splitlines()[0]}; write a literal $ as \\$") from None
-    check_output_dir(key, output_dir)
+    made = check_output_dir(key, output_dir)
     with open_dict(cfg):
         del cfg["hydra"]
     schema = {
@@ -341,6 +345,7 @@ def validate(command: str, overrides: list[str], keys: list[str], hydra_args: tu
     slurm = any(o.replace(" ", "") == "hydra/launcher=submitit_slurm" for o in overrides)
     if command == "train" and multirun and not slurm and parsed.trainer.several_processes:
         parsed.trainer.refuse_in_sweep()
+    return made
 
 
 # ---------------------------------------------------------------- seed flags -> overrides
@@ -448,6 +453,11 @@ def _stop(signum: int, frame: Any) -> None:
     raise Stopped(signum)
 
 
+_stop.carlos_stop = True  # train hands these signals to Lightning's graceful stop, and only these handlers
+# the signals whose default action ends the process without a word; SIGINT raises KeyboardInterrupt anyway
+STOP_SIGNALS = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2") if hasattr(signal, n)]
+
+
 def fail(e: BaseException) -> None:
     """The failure policy, in one place. A problem the user can fix: one line, exit code 2. A stop asked
     for by a signal: one line, exit code 128 + the signal, as a shell reports it. Anything else is a bug
@@ -455,11 +465,16 @@ def fail(e: BaseException) -> None:
     if isinstance(e, CarlosError):
         report(e)
         sys.exit(2)
+    if isinstance(e, OSError) and e.errno == errno.EPIPE:
+        # the reader of stdout went away (carlos sample | head): stop quietly, as other command-line tools do
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a process that SIGPIPE ended
     if os.environ.get("CARLOS_DEBUG"):
         traceback.print_exception(e)
     if isinstance(e, (KeyboardInterrupt, Stopped)):
         name = "Ctrl+C" if isinstance(e, KeyboardInterrupt) else str(e)
-        print(f"carlos: stopped by {name}; files being written were removed", file=sys.stderr)
+        print(f"carlos: stopped by {name}; nothing half-written was left", file=sys.stderr)
         sys.exit(128 + (signal.SIGINT if isinstance(e, KeyboardInterrupt) else e.signum))
     what = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
     print(
@@ -532,6 +547,7 @@ def _sweep_job(runner: Callable, cfg) -> Any:
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
     record: dict[str, Any] = {"job": hc.job.num, "overrides": list(hc.overrides.task), "status": "ok"}
+    earlier = _written(out)
     try:
         value = runner(cfg)
         if isinstance(value, float) and math.isfinite(value):
@@ -539,16 +555,32 @@ def _sweep_job(runner: Callable, cfg) -> Any:
     except Exception as e:  # noqa: BLE001 - any failure of one job is recorded, the sweep goes on
         why = str(e) if isinstance(e, CarlosError) else f"{type(e).__name__}: {e}"
         record.update(status="failed", error=why.splitlines()[0] if why else type(e).__name__)
+        print(f"carlos: job {hc.job.num} failed: {record['error']}", file=sys.stderr)
+        value = float("nan")
+        REFUSED[hc.job.num] = record
+        if earlier is not None and _written(out) == earlier:
+            # refused before it wrote anything, in the directory of an earlier sweep's job: its results stay
+            return value
         log = "".join(traceback.format_exception(e)).encode("utf-8")
         with contextlib.suppress(CarlosError):  # the job's result matters more than its traceback
             Manifest(out).write(out / "error.log", lambda f: f.write(log))
-        print(f"carlos: job {hc.job.num} failed: {record['error']}", file=sys.stderr)
-        value = float("nan")
     try:
         Manifest(out).write(out / "job.json", lambda f: f.write((json.dumps(record) + "\n").encode("utf-8")))
     except CarlosError as e:
         print(f"carlos: job {hc.job.num}: {e}", file=sys.stderr)
     return value
+
+
+def _written(job_dir: Path) -> tuple[int, int] | None:
+    """(size, mtime) of a job directory's record of written files, None before its first job wrote there."""
+    try:
+        st = os.stat(job_dir / RECORD)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+REFUSED: dict[int, dict] = {}  # this process's failed jobs, for the summary (an earlier job.json may stay)
 
 
 FAILED_JOBS: list[dict] = []  # filled by SweepSummary at the end of a multirun; main() exits 1 if any
@@ -563,10 +595,16 @@ class SweepSummary(HydraCallback):
         """A new sweep directory inside the workdir is recorded as carlos's before Hydra creates it, so that
         `prepare --overwrite` can remove the runs trained on the old data."""
         sweep, workdir = Path(str(config.hydra.sweep.dir)), Path(str(config.workdir)).expanduser()
-        manifest = Manifest(workdir)
-        if workdir.is_dir() and manifest.rel(sweep) not in (None, ".") and not os.path.lexists(sweep):
-            with contextlib.suppress(CarlosError):  # unrecorded, it is only left in place by a later prepare
-                manifest.claim(sweep, kind="tree")
+        REFUSED.clear()
+        if not workdir.is_dir() or os.path.lexists(sweep):
+            return
+        with contextlib.suppress(CarlosError):  # unrecorded, it is only left in place by a later prepare
+            manifest = Manifest(workdir)
+            if manifest.rel(sweep) not in (None, "."):
+                # the directory, Hydra's multirun.yaml and submitit's logs; each job keeps its own record
+                manifest.claim(sweep, kind="dir")
+                manifest.claim(sweep / "multirun.yaml")
+                manifest.claim(sweep / ".submitit", kind="tree")
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         import json
@@ -576,12 +614,12 @@ class SweepSummary(HydraCallback):
         for d in sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
             job = {"job": int(d.name), "overrides": [], "status": "failed", "error": "no result"}
             try:
-                found = json.loads((d / "job.json").read_text(encoding="utf-8"))
+                found = json.loads(read_regular(d / "job.json", "skipped"))
                 if isinstance(found, dict) and found.get("job") == job["job"]:
                     job = {**job, **found}
-            except (OSError, ValueError):  # missing, or cut short by a kill
+            except (CarlosError, ValueError):  # missing, or cut short by a kill
                 pass
-            jobs.append(job)
+            jobs.append(REFUSED.get(job["job"], job))
         # name each job by the overrides that differ between the jobs: the swept ones
         shared = set.intersection(*(set(j["overrides"]) for j in jobs if j["overrides"])) if jobs else set()
         name = lambda j: " ".join(o for o in j["overrides"] if o not in shared or len(jobs) == 1)  # noqa: E731
@@ -681,7 +719,8 @@ def main(argv: list[str] | None = None) -> None:
     """`carlos <command>`: everything under the failure policy, with SIGTERM turned into Stopped so that
     a stopped command cleans up after itself (train hands SIGTERM to Lightning once it trains)."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _stop)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _stop)
     guarded(_main, list(sys.argv[1:] if argv is None else argv))
 
 
@@ -700,11 +739,21 @@ def _main(argv: list[str]) -> None:
         return
     defaults = flat_keys(compose(command, []))
     hydra_args, overrides = translate(command, argv[1:], defaults)
+    made: list[Path] = []
     if any(a in ("-h", "--help") for a in hydra_args):
         print(_flag_help(command))
     elif not any(a in ("--hydra-help", "--version", "-i", "--info", "-sc", "--shell-completion") for a in hydra_args):
-        validate(command, overrides, list(defaults), tuple(hydra_args))
-    run_hydra(command, hydra_args, overrides)
+        made = validate(command, overrides, list(defaults), tuple(hydra_args))
+    try:
+        run_hydra(command, hydra_args, overrides)
+    except SystemExit as e:
+        if e.code:  # refused or failed: the run directory Hydra made for it goes again, when empty
+            for d in made:
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    break
+        raise
 
 
 if __name__ == "__main__":

@@ -7,13 +7,10 @@ refused by OmegaConf's structured merge, values in ``__post_init__``), the way l
 from __future__ import annotations
 
 import difflib
-import errno
 import math
-import os
 import re
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -22,22 +19,6 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 
 class CarlosError(Exception):
     """A problem the user can fix; printed as one line, exit code 2."""
-
-
-def path_problem(path: Path, e: OSError) -> str:
-    """Why os.stat(path) failed, in words that lead to the fix ('does not exist' misleads for a symlink
-    loop or a dangling link)."""
-    if e.errno == errno.ELOOP:
-        return "is a symlink loop (a link that leads back to itself)"
-    if os.path.islink(path):
-        return f"is a symlink to {os.readlink(path)}, which does not exist"
-    if e.errno == errno.ENOTDIR:
-        return "cannot exist: a part of that path is a file, not a directory"
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return f"cannot be reached ({e.strerror})"
-    if e.errno == errno.ENAMETOOLONG:
-        return "is a name too long for this file system"
-    return "does not exist"
 
 
 def nearest(word: str, choices) -> str:

@@ -71,6 +71,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     fix = "lower --batch_size, or use another --device"
     model = build_model(ckpt, model_cfg, device, what, fix, batch, data.seq_len, kv_cache=False)
     m = score_split(model, windows, batch, device)
+    if not math.isfinite(m["loss"]):  # finite weights can still overflow (a gain of 3e38)
+        raise CarlosError(
+            f"checkpoint {path} gives a loss of {m['loss']} (its weights overflow); use another checkpoint"
+        )
     step = ckpt["carlos"].get("step")
     print(f"checkpoint: {path} (step {step})")
     print(f"split: {cfg.split} ({m['tokens']} tokens, {m['bytes']} bytes)")

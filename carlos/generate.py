@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from carlos.checkpoint import load_checkpoint, model_from_checkpoint, pick_device, resolve_checkpoint
-from carlos.config import GenerateConfig
+from carlos.config import CarlosError, GenerateConfig
 from carlos.model import GPT, KVCache
 from carlos.tokenizer import ByteTokenizer
 
@@ -65,6 +65,8 @@ def generate(
     out: list[int] = []
     logits = model(torch.tensor([context], device=device), cache)[0, -1]
     for _ in range(max_new_tokens):
+        if not bool(torch.isfinite(logits).all()):  # finite weights can still overflow (a gain of 3e38)
+            raise CarlosError("the model's outputs are NaN or inf (its weights overflow); use another checkpoint")
         if temperature == 0:
             token = int(torch.argmax(logits))
         else:

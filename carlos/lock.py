@@ -15,12 +15,13 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
 
 from carlos.config import CarlosError
-from carlos.manifest import write_error
+from carlos.files import kind_of, write_error
 
 LOCK = ".carlos-lock"
 
@@ -53,6 +54,13 @@ else:
         fcntl.flock(fd, fcntl.LOCK_UN)
 
 
+def _is_note(text: bytes) -> bool:
+    try:
+        return set(json.loads(text)) == {"command", "pid", "host", "since"}
+    except (ValueError, TypeError):
+        return False
+
+
 def _holder(path: Path) -> str:
     try:
         h = json.loads(path.read_text(encoding="utf-8"))
@@ -69,12 +77,25 @@ class DirLock:
         self.command, self.shared = command, shared
         self.fd: int | None = None
 
+    def _open(self) -> int:
+        """The lock file, never through a symlink, and only a file that is empty or carlos's note."""
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        fix = "it is not carlos's lock file: move it away"
+        if os.path.lexists(self.path) and not stat.S_ISREG(os.lstat(self.path).st_mode):
+            raise CarlosError(f"{self.path} is {kind_of(os.lstat(self.path))}; {fix}")
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as e:
+            raise write_error(f"to {self.path.parent}", e) from None
+        text = os.pread(fd, 4096, 0) if hasattr(os, "pread") else b""
+        if text.strip() and not _is_note(text):
+            os.close(fd)
+            raise CarlosError(f"{self.path} holds something else; {fix}")
+        return fd
+
     def acquire(self) -> DirLock:
         for _ in range(10):  # retried when the file was removed between our open and our lock
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as e:
-                raise write_error(f"to {self.path.parent}", e) from None
+            fd = self._open()
             if not _try_lock(fd, self.shared):
                 os.close(fd)
                 raise CarlosError(

@@ -8,80 +8,81 @@ to write is refused in one line, and removal (--overwrite) takes only recorded p
 file inside a carlos directory (and so that directory) in place.
 
 The record is JSON lines, appended: {"file": "checkpoints/best.pt"}, {"dir": "checkpoints"} (created by
-carlos, removed once empty), {"tree": "wandb"} (written by a library on carlos's behalf: the whole tree
-is carlos's). A line cut short by a kill is ignored. A path is recorded before it is created, so a kill
-between the two leaves a record of a file that does not exist, which is harmless, never the reverse.
+carlos, removed once empty), {"tree": ".submitit"} (written whole by a library on carlos's behalf),
+{"plot": "report.png"} (a file `carlos report` may replace) and {"gone": "..."} (removed since). A line
+cut short by a kill is ignored. A path is recorded before it is created, so a kill between the two
+leaves a record of a file that does not exist, which is harmless, never the reverse. A directory
+holding a record of its own (a sweep job's) answers for what is inside it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from carlos.config import CarlosError
+from carlos.files import kind_of, os_error_behind, read_regular, write_error
 
 RECORD = ".carlos-files"
-KINDS = ("file", "dir", "tree")
+KINDS = ("file", "dir", "tree", "plot")
+ASIDE = ".carlos-aside-"
 
 
-def write_error(path: Path | str, e: OSError) -> CarlosError:
-    """The one-line refusal for a failed write; the fix depends on why it failed."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = "free some space or choose another --workdir"
-    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        fix = "choose a writable --workdir"
-    else:
-        fix = "check the path, or choose another --workdir"
-    return CarlosError(f"cannot write {path} ({e.strerror or e}); {fix}")
-
-
-def os_error_behind(e: BaseException) -> OSError | None:
-    """The OSError that caused e, if any: torch.save reports a full disk as a RuntimeError ('unexpected
-    pos') raised while handling the write's ENOSPC."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
+def _valid(rel: object) -> bool:
+    """A relative path inside the directory: never absolute, never through '..' (a record that says
+    otherwise, edited or damaged, must not make carlos touch anything outside)."""
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\0" in rel:
+        return False
+    parts = PurePosixPath(rel).parts
+    return rel == "." or (not PurePosixPath(rel).is_absolute() and ".." not in parts and "." not in parts)
 
 
 class Manifest:
     """What carlos wrote under root. writable=False (a DDP rank other than 0) reads the record only."""
 
-    def __init__(self, root: Path, writable: bool = True) -> None:
+    def __init__(self, root: Path, writable: bool = True, where: str = "--workdir") -> None:
         self.root = Path(root)
+        self.record = self.root / RECORD
         self.writable = writable
+        self.where = where  # the flag that chooses this place, for the fix a failed write suggests
         self.entries: dict[str, str] = {}
         self._read()
 
     def _read(self) -> None:
-        try:
-            text = (self.root / RECORD).read_text(encoding="utf-8", errors="replace")
-        except OSError:
+        self.entries.clear()
+        if not os.path.lexists(self.record):
             return
+        fix = "it is not carlos's record of its files: move it away"
+        text = read_regular(self.record, fix, follow=False).decode("utf-8", errors="replace")
+        valid = 0
         for line in text.splitlines():
             try:
-                entry = json.loads(line)
-                (kind, rel), *rest = entry.items()
-            except (ValueError, AttributeError):  # a line cut short by a kill, or not one of ours
+                ((kind, rel),) = json.loads(line).items()
+            except (ValueError, AttributeError, TypeError):  # a line cut short by a kill
                 continue
-            if not rest and kind in KINDS and isinstance(rel, str):
+            if kind == "gone" and _valid(rel):
+                self.entries.pop(rel, None)
+            elif kind in KINDS and _valid(rel):
                 self.entries[rel] = kind
+            else:
+                continue
+            valid += 1
+        if text.strip() and not valid:
+            raise CarlosError(f"{self.record} holds no record carlos wrote; {fix}")
 
     def rel(self, path: Path) -> str | None:
         """path relative to root, POSIX-style, or None when it is not under root."""
         try:
-            return PurePosixPath(*Path(os.path.abspath(path)).relative_to(os.path.abspath(self.root)).parts).as_posix()
+            parts = Path(os.path.abspath(path)).relative_to(os.path.abspath(self.root)).parts
         except ValueError:
             return None
+        return PurePosixPath(*parts).as_posix()
 
     def owns(self, path: Path) -> bool:
         rel = self.rel(path)
@@ -92,30 +93,42 @@ class Manifest:
         parts = PurePosixPath(rel).parts
         return any(self.entries.get("/".join(parts[:i])) == "tree" for i in range(1, len(parts)))
 
+    def nested(self, path: Path) -> Manifest | None:
+        """The record of a directory under root that keeps its own (a sweep job's)."""
+        path = Path(path)
+        if os.path.abspath(path) != os.path.abspath(self.root) and os.path.isfile(path / RECORD):
+            return Manifest(path, self.writable)
+        return None
+
     # -- recording
     def _append(self, lines: list[str]) -> os.stat_result | None:
-        """Append lines to the record; returns its state before, for _undo."""
-        record = self.root / RECORD
-        before = os.stat(record) if record.exists() else None
+        """Append lines to the record (never through a symlink); returns its state before, for _undo."""
+        before = os.stat(self.record) if self.record.exists() else None
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
         try:
-            with open(record, "a", encoding="utf-8") as f:
+            fd = os.open(self.record, flags, 0o644)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write("".join(lines))
         except OSError as e:
             self._undo(before)
-            raise write_error(record, e) from None
+            raise write_error(self.record, e, self.where) from None
         return before
 
     def _undo(self, before: os.stat_result | None) -> None:
         """The record as it was before an append whose writes then failed: a refused command leaves no trace."""
-        record = self.root / RECORD
         with contextlib.suppress(OSError):
             if before is None:
-                record.unlink(missing_ok=True)
+                self.record.unlink(missing_ok=True)
             else:
-                os.truncate(record, before.st_size)
-                os.utime(record, ns=(before.st_atime_ns, before.st_mtime_ns))
-        self.entries.clear()
+                os.truncate(self.record, before.st_size)
+                os.utime(self.record, ns=(before.st_atime_ns, before.st_mtime_ns))
         self._read()
+
+    def forget(self, rels: list[str]) -> None:
+        """Entries for paths carlos has removed: a user's file by that name later is the user's."""
+        if self.writable and rels:
+            self._append([json.dumps({"gone": rel}) + "\n" for rel in rels])
+            self._read()
 
     def claim(self, *paths: Path, kind: str = "file") -> None:
         """Record paths (and each missing parent directory under root, which this creates) before
@@ -128,7 +141,7 @@ class Manifest:
             if rel is None:
                 continue
             parent, missing = Path(path).parent, []
-            while self.rel(parent) not in (None, ".") and not parent.exists():
+            while self.rel(parent) not in (None, ".") and not os.path.lexists(parent):
                 missing.append(parent)
                 parent = parent.parent
             for d in reversed(missing):
@@ -146,29 +159,29 @@ class Manifest:
             except OSError as e:
                 if lines:
                     self._undo(before)
-                raise write_error(d, e) from None
+                raise write_error(d, e, self.where) from None
 
     def claim_dir(self, path: Path) -> None:
         """Create a directory as carlos's (recorded first); one that already exists stays as it is."""
-        if not Path(path).exists():
-            record = self.root / RECORD
-            before = os.stat(record) if record.exists() else None
+        if not os.path.lexists(path):
+            before = os.stat(self.record) if self.record.exists() else None
             self.claim(path, kind="dir")
             try:
                 Path(path).mkdir(exist_ok=True)
             except OSError as e:
                 self._undo(before)
-                raise write_error(Path(path), e) from None
+                raise write_error(Path(path), e, self.where) from None
 
-    def write(self, path: Path, write: Callable[[BinaryIO], object]) -> None:
+    def write(self, path: Path, write: Callable[[BinaryIO], object], kind: str = "file") -> None:
         """write(file) into a temporary file beside path, fsync, then rename over path: readers (and a crash
         at any moment) see the old file or the new one, never a partial one. Recorded first; on any
         failure the temporary goes, the old file stays, and a failed write (a full disk included, however
-        the writer reports it) is one line."""
+        the writer reports it) is one line. A file carlos did not write is never replaced."""
         path = Path(path)
-        if os.path.lexists(path) and not self.owns(path):  # a user's file by a name carlos writes
-            raise CarlosError(f"{path} is a file carlos did not write, and carlos would replace it; move it away")
-        self.claim(path)
+        if os.path.lexists(path) and (not self.owns(path) or path.is_symlink() or not path.is_file()):
+            what = kind_of(os.lstat(path))
+            raise CarlosError(f"{path} is {what} carlos did not write, and carlos would replace it; move it away")
+        self.claim(path, kind=kind)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
             with open(tmp, "wb") as f:
@@ -181,10 +194,10 @@ class Manifest:
                 tmp.unlink()
             cause = os_error_behind(e)
             if cause is not None and isinstance(e, (OSError, RuntimeError)):
-                raise write_error(path, cause) from None
+                raise write_error(path, cause, self.where) from None
             raise
 
-    # -- checking and removing
+    # -- checking
     def foreign(self, path: Path) -> list[Path]:
         """The files at or under path that carlos did not write, when path is not carlos's: a directory
         carlos created may hold a user's files too, which it leaves alone (and an empty directory holds
@@ -193,59 +206,143 @@ class Manifest:
         if not os.path.lexists(path) or self.owns(path):
             return []
         if path.is_dir() and not path.is_symlink():
+            inner = self.nested(path)
+            if inner is not None:
+                return [f for child in sorted(path.iterdir()) if child.name != RECORD for f in inner.foreign(child)]
             return [f for child in sorted(path.iterdir()) for f in self.foreign(child)]
         return [path]
 
-    def refuse_foreign(self, paths: list[Path], fix: str) -> None:
-        """One line naming the first of paths that holds something carlos did not write."""
-        for path in map(Path, paths):
+    def refuse_foreign(self, files: list[Path], dirs: list[Path], fix: str) -> None:
+        """One line naming the first path in the way: where carlos writes a file, anything but its own
+        file; where it keeps a directory, anything but a directory, or one holding what carlos did not write."""
+        for path in map(Path, files):
+            if os.path.lexists(path) and (not self.owns(path) or path.is_symlink() or not path.is_file()):
+                what = kind_of(os.lstat(path))
+                raise CarlosError(f"{path} is {what} carlos did not write, and carlos would write a file there; {fix}")
+        for path in map(Path, dirs):
+            if os.path.lexists(path) and (path.is_symlink() or not path.is_dir()):
+                what = kind_of(os.lstat(path))
+                raise CarlosError(f"{path} is {what} carlos did not make, where carlos keeps a directory; {fix}")
             found = self.foreign(path)
-            if found == [path]:
-                raise CarlosError(f"{path} is a file carlos did not write, and carlos would replace it; {fix}")
             if found:
                 names = ", ".join(f.relative_to(path).as_posix() for f in found[:3])
                 more = f" and {len(found) - 3} more" if len(found) > 3 else ""
-                raise CarlosError(f"{path}{os.sep} holds {names}{more}, which carlos did not write; {fix}")
+                hint = "" if self.entries else f" (there is no record of what carlos wrote: no {RECORD})"
+                raise CarlosError(f"{path}{os.sep} holds {names}{more}, which carlos did not write{hint}; {fix}")
 
     def owned_files(self, path: Path) -> list[Path]:
-        """The existing files under path (or path itself) that carlos wrote."""
+        """The existing files at or under path that carlos wrote."""
         path = Path(path)
         if not os.path.lexists(path):
             return []
         if path.is_dir() and not path.is_symlink():
-            if self.owns(path) and self.entries.get(self.rel(path)) == "tree":
+            if self.entries.get(self.rel(path)) == "tree":
                 return [p for p in path.rglob("*") if not p.is_dir() or p.is_symlink()]
+            inner = self.nested(path)
+            if inner is not None:
+                return [path / RECORD] + [f for c in path.iterdir() if c.name != RECORD for f in inner.owned_files(c)]
             return [f for child in path.iterdir() for f in self.owned_files(child)]
         return [path] if self.owns(path) else []
 
-    def remove(self, path: Path) -> None:
-        """Remove what carlos wrote at path: recorded files (and their temporaries), recorded trees,
-        then the directories carlos created that are empty now."""
-        path = Path(path)
+    # -- removing: moved aside first, deleted once what replaces them is in place
+    def aside(self, paths: list[Path]) -> Aside:
+        return Aside(self, [Path(p) for p in paths])
+
+    def remove(self, paths: list[Path]) -> None:
+        """Remove what carlos wrote at or under paths (all of it, or, when something cannot go, none)."""
+        with self.aside(paths) as gone:
+            gone.commit()
+
+    def _movable(self, path: Path) -> list[Path]:
+        """What carlos wrote at or under path, as the paths to move: a tree whole, files one by one (with
+        the temporaries of their interrupted writes), a directory with its own record through that record."""
         if not os.path.lexists(path):
-            return
-        if path.is_dir() and not path.is_symlink():
-            if self.entries.get(self.rel(path)) == "tree":
-                shutil.rmtree(path)
-                return
-            for child in list(path.iterdir()):
-                self.remove(child)
-            if self.entries.get(self.rel(path)) == "dir" and not any(path.iterdir()):
-                path.rmdir()
-        elif self.owns(path):
-            path.unlink()
-            self.remove_temporaries(path)
+            return []
+        kind = self.entries.get(self.rel(path))
+        if kind == "tree" or (kind and not path.is_dir()) or path.is_symlink():
+            return [path, *temporaries(path)] if self.owns(path) else []
+        if path.is_dir():
+            inner = self.nested(path)
+            if inner is not None:
+                moved = [m for c in sorted(path.iterdir()) if c.name != RECORD for m in inner._movable(c)]
+                return [*moved, path / RECORD]
+            return [m for child in sorted(path.iterdir()) for m in self._movable(child)]
+        return []
 
-    def remove_temporaries(self, path: Path) -> None:
-        """The temporary files of atomic writes of path (.NAME.tmp-PID) that a kill left behind."""
-        for tmp in Path(path).parent.glob(f".{glob_escape(Path(path).name)}.tmp-*"):
-            tmp.unlink(missing_ok=True)
-
-    def remove_stale_temporaries(self) -> None:
+    def remove_stale(self) -> None:
+        """What kills left behind: temporaries of recorded files, and aside directories."""
         for rel, kind in list(self.entries.items()):
-            if kind == "file":
-                self.remove_temporaries(self.root / rel)
+            if kind in ("file", "plot"):
+                for tmp in temporaries(self.root / rel):
+                    tmp.unlink(missing_ok=True)
+        for stale in self.root.glob(ASIDE + "*"):
+            if Manifest(stale).entries.get(".") == "tree":
+                shutil.rmtree(stale, ignore_errors=True)
 
 
-def glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+class Aside:
+    """Removal as a transaction: what carlos wrote under some paths is moved (renamed: same file system,
+    nothing copied) into ROOT/.carlos-aside-XXXX. A path that cannot be moved refuses the whole removal
+    with everything put back; commit() deletes what was moved once its replacement is in place, and
+    rollback() puts it back. So a refusal never comes after a deletion."""
+
+    def __init__(self, manifest: Manifest, paths: list[Path]) -> None:
+        self.m, self.paths = manifest, paths
+        self.moves: list[tuple[Path, Path]] = []
+        self.dir: Path | None = None
+        self.nested_roots: set[Path] = set()  # directories whose own record was moved: carlos's to remove
+
+    def __enter__(self) -> Aside:
+        items = [m for p in self.paths for m in self.m._movable(p)]
+        if not items or not self.m.writable:
+            return self
+        try:
+            self.dir = Path(tempfile.mkdtemp(prefix=ASIDE, dir=self.m.root))
+            Manifest(self.dir).claim(self.dir, kind="tree")  # marks it as carlos's, for remove_stale
+            for item in items:
+                target = self.dir / "moved" / os.path.relpath(item, self.m.root)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(item, target)
+                self.moves.append((item, target))
+                if item.name == RECORD:
+                    self.nested_roots.add(item.parent)
+        except (OSError, CarlosError) as e:
+            self.rollback()
+            what = f"{e.strerror} moving {e.filename}" if isinstance(e, OSError) else str(e)
+            raise CarlosError(f"cannot remove the earlier run's files ({what}); nothing was changed") from None
+        return self
+
+    def __exit__(self, kind, *rest: object) -> None:
+        if kind is not None:
+            self.rollback()
+
+    def rollback(self) -> None:
+        for item, target in reversed(self.moves):
+            with contextlib.suppress(OSError):
+                os.replace(target, item)
+        self.moves = []
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+    def commit(self) -> None:
+        """Delete what was moved, then the directories carlos made that are empty now, and forget them."""
+        if self.dir is None:
+            return
+        shutil.rmtree(self.dir, ignore_errors=True)
+        gone = [self.m.rel(item) for item, _ in self.moves]
+        parents = sorted({p for item, _ in self.moves for p in Path(item).parents}, key=lambda p: -len(p.parts))
+        for d in parents:
+            rel = self.m.rel(d)
+            made = self.m.entries.get(rel) == "dir" or d in self.nested_roots
+            if rel not in (None, ".") and made and d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+                gone.append(rel)
+        self.moves, self.dir = [], None
+        self.m.forget([g for g in gone if g in self.m.entries])
+
+
+def temporaries(path: Path) -> list[Path]:
+    """The temporary files of atomic writes of path (.NAME.tmp-PID) that a kill left behind."""
+    name = "".join(f"[{c}]" if c in "*?[" else c for c in Path(path).name)
+    return sorted(Path(path).parent.glob(f".{name}.tmp-*"))

@@ -52,6 +52,11 @@ def training_bytes(cfg: GPTConfig, micro_batch: int) -> int:
     return 4 * FLOAT * num_params(cfg) + buffer_bytes(cfg) + activation_bytes(cfg, micro_batch, cfg.block_size, True)
 
 
+def validation_bytes(cfg: GPTConfig, batch: int) -> int:
+    """A validation batch during training: the training state stays, the batch's activations need no grads."""
+    return 4 * FLOAT * num_params(cfg) + buffer_bytes(cfg) + activation_bytes(cfg, batch, cfg.block_size, False)
+
+
 def inference_bytes(cfg: GPTConfig, batch: int, length: int, kv_cache: bool = False) -> int:
     """Weights and buffers, one batch's activations, and with kv_cache the keys and values of every layer."""
     cache = 2 * cfg.n_layers * batch * cfg.block_size * cfg.d_model * FLOAT if kv_cache else 0

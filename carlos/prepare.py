@@ -17,6 +17,7 @@ input, a second tokenizes each split into a temporary token file, a third packs 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import json
 import os
@@ -31,18 +32,19 @@ from typing import BinaryIO
 
 import numpy as np
 
-from carlos.config import SPLITS, CarlosError, PrepareConfig, path_problem
+from carlos.config import SPLITS, CarlosError, PrepareConfig
+from carlos.files import MadeDirs, kind_of, open_regular, path_problem, write_error
 from carlos.lock import DirLock
-from carlos.manifest import Manifest, write_error
+from carlos.manifest import RECORD, Manifest
 from carlos.tokenizer import ByteTokenizer
 
 FORMAT_VERSION = 1
 
 
-def write_stdlib_corpus(out: Path, max_bytes: int = 2_000_000) -> int:
+def stdlib_corpus(max_bytes: int = 2_000_000) -> str:
     """A built-in corpus: this Python's standard library source, files in sorted order up to max_bytes.
     Every Python installation has it, so demos and benchmarks need no download and carlos ships no
-    third-party text. Returns the number of bytes written."""
+    third-party text."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     chunks, size = [], 0
     for path in sorted(stdlib.glob("*.py")):
@@ -55,9 +57,15 @@ def write_stdlib_corpus(out: Path, max_bytes: int = 2_000_000) -> int:
         size += len(data.encode("utf-8"))
         if size >= max_bytes:
             break
+    return "".join(chunks)
+
+
+def write_stdlib_corpus(out: Path, max_bytes: int = 2_000_000) -> int:
+    """stdlib_corpus() written to out (scripts/demo_corpus.py); returns the number of bytes written."""
+    data = stdlib_corpus(max_bytes).encode("utf-8")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(chunks), encoding="utf-8")
-    return size
+    out.write_bytes(data)
+    return len(data)
 
 
 NON_ASCII = bytes(range(0x80, 0x100))
@@ -85,16 +93,12 @@ class Source:
             st = os.stat(path)
         except OSError as e:
             raise CarlosError(f"input {path} {path_problem(path, e)}; check the path given to --input") from None
-        refuse_special(path, st)
-        try:
-            # O_NONBLOCK: were the path swapped for a FIFO after the check above, opening it must not hang
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-        except OSError as e:
-            raise CarlosError(f"input {path} cannot be read ({e.strerror}); check its permissions") from None
-        refuse_special(path, os.fstat(fd), fd)
-        if getattr(os, "O_NONBLOCK", 0):  # POSIX: reads of the regular file it is block as usual
-            os.set_blocking(fd, True)
-        f = os.fdopen(fd, "rb")
+        if stat.S_ISDIR(st.st_mode):
+            raise CarlosError(f"input {path} is a directory; pass a UTF-8 text file to --input")
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block or never end
+            raise CarlosError(f"input {path} is {kind_of(st)}; save the text to a file and pass that to --input")
+        # open_regular checks again on the open file: a path swapped for a FIFO in between cannot hang it
+        f = os.fdopen(open_regular(path, "pass a UTF-8 text file to --input"), "rb")
         f.raw.name = str(path)  # messages name the path, not the descriptor
         return f
 
@@ -113,8 +117,10 @@ class Source:
     def check_unchanged(self, sha256: str, digest_now: str) -> None:
         """The same size, modification time and file as when it was opened, and the same bytes."""
         now = os.fstat(self.f.fileno())
-        if (now.st_size, now.st_mtime_ns) != (self.size, self.stat.st_mtime_ns):
+        if now.st_size != self.size:
             raise self.changed(f"{self.size:,} bytes when opened, {now.st_size:,} now")
+        if now.st_mtime_ns != self.stat.st_mtime_ns:
+            raise self.changed("its modification time changed")
         if digest_now != sha256:
             raise self.changed("its bytes differ between two reads")
 
@@ -126,26 +132,6 @@ class Source:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-SPECIAL_FILES = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a FIFO (named pipe)"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
-def refuse_special(path: Path, st: os.stat_result, fd: int | None = None) -> None:
-    """Only a regular file has an end and a size known up front: a FIFO or a device would block or never end."""
-    if stat.S_ISREG(st.st_mode):
-        return
-    if fd is not None:
-        os.close(fd)
-    what = next((name for test, name in SPECIAL_FILES if test(st.st_mode)), "not a regular file")
-    fix = "pass a UTF-8 text file" if what == "a directory" else "save the text to a file and pass that"
-    raise CarlosError(f"input {path} is {what}; {fix} to --input")
 
 
 def scan(src: BinaryIO, chunk: int = CHUNK) -> tuple[int, str]:
@@ -365,53 +351,27 @@ def pack(tokens: Path, n: int, seq_len: int, dtype: np.dtype, out: Path, windows
 
 
 PREPARED = ("splits.json", "tokenizer.json", "rng_state.json")  # beside data/{train,val,test}.npy
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples", ".hydra", "wandb")
+# what a run writes and --overwrite removes; W&B's local files (wandb/) are never removed: an offline run
+# there may not have been synced yet
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples", ".hydra")
 
 
 def prepared_paths(workdir: Path) -> list[Path]:
     return [workdir / name for name in PREPARED] + [workdir / "data" / f"{s}.npy" for s in SPLITS]
 
 
+def runs_outputs(workdir: Path) -> list[Path]:
+    """The outputs of the runs trained on a workdir's data: its own run's and its sweeps'."""
+    return [*(workdir / name for name in RUN_OUTPUTS), workdir / "sweeps"]
+
+
 def workdir_has_run(workdir: Path, manifest: Manifest) -> bool:
     """Checkpoints that carlos wrote there: of a single run, or of a sweep job trained on its data."""
-    found = [*(workdir / "checkpoints").glob("*.pt"), *workdir.glob("sweeps/*/*/checkpoints/*.pt")]
-    return any(manifest.owns(p) for p in found)
-
-
-def remove_runs(workdir: Path, manifest: Manifest) -> None:
-    """What the runs trained on this data wrote (only what carlos's record names)."""
-    for name in (*RUN_OUTPUTS, "sweeps"):
-        manifest.remove(workdir / name)
-
-
-class MadeDirs:
-    """Creates a directory and its missing parents; when the command fails, removes those it created
-    itself (os.mkdir, not exist_ok: a directory another process made at the same moment is not ours)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.made = path, []
-
-    def __enter__(self) -> MadeDirs:
-        missing, p = [], Path(os.path.abspath(self.path))
-        while not os.path.lexists(p):
-            missing.append(p)
-            p = p.parent
-        if not p.is_dir():
-            raise CarlosError(f"workdir {self.path}: {p} is a file, not a directory; choose another --workdir")
-        for d in reversed(missing):
-            try:
-                os.mkdir(d)
-                self.made.append(d)
-            except FileExistsError:
-                pass
-            except OSError as e:
-                self.__exit__(OSError, e, None)
-                raise write_error(d, e) from None
-        return self
-
-    def __exit__(self, kind, *rest: object) -> None:
-        if kind is not None and self.made:
-            shutil.rmtree(self.made[0], ignore_errors=True)
+    return any(
+        p.suffix == ".pt" and p.parent.name == "checkpoints"
+        for out in (workdir / "checkpoints", workdir / "sweeps")
+        for p in manifest.owned_files(out)
+    )
 
 
 def check_workdir(cfg: PrepareConfig, source: Source, workdir: Path, manifest: Manifest) -> None:
@@ -425,10 +385,10 @@ def check_workdir(cfg: PrepareConfig, source: Source, workdir: Path, manifest: M
         "move it away or choose another --workdir (carlos writes data/, splits.json, tokenizer.json and "
         "rng_state.json there; files an older carlos wrote, before it kept a record, go by hand)"
     )
-    manifest.refuse_foreign([workdir / "data", *prepared_paths(workdir)], fix)
+    manifest.refuse_foreign(prepared_paths(workdir), [workdir / "data"], fix)
     replaced = [f for p in prepared_paths(workdir) for f in manifest.owned_files(p)]
     if cfg.overwrite:
-        replaced += [f for name in (*RUN_OUTPUTS, "sweeps") for f in manifest.owned_files(workdir / name)]
+        replaced += [f for out in runs_outputs(workdir) for f in manifest.owned_files(out)]
     for f in replaced:
         if os.path.samestat(os.stat(f), source.stat):
             same = "" if os.path.abspath(f) == os.path.abspath(source.path) else f" (the same file as {f})"
@@ -448,26 +408,40 @@ def prepare(cfg: PrepareConfig) -> dict:
     workdir = Path(cfg.workdir).expanduser()
     if workdir.is_file():
         raise CarlosError(f"workdir {workdir} is a file; pass a directory to --workdir")
-    with Source(cfg.input) as source, MadeDirs(workdir), DirLock(workdir, "prepare"):
+    with Source(cfg.input) as source, MadeDirs(workdir) as made, DirLock(workdir, "prepare"):
         manifest = Manifest(workdir)
-        check_workdir(cfg, source, workdir, manifest)
-        size, sha256 = scan(source.f)
-        for stale in workdir.glob(".prepare-*"):  # left by a prepare that was killed (kill -9) midway
-            if Manifest(stale).entries.get(".") == "tree":
-                shutil.rmtree(stale, ignore_errors=True)
-        tmp = None
         try:
-            tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=workdir))
-            Manifest(tmp).claim(tmp, kind="tree")  # marks it as carlos's, for the stale clean-up above
-            record = build(cfg, source, tmp, size, sha256)
-            install(cfg, workdir, tmp, manifest)
-        except OSError as e:
-            where = Path(e.filename) if e.filename else f"the prepared data into {workdir}"
-            raise write_error(where, e) from None
-        finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
+            check_workdir(cfg, source, workdir, manifest)
+            size, sha256 = scan(source.f)
+            record = build_and_install(cfg, source, workdir, manifest, size, sha256)
+        except BaseException:
+            if made.made:  # a workdir this prepare created: what it wrote there goes (its directories after)
+                with contextlib.suppress(OSError, CarlosError):
+                    manifest.remove([workdir / name for name in (*PREPARED, "data")])
+                    (workdir / RECORD).unlink(missing_ok=True)
+            raise
     return {**record, "seconds": time.perf_counter() - started}
+
+
+def build_and_install(cfg: PrepareConfig, source: Source, workdir: Path, manifest: Manifest, size, sha256) -> dict:
+    """Build in a temporary directory inside the workdir, then install; the temporary goes either way."""
+    manifest.remove_stale()
+    for stale in workdir.glob(".prepare-*"):  # left by a prepare that was killed (kill -9) midway
+        if Manifest(stale).entries.get(".") == "tree":
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=workdir))
+        Manifest(tmp).claim(tmp, kind="tree")  # marks it as carlos's, for the stale clean-up above
+        record = build(cfg, source, tmp, size, sha256)
+        install(cfg, workdir, tmp, manifest)
+        return record
+    except OSError as e:
+        where = Path(e.filename) if e.filename else f"the prepared data into {workdir}"
+        raise write_error(where, e) from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def build(cfg: PrepareConfig, source: Source, tmp: Path, size: int, sha256: str) -> dict:
@@ -523,14 +497,16 @@ def build(cfg: PrepareConfig, source: Source, tmp: Path, size: int, sha256: str)
 
 def install(cfg: PrepareConfig, workdir: Path, tmp: Path, manifest: Manifest) -> None:
     """Move the built files into place, recorded first, splits.json last: a kill midway leaves no
-    splits.json, which every command refuses as not prepared. With overwrite, the runs trained on the
-    old data go (only what carlos wrote)."""
-    manifest.claim_dir(workdir / "data")
-    manifest.claim(*prepared_paths(workdir))
-    (workdir / "splits.json").unlink(missing_ok=True)
-    if cfg.overwrite:
-        remove_runs(workdir, manifest)
-    for split in SPLITS:
-        os.replace(tmp / "data" / f"{split}.npy", workdir / "data" / f"{split}.npy")
-    for name in PREPARED:
-        os.replace(tmp / name, workdir / name)
+    splits.json, which every command refuses as not prepared. What they replace (and with overwrite,
+    what the runs trained on the old data wrote) is moved aside first and deleted only once the new
+    files are in place, so a file that cannot be moved or replaced refuses the whole install with
+    everything as it was."""
+    replaced = prepared_paths(workdir) + (runs_outputs(workdir) if cfg.overwrite else [])
+    with manifest.aside(replaced) as old:
+        manifest.claim_dir(workdir / "data")
+        manifest.claim(*prepared_paths(workdir))
+        for split in SPLITS:
+            os.replace(tmp / "data" / f"{split}.npy", workdir / "data" / f"{split}.npy")
+        for name in PREPARED:
+            os.replace(tmp / name, workdir / name)
+        old.commit()

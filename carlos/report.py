@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from carlos.config import CarlosError
+from carlos.manifest import Manifest
 
 NUMBERS = ("step", "tokens", "val_bpb", "tokens_per_s")  # the fields the table and the plot read
 
@@ -285,16 +286,14 @@ def _figure(runs: list[Run]):
 
 
 def _save(fig, path: Path, fmt: str) -> None:
-    """Through a temporary file beside path: a write that fails halfway (disk full) leaves neither half a
-    plot nor a damaged older one."""
+    """Through carlos's record of what it wrote (carlos/manifest.py), as a plot: only a plot an earlier
+    report wrote is ever replaced, and through a temporary file, so a write that fails halfway (disk
+    full) leaves neither half a plot nor a damaged older one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            fig.savefig(f, format=fmt, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    record = Manifest(path.parent, where="--output")
+    if os.path.lexists(path) and record.entries.get(record.rel(path)) != "plot":
+        raise CarlosError(f"{path} exists and carlos report did not write it; pass another --output")
+    record.write(path, lambda f: fig.savefig(f, format=fmt, dpi=120), kind="plot")
 
 
 def _why(e: Exception, path: Path) -> str:
@@ -318,6 +317,8 @@ def plot(runs: list[Run], path: Path) -> tuple[Path | None, str]:
     fmt = named if named in fig.canvas.get_supported_filetypes() else "png"
     try:
         _save(fig, path, fmt)
+    except CarlosError as e:
+        return None, f"plot: skipped ({e})"
     except (OSError, RuntimeError) as e:
         return None, f"plot: skipped ({_why(e, path)})"
     finally:

@@ -24,7 +24,7 @@ from carlos.config import WANDB_MODES, CarlosError, TrainConfig, parse, to_plain
 from carlos.generate import prompt_ids
 from carlos.lock import DirLock
 from carlos.manifest import Manifest
-from carlos.memory import check_fits, num_params, training_bytes
+from carlos.memory import check_fits, num_params, training_bytes, validation_bytes
 from carlos.model import GPTConfig, ModelConfigError
 from carlos.prepare import RUN_OUTPUTS
 from carlos.workdir import PreparedData
@@ -259,6 +259,7 @@ class Run:
     preemption: Preemption | None = None
     jsonl: JsonlLogger | None = None
     wandb: WandbLogger | None = None
+    begun: bool = False  # begin() has run: the run has started writing
 
     @property
     def ckpt_dir(self) -> Path:
@@ -272,7 +273,8 @@ def train(cfg: DictConfig) -> float:
     workdir = Path(tc.workdir).expanduser()
     data = PreparedData.load(workdir)
     run_dir = run_dir_for(workdir)
-    leader = is_rank_zero()
+    # one process (devices 1, one node) is its own leader, whatever RANK or LOCAL_RANK the environment holds
+    leader = (str(tc.trainer.devices) == "1" and tc.trainer.num_nodes == 1) or is_rank_zero()
     with contextlib.ExitStack() as locks:
         if leader:  # the other ranks of a DDP run work under rank 0's lock
             if run_dir != workdir:  # a sweep job: the prepared data is shared with the other jobs
@@ -300,7 +302,7 @@ def accept(cfg: DictConfig, tc: TrainConfig, data: PreparedData, run_dir: Path, 
     device = device_type(tc.trainer.accelerator)
     stored = prev.get("precision") if prev else None
     precision, why = resolve_precision(tc.trainer.precision, device, model_cfg.d_model, stored)
-    _check_machine(tc, model_cfg, device)
+    _check_machine(tc, model_cfg, device, int(data.info["windows"]["val"]))
     optimizer_cfg, schedule_cfg = dict(tc.optimizer), dict(tc.schedule)
     if precision in ("16-mixed", "16") and optimizer_cfg.get("fused"):
         # fp16's GradScaler must unscale the gradients before clipping, which a fused step does too late
@@ -317,15 +319,41 @@ def accept(cfg: DictConfig, tc: TrainConfig, data: PreparedData, run_dir: Path, 
 
 
 def _resume_state(path: Path) -> dict:
-    """The carlos metadata of the checkpoint to resume, once its weights and Lightning's training state
-    are known to be whole (a damaged one would otherwise fail inside fit, after the run started writing)."""
+    """The carlos metadata of the checkpoint to resume, once its weights and the shapes of its optimizer
+    state are known to be whole. The rest of Lightning's training state is checked by loading it: a
+    failure before the run writes anything is a refusal (fit), not a crash after it wrote."""
     ckpt = load_checkpoint(path)
-    check_checkpoint(ckpt, path)
-    missing = [k for k in ("optimizer_states", "lr_schedulers", "loops", "global_step") if k not in ckpt]
-    if missing or not isinstance(ckpt.get("optimizer_states"), list) or not isinstance(ckpt["carlos"].get("step"), int):
-        what = f"no {missing[0]}" if missing else "a damaged training state"
-        raise CarlosError(f"cannot resume from {path}: it holds {what}; resume from another checkpoint or start over")
+    model_cfg, _ = check_checkpoint(ckpt, path)
+    try:
+        if not isinstance(ckpt["carlos"].get("step"), int) or not isinstance(ckpt.get("global_step"), int):
+            raise ValueError("no step")
+        _check_optimizer_state(ckpt.get("optimizer_states"), model_cfg)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CarlosError(
+            f"cannot resume from {path}: its training state is damaged ({e}); resume from another checkpoint, "
+            "or start over with --overwrite"
+        ) from None
     return ckpt["carlos"]
+
+
+def _check_optimizer_state(states, model_cfg: GPTConfig) -> None:
+    """Every tensor of the optimizer's state has its parameter's shape: torch does not check when it loads
+    one, and a fused step over a wrong shape reads out of bounds (a segmentation fault, not an error)."""
+    from carlos.model import GPT
+
+    with torch.device("meta"):
+        groups = GPT(model_cfg).param_groups(0.0)
+    shapes = [tuple(p.shape) for g in groups for p in g["params"]]
+    if not isinstance(states, list) or len(states) != 1 or not isinstance(states[0], dict):
+        raise ValueError("optimizer_states is not one optimizer's state")
+    state, param_groups = states[0]["state"], states[0]["param_groups"]
+    indices = [i for g in param_groups for i in g["params"]]
+    if sorted(indices) != list(range(len(shapes))):
+        raise ValueError(f"its optimizer holds {len(indices)} parameters, the model {len(shapes)}")
+    for i, entry in state.items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != shapes[i]:
+                raise ValueError(f"optimizer state {name} of parameter {i} has shape {tuple(value.shape)}")
 
 
 def _model_config(tc: TrainConfig, data: PreparedData, prev: dict | None) -> GPTConfig:
@@ -362,10 +390,15 @@ def _model_config(tc: TrainConfig, data: PreparedData, prev: dict | None) -> GPT
     return model_cfg
 
 
-def _check_machine(tc: TrainConfig, model_cfg: GPTConfig, device: str) -> None:
+def _check_machine(tc: TrainConfig, model_cfg: GPTConfig, device: str, val_windows: int) -> None:
     """What this machine cannot do: a GPU it lacks, more CPU processes or workers than cores, a model and
     batch beyond its memory (checked before anything is allocated)."""
     t, cores = tc.trainer, os.cpu_count() or 1
+    if any(word in str(t.strategy) for word in ("spawn", "fork", "notebook")):
+        raise CarlosError(
+            f"trainer.strategy={t.strategy} runs training in processes it starts anew, where carlos's metrics and "
+            "checkpoint records would be lost to this one; use trainer.strategy=ddp"
+        )
     if t.accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
         raise CarlosError(
             f"trainer.accelerator={t.accelerator}: this machine has no CUDA GPU (torch sees none); "
@@ -386,19 +419,29 @@ def _check_machine(tc: TrainConfig, model_cfg: GPTConfig, device: str) -> None:
         raise CarlosError(
             f"data.num_workers={tc.data.num_workers} is far beyond this machine's {cores} cores; use 0 (the default)"
         )
-    need = training_bytes(model_cfg, tc.data.micro_batch_size) * processes
+    d = tc.data
+    val_batch = min(d.eval_batch_size, val_windows)
+    need = max(training_bytes(model_cfg, d.micro_batch_size), validation_bytes(model_cfg, val_batch)) * processes
     check_fits(
         need,
         device,
-        f"the model ({num_params(model_cfg):,} parameters) with micro-batch "
-        f"{tc.data.micro_batch_size} x {model_cfg.block_size}",
-        "use a smaller model or --micro_batch_size",
+        f"the model ({num_params(model_cfg):,} parameters) with micro-batch {d.micro_batch_size} and validation "
+        f"batch {val_batch} x {model_cfg.block_size}",
+        "use a smaller model, --micro_batch_size or data.eval_batch_size",
     )
 
 
 def _callbacks(run: Run) -> list:
     """carlos's callbacks (metrics, samples, checkpoints, preemption, progress, time budget), kept on run."""
-    from carlos.callbacks import Checkpoints, Preemption, ProgressBar, SampleText, TimeBudget, TrainMetrics
+    from carlos.callbacks import (
+        BeforeFirstStep,
+        Checkpoints,
+        Preemption,
+        ProgressBar,
+        SampleText,
+        TimeBudget,
+        TrainMetrics,
+    )
 
     tc, s, tok = run.tc, run.tc.sample, run.data.tokenizer
     run.metrics = TrainMetrics(tc.log_interval, run.data.seq_len * tc.data.micro_batch_size)
@@ -409,7 +452,10 @@ def _callbacks(run: Run) -> list:
         run.run_dir / "samples", run.manifest, prompt, s.prefix, s.tokens, s.temperature, s.top_k, s.top_p,
         tc.seed, tok.eos_id,
     )  # fmt: skip
-    callbacks = [run.metrics, sample, run.checkpoints, run.preemption, ProgressBar(run.metrics)]
+    # first: begin() writes nothing until Lightning has set up and restored the run, so a checkpoint whose
+    # training state does not load is refused before anything is written
+    first = BeforeFirstStep(lambda: begin(run))
+    callbacks = [first, run.metrics, sample, run.checkpoints, run.preemption, ProgressBar(run.metrics)]
     budget = tc.trainer.max_time_delta
     if budget is not None:
         callbacks.append(TimeBudget(budget.total_seconds()))  # last: it times the others' validation work
@@ -464,22 +510,25 @@ def _build_trainer(run: Run) -> None:
 
 
 def begin(run: Run) -> None:
-    """The run is accepted: from here on it writes into run_dir (rank 0 only)."""
+    """The run is accepted and Lightning has restored what it resumes: from here on it writes into run_dir
+    (rank 0 only). With --overwrite the earlier run's files are moved aside first and deleted once the new
+    run's first files are written, so a refusal here leaves the earlier run as it was."""
+    run.begun = True
     if not run.leader:
         return
     manifest, run_dir = run.manifest, run.run_dir
-    if run.tc.overwrite and run.resume is None:
-        for name in RUN_OUTPUTS:
-            manifest.remove(run_dir / name)
-    save_snapshot(run.cfg, run_dir, manifest)
-    if run.wandb is not None and not (run_dir / "wandb").exists():
-        manifest.claim(run_dir / "wandb", kind="tree")  # W&B writes it; a wandb/ that was there stays yours
-    manifest.remove_stale_temporaries()
-    if run.resume:
-        for p in (run_dir / "samples").glob("step_*.txt"):
-            if p.stem[5:].isdigit() and int(p.stem[5:]) > run.prev["step"] and manifest.owns(p):
-                p.unlink()
-    run.jsonl.begin()
+    manifest.remove_stale()
+    earlier = [run_dir / name for name in RUN_OUTPUTS] if run.tc.overwrite and run.resume is None else []
+    with manifest.aside(earlier) as old:
+        if run_dir != run.data.workdir:  # a sweep job's directory, made by Hydra for this run
+            manifest.claim(run_dir, kind="dir")
+        save_snapshot(run.cfg, run_dir, manifest)
+        if run.resume:  # the samples past the checkpoint came from the run that continued after it
+            for p in (run_dir / "samples").glob("step_*.txt"):
+                if p.stem[5:].isdigit() and int(p.stem[5:]) > run.prev["step"] and manifest.owns(p):
+                    p.unlink()
+        run.jsonl.begin()
+        old.commit()
 
 
 def fit(run: Run) -> float:
@@ -510,8 +559,12 @@ def fit(run: Run) -> float:
         print(f"precision: {run.precision} ({run.why}); {per_step:,} tokens per optimizer step")
         if run.resume:
             print(f"resuming from {run.resume} at step {run.prev['step']}")
-    # Lightning chains a SIGTERM handler it finds into its own; its graceful stop must be the only one
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Lightning chains a SIGTERM handler it finds into its own, and Preemption the others: their graceful
+    # stop must be the only one during fit (carlos.cli's handlers stop commands that do not train)
+    for name in ("SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2"):
+        sig = getattr(signal, name, None)
+        if sig is not None and getattr(signal.getsignal(sig), "carlos_stop", False):  # not submitit's
+            signal.signal(sig, signal.SIG_DFL)
     started = time.perf_counter()
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=str(run.resume) if run.resume else None, weights_only=True)
@@ -519,6 +572,14 @@ def fit(run: Run) -> float:
         # stopped by a signal after writing its checkpoint (Preemption); 128 + signal is the shell's code
         signum = run.preemption.signum or signal.SIGTERM
         raise SystemExit(128 + int(signum)) from None
+    except Exception as e:
+        if run.begun or not run.resume or isinstance(e, CarlosError):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CarlosError(
+            f"cannot resume from {run.resume}: its training state does not load ({type(e).__name__}: {first}); "
+            "resume from another checkpoint, or start over with --overwrite"
+        ) from None
     ck = run.checkpoints
     if trainer.is_global_zero:
         step, secs = trainer.global_step, time.perf_counter() - started

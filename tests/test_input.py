@@ -255,7 +255,7 @@ def test_a_signal_during_prepare_cleans_up_and_says_one_line(here, patch, signum
     p.send_signal(signum)
     out, err = p.communicate(timeout=60)
     assert p.returncode == code, err
-    assert err == f"carlos: stopped by {name}; files being written were removed\n"
+    assert err == f"carlos: stopped by {name}; nothing half-written was left\n"
     if again:
         assert {p.name: p.read_bytes() for p in (here / "w").rglob("*") if p.is_file()} == before
     else:

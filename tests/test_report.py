@@ -10,6 +10,7 @@ import pytest
 
 from carlos.cli import main
 from carlos.config import CarlosError
+from carlos.manifest import RECORD
 from carlos.report import differing, find_runs, report
 
 
@@ -302,7 +303,7 @@ def test_output_with_a_format_extension_uses_that_format(here, capsys, name, mag
     _sweep(here / "s")
     assert _lines(capsys, "s", "--output", f"out/{name}")[-1] == f"plot: out/{name}"
     assert (here / "out" / name).read_bytes().startswith(magic)
-    assert [p.name for p in (here / "out").iterdir()] == [name]  # no temporary file left
+    assert [p.name for p in (here / "out").iterdir() if p.name != RECORD] == [name]  # no temporary file left
 
 
 @pytest.mark.parametrize("name", ["x.txt", "report", "x.weird", "x.", ".png"])
@@ -310,7 +311,7 @@ def test_output_with_any_other_name_is_png_in_exactly_that_file(here, capsys, na
     _sweep(here / "s")
     assert _lines(capsys, "s", "--output", f"out/{name}")[-1] == f"plot: out/{name} (PNG)"
     assert (here / "out" / name).read_bytes().startswith(b"\x89PNG")
-    assert [p.name for p in (here / "out").iterdir()] == [name]
+    assert [p.name for p in (here / "out").iterdir() if p.name != RECORD] == [name]
 
 
 def _read_only(d: Path, monkeypatch) -> None:
@@ -334,8 +335,16 @@ def _read_only(d: Path, monkeypatch) -> None:
         refuse(p)
         return real_mkdir(p, *args, **kwargs)
 
+    real_os_open = os.open
+
+    def guarded_os_open(p, flags, *args, **kwargs):
+        if flags & os.O_CREAT:
+            refuse(p)
+        return real_os_open(p, flags, *args, **kwargs)
+
     monkeypatch.setattr(builtins, "open", guarded_open)
     monkeypatch.setattr(os, "mkdir", guarded_mkdir)
+    monkeypatch.setattr(os, "open", guarded_os_open)
 
 
 def test_a_plot_that_cannot_be_written_is_skipped_after_the_table(here, capsys, monkeypatch):
@@ -345,7 +354,10 @@ def test_a_plot_that_cannot_be_written_is_skipped_after_the_table(here, capsys, 
     _read_only(here / "ro", monkeypatch)
     try:
         for output, line in [
-            ("ro/report.png", "plot: skipped (ro/report.png: Permission denied)"),
+            (
+                "ro/report.png",
+                "plot: skipped (cannot write ro/.carlos-files (Permission denied); choose a writable --output)",
+            ),
             ("ro/new/report.png", "plot: skipped (ro/new/report.png: Permission denied)"),
             ("file/report.png", "plot: skipped (file is a file, not a folder)"),
             ("file/deeper/report.png", "plot: skipped (file is a file, not a folder)"),
@@ -363,7 +375,8 @@ def test_a_full_disk_keeps_the_old_plot_and_leaves_no_partial_file(here, capsys,
     from matplotlib.figure import Figure
 
     _sweep(here / "s")
-    (here / "s" / "report.png").write_bytes(b"the old plot")
+    _lines(capsys, "s")  # the plot of an earlier report
+    old = (here / "s" / "report.png").read_bytes()
 
     def savefig(self, f, *args, **kwargs):
         f.write(b"\x89PNG half a plot")
@@ -371,9 +384,29 @@ def test_a_full_disk_keeps_the_old_plot_and_leaves_no_partial_file(here, capsys,
 
     monkeypatch.setattr(Figure, "savefig", savefig)
     lines = _lines(capsys, "s")
-    assert lines == [HEAD, RULE, ROW_1, ROW_0, "plot: skipped (s/report.png: No space left on device)"]
-    assert (here / "s" / "report.png").read_bytes() == b"the old plot"
-    assert sorted(p.name for p in (here / "s").iterdir()) == ["0", "1", "report.png"]
+    assert lines == [HEAD, RULE, ROW_1, ROW_0, NO_SPACE]
+    assert (here / "s" / "report.png").read_bytes() == old
+    assert sorted(p.name for p in (here / "s").iterdir()) == [RECORD, "0", "1", "report.png"]
+
+
+NO_SPACE = (
+    "plot: skipped (cannot write s/report.png (No space left on device); free some space or choose another --output)"
+)
+
+
+def test_report_never_replaces_a_file_it_did_not_write(here, capsys):
+    _sweep(here / "s")
+    (here / "s" / "report.png").write_bytes(b"the user's own picture")
+    (here / "notes.txt").write_text("notes\n")
+    for output, path in [
+        (None, "s/report.png"),
+        ("notes.txt", "notes.txt"),
+        ("s/0/metrics.jsonl", "s/0/metrics.jsonl"),
+    ]:
+        lines = _lines(capsys, "s", *(["--output", output] if output else []))
+        assert lines[-1] == f"plot: skipped ({path} exists and carlos report did not write it; pass another --output)"
+    assert (here / "s" / "report.png").read_bytes() == b"the user's own picture"
+    assert (here / "notes.txt").read_text() == "notes\n"
 
 
 def test_report_returns_no_plot_path_when_the_plot_is_skipped(here, capsys):
