@@ -41,9 +41,11 @@ def path_problem(path: Path, e: OSError) -> str:
     return "does not exist"
 
 
-def open_regular(path: Path, fix: str, follow: bool = True) -> int:
+def open_regular(path: Path, fix: str, follow: bool = True, label: str = "") -> int:
     """A descriptor of the regular file at path, opened for reading without ever blocking on a FIFO;
-    anything else is refused in one line ending with fix. follow=False refuses a symlink too."""
+    anything else is refused in one line ending with fix. follow=False refuses a symlink too. label
+    comes before the path in messages ("input ")."""
+    name = f"{label}{path}"
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     if not follow:
         flags |= getattr(os, "O_NOFOLLOW", 0)
@@ -51,14 +53,14 @@ def open_regular(path: Path, fix: str, follow: bool = True) -> int:
         fd = os.open(path, flags)
     except OSError as e:
         if e.errno == errno.ELOOP and not follow and os.path.islink(path):
-            raise CarlosError(f"{path} is a symlink; {fix}") from None
+            raise CarlosError(f"{name} is a symlink; {fix}") from None
         if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
-            raise CarlosError(f"{path} {path_problem(path, e)}; {fix}") from None
-        raise CarlosError(f"{path} cannot be read ({e.strerror}); {fix}") from None
+            raise CarlosError(f"{name} {path_problem(path, e)}; {fix}") from None
+        raise CarlosError(f"{name} cannot be read ({e.strerror}); {fix}") from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise CarlosError(f"{path} is {kind_of(st)}, not a regular file; {fix}")
+        raise CarlosError(f"{name} is {kind_of(st)}, not a regular file; {fix}")
     if getattr(os, "O_NONBLOCK", 0):
         os.set_blocking(fd, True)
     return fd

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -30,6 +31,10 @@ from carlos.config import CarlosError
 from carlos.files import kind_of, os_error_behind, read_regular, write_error
 
 RECORD = ".carlos-files"
+# names carlos gives its files: found unrecorded, the record was lost or the files copied without it
+CARLOS_NAMES = re.compile(
+    r"(step_\d+|best|last)\.pt|(train|val|test)\.npy|step_\d+\.txt|(config|hydra|overrides)\.yaml"
+)
 KINDS = ("file", "dir", "tree", "plot")
 ASIDE = ".carlos-aside-"
 
@@ -39,8 +44,9 @@ def _valid(rel: object) -> bool:
     otherwise, edited or damaged, must not make carlos touch anything outside)."""
     if not isinstance(rel, str) or not rel or "\\" in rel or "\0" in rel:
         return False
-    parts = PurePosixPath(rel).parts
-    return rel == "." or (not PurePosixPath(rel).is_absolute() and ".." not in parts and "." not in parts)
+    pure = PurePosixPath(rel)
+    canonical = pure.as_posix() == rel  # as rel() writes it: no "a/./b", no trailing slash
+    return rel == "." or (canonical and not pure.is_absolute() and ".." not in pure.parts)
 
 
 class Manifest:
@@ -227,7 +233,8 @@ class Manifest:
             if found:
                 names = ", ".join(f.relative_to(path).as_posix() for f in found[:3])
                 more = f" and {len(found) - 3} more" if len(found) > 3 else ""
-                hint = "" if self.entries else f" (there is no record of what carlos wrote: no {RECORD})"
+                looks_ours = any(CARLOS_NAMES.fullmatch(f.name) for f in found)
+                hint = f" (and {self.record} has no record of them)" if looks_ours else ""
                 raise CarlosError(f"{path}{os.sep} holds {names}{more}, which carlos did not write{hint}; {fix}")
 
     def owned_files(self, path: Path) -> list[Path]:
@@ -339,7 +346,8 @@ class Aside:
                 d.rmdir()
                 gone.append(rel)
         self.moves, self.dir = [], None
-        self.m.forget([g for g in gone if g in self.m.entries])
+        # forgotten unless written again since (the new run's config.yaml where the old one was)
+        self.m.forget([g for g in gone if g in self.m.entries and not os.path.lexists(self.m.root / g)])
 
 
 def temporaries(path: Path) -> list[Path]:

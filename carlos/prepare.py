@@ -98,7 +98,7 @@ class Source:
         if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block or never end
             raise CarlosError(f"input {path} is {kind_of(st)}; save the text to a file and pass that to --input")
         # open_regular checks again on the open file: a path swapped for a FIFO in between cannot hang it
-        f = os.fdopen(open_regular(path, "pass a UTF-8 text file to --input"), "rb")
+        f = os.fdopen(open_regular(path, "check its permissions", label="input "), "rb")
         f.raw.name = str(path)  # messages name the path, not the descriptor
         return f
 

@@ -11,16 +11,19 @@ reason when it cannot be written. The table always comes first, so it is printed
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
 import os
+import stat
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from carlos.config import CarlosError
+from carlos.files import kind_of
 from carlos.manifest import Manifest
 
 NUMBERS = ("step", "tokens", "val_bpb", "tokens_per_s")  # the fields the table and the plot read
@@ -70,7 +73,11 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _text(path: Path) -> str:
-    """OSError when path cannot be read, UnicodeDecodeError (a ValueError) when it is not UTF-8."""
+    """OSError when path cannot be read or is not a regular file (a FIFO would block the report),
+    UnicodeDecodeError (a ValueError) when it is not UTF-8."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, f"it is {kind_of(st)}")
     with open(path, "rb") as f:
         return f.read().decode("utf-8")
 

@@ -7,6 +7,7 @@ workdir as it was (not even a config snapshot).
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from carlos.checkpoint import check_checkpoint, load_checkpoint
 from carlos.config import WANDB_MODES, CarlosError, TrainConfig, parse, to_plain
+from carlos.files import read_regular
 from carlos.generate import prompt_ids
 from carlos.lock import DirLock
 from carlos.manifest import Manifest
@@ -196,11 +198,11 @@ def _wandb_logger(tc: TrainConfig, run_dir: Path):
     from dotenv import load_dotenv
 
     env = Path.cwd() / ".env"
-    try:
-        load_dotenv(env, override=False)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        why = "it is not UTF-8 text" if isinstance(e, UnicodeDecodeError) else str(getattr(e, "strerror", e))
-        raise CarlosError(f"cannot read {env} ({why}); fix or remove it") from None
+    if os.path.lexists(env):  # read as a regular file only: a FIFO there would block the run
+        try:
+            load_dotenv(stream=io.StringIO(read_regular(env, "fix or remove it").decode("utf-8")), override=False)
+        except UnicodeDecodeError:
+            raise CarlosError(f"cannot read {env} (it is not UTF-8 text); fix or remove it") from None
     project = tc.wandb.project or os.environ.get("WANDB_PROJECT")
     mode = tc.wandb.mode or os.environ.get("WANDB_MODE")
     if mode is not None and mode not in WANDB_MODES:
@@ -292,7 +294,8 @@ def accept(cfg: DictConfig, tc: TrainConfig, data: PreparedData, run_dir: Path, 
     ckpt_dir = run_dir / "checkpoints"
     if leader:
         fix = "move it away, or choose another --workdir"
-        manifest.refuse_foreign([run_dir / name for name in ("checkpoints", "samples", ".hydra", "metrics.jsonl")], fix)
+        dirs = [run_dir / name for name in ("checkpoints", "samples", ".hydra")]
+        manifest.refuse_foreign([run_dir / "metrics.jsonl", run_dir / "job.json", run_dir / "error.log"], dirs, fix)
         resume = _resume_from(tc, ckpt_dir, manifest)
     else:  # rank 0 already accepted the run (and may be writing checkpoints into it)
         newest = newest_checkpoint(ckpt_dir, manifest)

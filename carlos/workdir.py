@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from carlos.config import SPLITS, CarlosError
+from carlos.files import read_regular
 from carlos.tokenizer import ByteTokenizer
 
 
@@ -38,9 +39,11 @@ class PreparedData:
         if not splits.is_file():
             raise CarlosError(f"workdir {workdir} is not prepared (no splits.json); {hint}")
         try:
-            info = json.loads(splits.read_text(encoding="utf-8"))
-            tokenizer = ByteTokenizer.load(workdir / "tokenizer.json")
-        except (OSError, ValueError) as e:
+            info = json.loads(read_regular(splits, hint))
+            tokenizer = ByteTokenizer.from_dict(json.loads(read_regular(workdir / "tokenizer.json", hint)))
+            if not isinstance(info, dict):
+                raise ValueError("splits.json is not a record")
+        except (OSError, ValueError, AttributeError) as e:
             raise CarlosError(f"workdir {workdir} is half-prepared or damaged ({e}); {hint}") from None
         missing = [s for s in SPLITS if not (workdir / "data" / f"{s}.npy").is_file()]
         if missing:

@@ -651,7 +651,7 @@ CASES = [
         "train-checkpoints-file",
         "workdir/checkpoints is a file",
         ["train", "--workdir", "fresh"],
-        "is a file carlos did not write",
+        "is a file carlos did not make, where carlos keeps a directory",
         write("fresh/checkpoints", b"not a directory"),
     ),
     # -- one writer per workdir

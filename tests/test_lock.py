@@ -82,14 +82,18 @@ def test_the_other_ranks_of_a_ddp_run_take_no_lock(tmp_path, monkeypatch):
     from .conftest import prepare_workdir, train_cfg
 
     prepare_workdir(tmp_path / "c.txt", tmp_path / "w")
+    ddp = ["trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu"]
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(CarlosError, match="stop here"):
-        train_module.train(train_cfg(tmp_path / "w"))
+        train_module.train(train_cfg(tmp_path / "w", *ddp))
     assert taken == []
-    monkeypatch.delenv("LOCAL_RANK")
+    # one process is its own leader, whatever LOCAL_RANK the environment happens to hold
     with pytest.raises(CarlosError, match="stop here"):
         train_module.train(train_cfg(tmp_path / "w"))
-    assert [a[0] for a in taken] == [tmp_path / "w"]
+    monkeypatch.delenv("LOCAL_RANK")
+    with pytest.raises(CarlosError, match="stop here"):
+        train_module.train(train_cfg(tmp_path / "w", *ddp))
+    assert [a[0] for a in taken] == [tmp_path / "w", tmp_path / "w"]
 
 
 def _carlos(args: list[str], cwd: Path, **kw) -> subprocess.Popen:

@@ -5,6 +5,7 @@ refused in one line before anything is written."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -62,9 +63,40 @@ def test_a_path_is_carlos_only_when_the_record_names_it(tmp_path):
     assert again.owns(tmp_path / "checkpoints" / "best.pt") and again.owns(tmp_path / "wandb" / "run-1" / "log")
     assert not again.owns(tmp_path / "checkpoints" / "notes.txt")
     assert again.foreign(tmp_path / "checkpoints") == []  # a carlos directory may hold the user's files
-    again.remove(tmp_path / "checkpoints")
-    again.remove(tmp_path / "wandb")
+    again.remove([tmp_path / "checkpoints", tmp_path / "wandb"])
     assert sorted(p.name for p in tmp_path.rglob("*")) == [RECORD, "checkpoints", "notes.txt"]
+    # what was removed is forgotten: a file of that name made later is the user's
+    assert not Manifest(tmp_path).owns(tmp_path / "checkpoints" / "best.pt")
+    assert not Manifest(tmp_path).owns(tmp_path / "wandb" / "run-1" / "log")
+
+
+@pytest.mark.parametrize("rel", ["/etc/passwd", "../outside", "a/../../b", "", ".\\x", "a/./b"])
+def test_entries_that_leave_the_directory_are_ignored(tmp_path, rel):
+    (tmp_path / "w").mkdir()
+    (tmp_path / "outside").write_text("keep")
+    (tmp_path / "w" / RECORD).write_text(json.dumps({"file": "x"}) + "\n" + json.dumps({"file": rel}) + "\n")
+    m = Manifest(tmp_path / "w")
+    assert m.entries == {"x": "file"}
+    m.remove_stale()
+    assert (tmp_path / "outside").read_text() == "keep"
+
+
+def test_a_removal_that_cannot_finish_changes_nothing(tmp_path, monkeypatch):
+    m = Manifest(tmp_path)
+    for name in ("a.txt", "b.txt", "c.txt"):
+        m.write(tmp_path / "d" / name, lambda f: f.write(b"x"))
+    real = os.rename
+
+    def rename(src, dst):
+        if str(src).endswith("c.txt"):
+            raise PermissionError(1, "Operation not permitted", str(src))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(CarlosError, match=r"Operation not permitted moving .*c\.txt\); nothing was changed"):
+        m.remove([tmp_path / "d"])
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["a.txt", "b.txt", "c.txt"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".carlos-aside")] == []
 
 
 def test_a_torn_last_line_and_foreign_lines_are_ignored(tmp_path):
@@ -98,7 +130,7 @@ def test_temporaries_of_recorded_files_only_are_removed(tmp_path):
     m.claim(tmp_path / "c" / "last.pt")
     for name in (".last.pt.tmp-123", ".notes.tmp-9", ".other.pt.tmp-5"):
         (tmp_path / "c" / name).write_text("x")
-    m.remove_stale_temporaries()
+    m.remove_stale()
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [".notes.tmp-9", ".other.pt.tmp-5"]
 
 
@@ -185,7 +217,7 @@ def test_a_users_directory_where_train_writes_is_refused(prepared, capsys, name)
 def test_a_users_file_where_train_writes_is_refused(prepared, capsys, name):
     (prepared / name).write_text("mine")
     before = files(prepared)
-    refused(["train", "--workdir", "w", *TINY, "--max_steps", "2"], capsys, "carlos did not write")
+    refused(["train", "--workdir", "w", *TINY, "--max_steps", "2"], capsys, "carlos did not")
     assert files(prepared) == before
 
 

@@ -210,9 +210,9 @@ def test_files_that_cannot_be_read(here, capsys, monkeypatch):
         "| 0 | 20 | 200 | 2.5000 | 1,000 |",
         "note: run 1: .hydra/config.yaml cannot be read (Permission denied); shown without settings",
         "skipped: 2 (metrics.jsonl cannot be read: Permission denied)",
-        "skipped: 3 (metrics.jsonl cannot be read: Is a directory)",
+        "skipped: 3 (metrics.jsonl cannot be read: it is a directory)",
         "failed: 3 (job.json cannot be read: Permission denied)",
-        "failed: 4 (job.json cannot be read: Is a directory)",
+        "failed: 4 (job.json cannot be read: it is a directory)",
         "plot: s/report.png",
     ]
 
