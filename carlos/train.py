@@ -283,8 +283,7 @@ def train(cfg: DictConfig) -> float:
                 locks.enter_context(DirLock(workdir, "train (sweep job)", shared=True))
             locks.enter_context(DirLock(run_dir, "train"))
         run = accept(cfg, tc, data, run_dir, leader)
-        begin(run)
-        return fit(run)
+        return fit(run)  # begin(run) comes in it, once Lightning has restored what the run resumes
 
 
 def accept(cfg: DictConfig, tc: TrainConfig, data: PreparedData, run_dir: Path, leader: bool) -> Run:

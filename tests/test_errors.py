@@ -237,6 +237,23 @@ def users_dir(name: str) -> Callable:
     return setup
 
 
+def users_empty_dir(name: str) -> Callable:
+    def setup(d: Path, mp: pytest.MonkeyPatch) -> None:
+        (d / name).mkdir()
+
+    return setup
+
+
+def fifo_instead(name: str) -> Callable:
+    """The file name replaced by a FIFO: reading it would block forever."""
+
+    def setup(d: Path, mp: pytest.MonkeyPatch) -> None:
+        (d / name).unlink()
+        os.mkfifo(d / name)
+
+    return setup
+
+
 def fifo(name: str) -> Callable:
     def setup(d: Path, mp: pytest.MonkeyPatch) -> None:
         os.mkfifo(d / name)
@@ -295,6 +312,39 @@ def nothing_but_the_input_changed(d: Path, before: dict) -> None:
     assert {k: v for k, v in after.items() if k != "corpus.txt"} == {
         k: v for k, v in before.items() if k != "corpus.txt"
     }
+
+
+def link(name: str, target: str) -> Callable:
+    """name becomes a symlink to target (relative to the test directory), which holds the user's text."""
+
+    def setup(d: Path, mp: pytest.MonkeyPatch) -> None:
+        (d / target).write_text("the user's own text\n")
+        (d / name).unlink(missing_ok=True)
+        os.symlink(os.path.relpath(d / target, (d / name).parent), d / name)
+
+    return setup
+
+
+def overflow(ckpt: dict) -> None:
+    """Finite weights whose outputs overflow: a final norm gain of 3e38."""
+    ckpt["state_dict"]["model.ln_f.weight"].fill_(3e38)
+
+
+def empty_optimizer(ckpt: dict) -> None:
+    ckpt["optimizer_states"] = [{}]
+
+
+def optimizer_shape(ckpt: dict) -> None:
+    """An AdamW moment of the wrong shape: a fused step over it would read out of bounds."""
+    ckpt["optimizer_states"][0]["state"][0]["exp_avg"] = torch.zeros(3)
+
+
+def broken_scheduler(ckpt: dict) -> None:
+    ckpt["lr_schedulers"] = [{"foo": 1}]
+
+
+def broken_loops(ckpt: dict) -> None:
+    ckpt["loops"] = {"fit_loop": 5}
 
 
 def only_best(d: Path, mp: pytest.MonkeyPatch) -> None:
@@ -769,6 +819,97 @@ CASES = [
     Case("hydra-key", "unknown Hydra key", ["train", "hydra.foo=1"], "unknown key 'hydra.foo'"),
     Case("hydra-launcher", "unknown Hydra launcher", ["train", "-m", "hydra/launcher=nope"], "choose hydra/launcher="),
     Case("bench-workdir-file", "bench workdir is a file", ["bench", "--workdir", "corpus.txt"], "is a file"),
+    Case(
+        "bench-users-corpus",
+        "bench would write its corpus over the user's corpus.txt",
+        ["bench", "--workdir", ".", "rounds=0", "output=null"],
+        "corpus.txt is a file carlos did not write",
+    ),
+    Case(
+        "run-dir-left",
+        "a refused command leaves no run directory behind",
+        ["eval", "--workdir", "nowhere", "hydra.run.dir=made_for_it"],
+        "is not prepared",
+    ),
+    Case(
+        "strategy-spawn",
+        "a strategy that trains in processes it starts anew",
+        ["train", "--workdir", "w", "--overwrite", "trainer.strategy=ddp_spawn"],
+        "use trainer.strategy=ddp",
+    ),
+    # -- carlos's own lock and record are never followed or taken over
+    Case(
+        "lock-symlink",
+        ".carlos-lock is a symlink to the user's file",
+        ["prepare", "--input", "corpus.txt", "--workdir", "fresh", "--overwrite"],
+        "is a symlink",
+        link("fresh/.carlos-lock", "thesis.txt"),
+    ),
+    Case(
+        "lock-users-file",
+        ".carlos-lock holds the user's text",
+        ["train", "--workdir", "w", "--overwrite"],
+        "holds something else; it is not carlos's lock file",
+        write("w/.carlos-lock", b"my notes\n"),
+    ),
+    Case(
+        "record-symlink",
+        ".carlos-files is a symlink to the user's file",
+        ["prepare", "--input", "corpus.txt", "--workdir", "fresh", "--overwrite"],
+        "is a symlink; it is not carlos's record",
+        link("fresh/.carlos-files", "mine.txt"),
+    ),
+    Case(
+        "record-directory",
+        ".carlos-files is a directory",
+        ["train", "--workdir", "w", "--overwrite"],
+        "is a directory, not a regular file",
+        directory("w/.carlos-files"),
+    ),
+    Case(
+        "metrics-directory",
+        "an empty directory named metrics.jsonl",
+        ["train", "--workdir", "fresh"],
+        "is a directory carlos did not write",
+        users_empty_dir("fresh/metrics.jsonl"),
+    ),
+    Case(
+        "tokenizer-fifo",
+        "tokenizer.json is a FIFO",
+        ["eval", "--workdir", "w"],
+        "is a FIFO (named pipe), not a regular file",
+        fifo_instead("w/tokenizer.json"),
+    ),
+    Case("dotenv-fifo", ".env is a FIFO", ["train", "--workdir", "w", "--overwrite"], "FIFO", fifo(".env")),
+    # -- a checkpoint to resume whose training state is damaged: refused before anything is written
+    Case(
+        "resume-optimizer-empty",
+        "resume from a checkpoint whose optimizer state is empty",
+        ["train", "--workdir", "w", "--resume"],
+        "its training state is damaged",
+        rewrite_checkpoint("w/checkpoints/last.pt", empty_optimizer),
+    ),
+    Case(
+        "resume-optimizer-shape",
+        "resume from a checkpoint whose AdamW moment has the wrong shape",
+        ["train", "--workdir", "w", "--resume"],
+        "optimizer state exp_avg of parameter 0 has shape (3,)",
+        rewrite_checkpoint("w/checkpoints/last.pt", optimizer_shape),
+    ),
+    Case(
+        "resume-scheduler",
+        "resume from a checkpoint whose scheduler state is damaged",
+        ["train", "--workdir", "w", "--resume", *TINY_MODEL],
+        "its training state does not load",
+        rewrite_checkpoint("w/checkpoints/last.pt", broken_scheduler),
+    ),
+    Case(
+        "resume-loops",
+        "resume from a checkpoint whose loop state is damaged",
+        ["train", "--workdir", "w", "--resume", *TINY_MODEL],
+        "its training state does not load",
+        rewrite_checkpoint("w/checkpoints/last.pt", broken_loops),
+    ),
     # -- eval and sample: checkpoints
     Case("unknown-split", "unknown split", ["eval", "--workdir", "w", "--split", "tset"], "did you mean 'test'"),
     Case(
@@ -877,6 +1018,20 @@ CASES = [
         ["eval", "--workdir", "w"],
         "is a directory, not a checkpoint file",
         directory("w/checkpoints/best.pt"),
+    ),
+    Case(
+        "checkpoint-overflow-eval",
+        "finite weights whose outputs overflow, evaluated",
+        ["eval", "--workdir", "w", "--checkpoint", "last"],
+        "(its weights overflow)",
+        rewrite_checkpoint("w/checkpoints/last.pt", overflow),
+    ),
+    Case(
+        "checkpoint-overflow-sample",
+        "finite weights whose outputs overflow, sampled",
+        ["sample", "--workdir", "w", "--checkpoint", "last"],
+        "outputs are NaN or inf (its weights overflow)",
+        rewrite_checkpoint("w/checkpoints/last.pt", overflow),
     ),
     Case("temperature", "temperature < 0", ["sample", "--temperature", "-1"], "temperature must be >= 0"),
     Case("top-p-high", "top_p above 1", ["sample", "--top_p", "1.5"], "top_p must be in (0, 1]"),
