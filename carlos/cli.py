@@ -720,7 +720,8 @@ def main(argv: list[str] | None = None) -> None:
     a stopped command cleans up after itself (train hands SIGTERM to Lightning once it trains)."""
     if threading.current_thread() is threading.main_thread():
         for sig in STOP_SIGNALS:
-            signal.signal(sig, _stop)
+            if signal.getsignal(sig) == signal.SIG_DFL:  # a handler someone installed (submitit's) stays
+                signal.signal(sig, _stop)
     guarded(_main, list(sys.argv[1:] if argv is None else argv))
 
 

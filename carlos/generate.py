@@ -20,6 +20,7 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     if top_k and top_k < logits.size(-1):  # on the raw logits: scaling keeps the order but can create ties
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    raw = logits  # ranked for top-p as given: shifting and scaling below can round near-ties together
     # shifted so the largest is 0 before scaling: a tiny temperature then sends the others to -inf (greedy)
     # instead of overflowing the largest to +inf, which would make softmax NaN
     logits = logits - logits.max(dim=-1, keepdim=True).values
@@ -33,7 +34,8 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
         logits = logits / temperature
     if top_p < 1.0:
         # stable: among tied tokens the first ones are kept, so the argmax (the greedy token) always is
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1, stable=True)
+        order = torch.sort(raw, descending=True, dim=-1, stable=True).indices
+        sorted_logits = logits.gather(-1, order)
         probs = torch.softmax(sorted_logits, dim=-1)
         # drop a token when the tokens ranked above it already reach top_p (the first is always kept)
         drop = probs.cumsum(dim=-1) - probs >= top_p

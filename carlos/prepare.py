@@ -351,9 +351,8 @@ def pack(tokens: Path, n: int, seq_len: int, dtype: np.dtype, out: Path, windows
 
 
 PREPARED = ("splits.json", "tokenizer.json", "rng_state.json")  # beside data/{train,val,test}.npy
-# what a run writes and --overwrite removes; W&B's local files (wandb/) are never removed: an offline run
-# there may not have been synced yet
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples", ".hydra")
+# what a run writes and --overwrite removes (wandb/ only when a carlos run created it: W&B writes it whole)
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples", ".hydra", "wandb")
 
 
 def prepared_paths(workdir: Path) -> list[Path]:

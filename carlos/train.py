@@ -262,6 +262,7 @@ class Run:
     jsonl: JsonlLogger | None = None
     wandb: WandbLogger | None = None
     begun: bool = False  # begin() has run: the run has started writing
+    wandb_new: bool = False  # W&B's directory is this run's to make: recorded as carlos's, whole
 
     @property
     def ckpt_dir(self) -> Path:
@@ -479,6 +480,7 @@ def _build_trainer(run: Run) -> None:
     run.wandb = _wandb_logger(tc, run_dir) if run.leader else None
     if run.wandb is not None:
         loggers.append(run.wandb)
+        run.wandb_new = not os.path.lexists(run_dir / "wandb")  # W&B makes it before begin() runs
     _quiet_lightning()
     try:
         run.trainer = L.Trainer(
@@ -525,6 +527,8 @@ def begin(run: Run) -> None:
         if run_dir != run.data.workdir:  # a sweep job's directory, made by Hydra for this run
             manifest.claim(run_dir, kind="dir")
         save_snapshot(run.cfg, run_dir, manifest)
+        if run.wandb_new:  # a wandb/ that was there before stays the user's
+            manifest.claim(run_dir / "wandb", kind="tree")
         if run.resume:  # the samples past the checkpoint came from the run that continued after it
             for p in (run_dir / "samples").glob("step_*.txt"):
                 if p.stem[5:].isdigit() and int(p.stem[5:]) > run.prev["step"] and manifest.owns(p):
