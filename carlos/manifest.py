@@ -260,21 +260,25 @@ class Manifest:
         with self.aside(paths) as gone:
             gone.commit()
 
-    def _movable(self, path: Path) -> list[Path]:
+    def _movable(self, path: Path, made: set[Path]) -> list[Path]:
         """What carlos wrote at or under path, as the paths to move: a tree whole, files one by one (with
-        the temporaries of their interrupted writes), a directory with its own record through that record."""
+        the temporaries of their interrupted writes), a directory with its own record through that record.
+        Adds to made the directories carlos created there, to remove once they are empty."""
         if not os.path.lexists(path):
             return []
         kind = self.entries.get(self.rel(path))
         if kind == "tree" or (kind and not path.is_dir()) or path.is_symlink():
             return [path, *temporaries(path)] if self.owns(path) else []
-        if path.is_dir():
-            inner = self.nested(path)
-            if inner is not None:
-                moved = [m for c in sorted(path.iterdir()) if c.name != RECORD for m in inner._movable(c)]
-                return [*moved, path / RECORD]
-            return [m for child in sorted(path.iterdir()) for m in self._movable(child)]
-        return []
+        if not path.is_dir():
+            return []
+        inner = self.nested(path)
+        if inner is not None:  # a sweep job's directory: its own record answers, and goes last
+            made.add(path)
+            moved = [m for c in sorted(path.iterdir()) if c.name != RECORD for m in inner._movable(c, made)]
+            return [*moved, path / RECORD]
+        if kind == "dir":
+            made.add(path)
+        return [m for child in sorted(path.iterdir()) for m in self._movable(child, made)]
 
     def remove_stale(self) -> None:
         """What kills left behind: temporaries of recorded files, and aside directories."""
@@ -297,10 +301,10 @@ class Aside:
         self.m, self.paths = manifest, paths
         self.moves: list[tuple[Path, Path]] = []
         self.dir: Path | None = None
-        self.nested_roots: set[Path] = set()  # directories whose own record was moved: carlos's to remove
+        self.made: set[Path] = set()  # directories carlos created under the paths: removed once empty
 
     def __enter__(self) -> Aside:
-        items = [m for p in self.paths for m in self.m._movable(p)]
+        items = [m for p in self.paths for m in self.m._movable(p, self.made)]
         if not items or not self.m.writable:
             return self
         try:
@@ -311,8 +315,6 @@ class Aside:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.rename(item, target)
                 self.moves.append((item, target))
-                if item.name == RECORD:
-                    self.nested_roots.add(item.parent)
         except (OSError, CarlosError) as e:
             self.rollback()
             what = f"{e.strerror} moving {e.filename}" if isinstance(e, OSError) else str(e)
@@ -338,13 +340,10 @@ class Aside:
             return
         shutil.rmtree(self.dir, ignore_errors=True)
         gone = [self.m.rel(item) for item, _ in self.moves]
-        parents = sorted({p for item, _ in self.moves for p in Path(item).parents}, key=lambda p: -len(p.parts))
-        for d in parents:
-            rel = self.m.rel(d)
-            made = self.m.entries.get(rel) == "dir" or d in self.nested_roots
-            if rel not in (None, ".") and made and d.is_dir() and not any(d.iterdir()):
+        for d in sorted(self.made, key=lambda p: -len(p.parts)):  # deepest first
+            if d.is_dir() and not any(d.iterdir()):
                 d.rmdir()
-                gone.append(rel)
+                gone.append(self.m.rel(d))
         self.moves, self.dir = [], None
         # forgotten unless written again since (the new run's config.yaml where the old one was)
         self.m.forget([g for g in gone if g in self.m.entries and not os.path.lexists(self.m.root / g)])

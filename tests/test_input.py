@@ -237,10 +237,15 @@ carlos.prepare.scan = scan
 """
 
 
+STOPS = [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl+C")]
+if sys.platform != "win32":
+    STOPS += [(signal.SIGHUP, 129, "SIGHUP"), (signal.SIGUSR1, 138, "SIGUSR1")]
+
+
 @pytest.mark.slow
 @posix
 @pytest.mark.parametrize("patch", [SLOW_SCAN, SLOW_PACK], ids=["while-scanning", "while-packing"])
-@pytest.mark.parametrize("signum, code, name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl+C")])
+@pytest.mark.parametrize("signum, code, name", STOPS)
 @pytest.mark.parametrize("again", [False, True], ids=["new-workdir", "prepared-before"])
 def test_a_signal_during_prepare_cleans_up_and_says_one_line(here, patch, signum, code, name, again):
     prep = ["prepare", "--input", "corpus.txt", "--workdir", "w", "--seq_len", "32", "--overwrite"]
@@ -260,3 +265,22 @@ def test_a_signal_during_prepare_cleans_up_and_says_one_line(here, patch, signum
         assert {p.name: p.read_bytes() for p in (here / "w").rglob("*") if p.is_file()} == before
     else:
         assert not (here / "w").exists()
+
+
+@pytest.mark.slow
+@posix
+@pytest.mark.parametrize(
+    "argv",
+    [["report", "w"], ["sample", "--workdir", "w", "--max_new_tokens", "3000", "--num_samples", "3"]],
+    ids=["report", "sample"],
+)
+def test_a_reader_that_goes_away_ends_the_command_quietly(here, argv):
+    """carlos ... | head: when stdout's reader exits, carlos stops without a word (141, as SIGPIPE would)."""
+    tiny = ["model.d_model=32", "model.n_heads=2", "--micro_batch_size", "4", "--sample_tokens", "0"]
+    subprocess.run([CARLOS, "prepare", "--input", "corpus.txt", "--workdir", "w", "--seq_len", "32"], cwd=here)
+    subprocess.run([CARLOS, "train", "--workdir", "w", *tiny, "--max_steps", "2", "--eval_interval", "2"], cwd=here)
+    p = subprocess.Popen([CARLOS, *argv], cwd=here, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.read(5)
+    p.stdout.close()  # the reader goes away
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) in (0, 141) and err == "", err

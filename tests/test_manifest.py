@@ -258,3 +258,93 @@ def test_a_workdir_copied_without_its_record_is_refused_not_deleted(prepared, ca
     refused(["train", "--workdir", "copy", *TINY, "--max_steps", "2", "--overwrite"], capsys, "carlos did not write")
     refused(["prepare", "--input", "data/corpus.txt", "--workdir", "copy", "--overwrite"], capsys, "carlos did not")
     assert files(prepared.parent / "copy") == before
+
+
+# ---------------------------------------------------------------- removal is all or nothing
+
+
+def refuse_renames_of(monkeypatch, name: str) -> None:
+    """os.rename of a file named name fails, as it does in a directory marked immutable (chattr +i)."""
+    real = os.rename
+
+    def rename(src, dst, *args, **kwargs):
+        if Path(src).name == name:
+            raise PermissionError(1, "Operation not permitted", str(src))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+
+
+@pytest.mark.parametrize("name", ["step_000004.pt", "config.yaml", "step_000002.txt", "metrics.jsonl", "val.npy"])
+@pytest.mark.parametrize("command", ["prepare", "train"])
+def test_an_overwrite_that_cannot_remove_a_file_changes_nothing(prepared, capsys, monkeypatch, name, command):
+    assert run(["train", "--workdir", "w", *TINY, "--max_steps", "4"], capsys)[0] == 0
+    before = files(prepared)
+    refuse_renames_of(monkeypatch, name)
+    argv = {
+        "prepare": ["prepare", "--input", "data/corpus.txt", "--workdir", "w", "--seq_len", "16", "--overwrite"],
+        "train": ["train", "--workdir", "w", *TINY, "--max_steps", "2", "--overwrite"],
+    }[command]
+    if command == "train" and name == "val.npy":
+        return  # train never removes prepared data
+    refused(argv, capsys, "nothing was changed")
+    assert files(prepared) == before
+    assert not [p for p in prepared.iterdir() if p.name.startswith((".carlos-aside", ".prepare-"))]
+
+
+def test_a_failed_prepare_removes_only_what_it_made(project, capsys, monkeypatch):
+    """prepare into new/a fails after another command put its work into new/ meanwhile: new/a goes, the
+    rest stays (the failing prepare made new/ too, but it is not empty any more)."""
+    import carlos.prepare
+
+    real_pack = carlos.prepare.pack
+
+    def pack(tokens, n, seq_len, dtype, out, *args, **kwargs):
+        if out.name == "val.npy":
+            (project / "new" / "b").mkdir()
+            (project / "new" / "b" / "work.txt").write_text("another command's work\n")
+            (project / "new" / "README").write_text("notes\n")
+            raise OSError(28, "No space left on device")
+        return real_pack(tokens, n, seq_len, dtype, out, *args, **kwargs)
+
+    monkeypatch.setattr(carlos.prepare, "pack", pack)
+    refused(["prepare", "--input", "data/corpus.txt", "--workdir", "new/a", "--seq_len", "32"], capsys, "No space")
+    assert sorted(p.relative_to(project / "new").as_posix() for p in (project / "new").rglob("*")) == [
+        "README",
+        "b",
+        "b/work.txt",
+    ]
+
+
+@pytest.mark.slow
+def test_prepare_overwrite_removes_sweeps_but_not_the_users_files_in_them(prepared, capsys):
+    sweep = ["train", "--workdir", "w", "-m", *TINY, "--max_steps", "2", "seed=1,2"]
+    assert run([*sweep, "hydra.sweep.dir=w/sweeps/lr/exp1"], capsys)[0] == 0  # one level deeper than usual
+    assert run(sweep, capsys)[0] == 0
+    stamped = next(p for p in (prepared / "sweeps").iterdir() if p.name != "lr")
+    (stamped / "my_analysis.md").write_text("mine\n")
+    (stamped / "0" / "checkpoints" / "notes.txt").write_text("mine\n")
+    prep = ["prepare", "--input", "data/corpus.txt", "--workdir", "w", "--seq_len", "32"]
+    refused(prep, capsys, "already holds a trained run")
+    assert run([*prep, "--overwrite"], capsys)[0] == 0
+    left = sorted(p.relative_to(prepared / "sweeps").as_posix() for p in (prepared / "sweeps").rglob("*"))
+    name = stamped.name
+    assert left == [
+        name,
+        f"{name}/0",
+        f"{name}/0/checkpoints",
+        f"{name}/0/checkpoints/notes.txt",
+        f"{name}/my_analysis.md",
+    ]
+
+
+@pytest.mark.slow
+def test_a_refused_sweep_job_keeps_the_results_of_the_earlier_sweep_in_its_directory(prepared, capsys):
+    sweep = ["train", "--workdir", "w", "-m", *TINY, "--max_steps", "2", "seed=1", "hydra.sweep.dir=w/sweeps/fixed"]
+    assert run(sweep, capsys)[0] == 0
+    job = prepared / "sweeps" / "fixed" / "0"
+    earlier = (job / "job.json").read_text()
+    code, err = run(sweep, capsys)  # the same directory again, without resume: refused
+    assert code == 1 and "already holds checkpoints of an earlier run" in err
+    assert (job / "job.json").read_text() == earlier and '"status": "ok"' in earlier
+    assert not (job / "error.log").exists()

@@ -432,3 +432,12 @@ def test_no_readable_run_is_refused_naming_why(here, capsys):
         "2 (no readable record in metrics.jsonl, 1 damaged line) and 2 more"
     )
     assert not (here / "s" / "report.png").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs")
+def test_a_fifo_in_place_of_a_file_is_skipped_without_blocking(here, capsys):
+    _sweep(here / "s")
+    (here / "s" / "1" / "metrics.jsonl").unlink()
+    os.mkfifo(here / "s" / "1" / "metrics.jsonl")
+    lines = _lines(capsys, "s")
+    assert "skipped: 1 (metrics.jsonl cannot be read: it is a FIFO (named pipe))" in lines
