@@ -147,18 +147,24 @@ def _type_problem(name: str, value, want: type) -> str | None:
     return None if ok else f"model.{name} is {_short(value)} ({type(value).__name__}), not {want.__name__}"
 
 
+def _same_keys(what: str, after: str, want: list, have: list, odd: str, limit: int | None = None) -> None:
+    """ValueError naming the keys missing from have and those it has beyond want."""
+    have_set, want_set = set(have), set(want)
+    missing = [k for k in want if k not in have_set][:limit]
+    extra = [k for k in have if k not in want_set][:limit]
+    if missing or extra:
+        parts = [f"lack {', '.join(missing)}"] if missing else []
+        parts += [f"have {odd} {', '.join(map(_short, extra))}"] if extra else []
+        raise ValueError(f"{what} {' and '.join(parts)}{after}")
+
+
 def _model_config(meta: dict) -> GPTConfig:
     """GPTConfig from the checkpoint's model settings; raises ValueError saying what is wrong."""
     model = meta.get("model")
     if not isinstance(model, dict):
         raise ValueError(f"its model settings are {'missing' if model is None else type(model).__name__}, not a dict")
     want = {f.name: type(f.default) for f in dataclasses.fields(GPTConfig)}
-    missing = [name for name in want if name not in model]
-    extra = [key for key in model if key not in want]
-    if missing or extra:
-        what = [f"lack {', '.join(missing)}"] if missing else []
-        what += [f"have unknown {', '.join(map(_short, extra))}"] if extra else []
-        raise ValueError(f"its model settings {' and '.join(what)}")
+    _same_keys("its model settings", "", list(want), list(model), "unknown")
     for name, kind in want.items():
         problem = _type_problem(name, model[name], kind)
         if problem:
@@ -238,12 +244,7 @@ def _check_weights(tensors: dict[str, torch.Tensor], cfg: GPTConfig) -> None:
             shapes = {PREFIX + k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
     except (RuntimeError, OverflowError) as e:  # e.g. rotary tables for a block_size beyond int64
         raise ValueError(f"its model settings cannot be built ({str(e).splitlines()[0][:100]})") from None
-    missing = [k for k in shapes if k not in tensors]
-    extra = [k for k in tensors if k not in shapes]
-    if missing or extra:
-        what = [f"lack {', '.join(missing[:3])}"] if missing else []
-        what += [f"have unexpected {', '.join(map(_short, extra[:3]))}"] if extra else []
-        raise ValueError(f"its weights {' and '.join(what)} for its model settings")
+    _same_keys("its weights", " for its model settings", list(shapes), list(tensors), "unexpected", limit=3)
     for key, shape in shapes.items():
         if tuple(tensors[key].shape) != shape:
             raise ValueError(f"{key} has shape {tuple(tensors[key].shape)} but its model settings need {shape}")

@@ -362,11 +362,9 @@ def _format(key: str, value: str, default: Any) -> str:
 def translate(command: str, args: list[str], defaults: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(Hydra flags, overrides) for the seed-style and Hydra-style arguments of one command;
     defaults maps every config key to its default value."""
-    flags = SEED_FLAGS[command]
     leaves: dict[str, list[str]] = {}
     for key in defaults:
         leaves.setdefault(key.rsplit(".", 1)[-1], []).append(key)
-
     hydra_args: list[str] = []
     overrides: list[str] = []
     i = 0
@@ -374,61 +372,73 @@ def translate(command: str, args: list[str], defaults: dict[str, Any]) -> tuple[
         arg = args[i]
         i += 1
         if arg in HYDRA_FLAGS:
-            hydra_args.append(arg)
-            takes = HYDRA_FLAGS[arg]
-            if takes or (takes is None and i < len(args) and args[i] in INFO_CHOICES):
-                if i >= len(args):
-                    raise CarlosError(f"{arg} needs a value")
-                hydra_args.append(args[i])
-                i += 1
-            continue
-        if not arg.startswith("--"):
+            i = _hydra_flag(arg, args, i, hydra_args)
+        elif not arg.startswith("--"):
             overrides.append(arg)  # key=value, group=option, +key=value: Hydra's grammar
-            continue
-        name, eq, inline = arg[2:].partition("=")
-        if command == "train" and name == "seq_len":
-            raise CarlosError("seq_len is fixed when the data is prepared; run carlos prepare --seq_len N")
-        if name in flags:
-            key = flags[name]
-        elif name in defaults:
-            key = name
-        elif len(leaves.get(name, [])) == 1:
-            key = leaves[name][0]
         else:
-            match = nearest(name, [*flags, *defaults]).replace("'", "'--", 1)
-            raise CarlosError(f"unknown flag --{name}{match}; see: carlos {command} --help")
-        default = defaults.get(key)
-        if eq:
-            values = [inline]
-        elif isinstance(default, bool) or key == "resume":
-            values = ["true"]
-            if i < len(args) and not args[i].startswith("-") and "=" not in args[i]:
-                values = [args[i]]
-                i += 1
-        elif isinstance(default, list) or key == "wandb.tags":
-            values = []
-            # a list of overrides (bench's train) takes key=value items; other lists stop at one
-            while i < len(args) and not args[i].startswith("-") and ("=" not in args[i] or key == "train"):
-                values.append(args[i])
-                i += 1
-            items = [hydra_quote(v) if key in TEXT_KEYS or not PLAIN_VALUE.match(v) else v for v in values]
-            overrides.append(f"{key}=[{','.join(items)}]")
-            continue
-        else:
-            if i >= len(args):
-                raise CarlosError(f"--{name} needs a value")
-            values = [args[i]]
-            i += 1
-        value = values[0]
-        if isinstance(default, bool) or key == "resume":
-            word = BOOL_WORDS.get(value.lower())
-            if word is None or (word == "auto" and key != "resume"):
-                choices = "true, false or auto" if key == "resume" else "true or false"
-                raise CarlosError(f"--{name} takes {choices}, got {value!r}")
-            overrides.append(f"{key}={word}")
-        else:
-            overrides.append(_format(key, value, default))
+            name, eq, inline = arg[2:].partition("=")
+            key = _flag_key(command, name, defaults, leaves)
+            override, i = _flag_override(key, name, defaults.get(key), inline if eq else None, args, i)
+            overrides.append(override)
     return hydra_args, overrides
+
+
+def _hydra_flag(arg: str, args: list[str], i: int, hydra_args: list[str]) -> int:
+    """One of Hydra's own flags, with its value when it takes one; returns the next position."""
+    hydra_args.append(arg)
+    takes = HYDRA_FLAGS[arg]
+    if takes or (takes is None and i < len(args) and args[i] in INFO_CHOICES):
+        if i >= len(args):
+            raise CarlosError(f"{arg} needs a value")
+        hydra_args.append(args[i])
+        i += 1
+    return i
+
+
+def _flag_key(command: str, name: str, defaults: dict[str, Any], leaves: dict[str, list[str]]) -> str:
+    """The config key of --name: a seed flag, a dotted key, or a leaf name that is unique."""
+    flags = SEED_FLAGS[command]
+    if command == "train" and name == "seq_len":
+        raise CarlosError("seq_len is fixed when the data is prepared; run carlos prepare --seq_len N")
+    if name in flags:
+        return flags[name]
+    if name in defaults:
+        return name
+    if len(leaves.get(name, [])) == 1:
+        return leaves[name][0]
+    match = nearest(name, [*flags, *defaults]).replace("'", "'--", 1)
+    raise CarlosError(f"unknown flag --{name}{match}; see: carlos {command} --help")
+
+
+def _flag_override(key: str, name: str, default: Any, inline: str | None, args: list[str], i: int) -> tuple[str, int]:
+    """The override for --name (its value inline, or the words after it from position i); returns it
+    and the next position. Booleans take an optional word, lists every word up to the next flag."""
+    boolean = isinstance(default, bool) or key == "resume"
+    if inline is not None:
+        value = inline
+    elif boolean:
+        value = "true"
+        if i < len(args) and not args[i].startswith("-") and "=" not in args[i]:
+            value, i = args[i], i + 1
+    elif isinstance(default, list) or key == "wandb.tags":
+        values = []
+        # a list of overrides (bench's train) takes key=value items; other lists stop at one
+        while i < len(args) and not args[i].startswith("-") and ("=" not in args[i] or key == "train"):
+            values.append(args[i])
+            i += 1
+        items = [hydra_quote(v) if key in TEXT_KEYS or not PLAIN_VALUE.match(v) else v for v in values]
+        return f"{key}=[{','.join(items)}]", i
+    else:
+        if i >= len(args):
+            raise CarlosError(f"--{name} needs a value")
+        value, i = args[i], i + 1
+    if not boolean:
+        return _format(key, value, default), i
+    word = BOOL_WORDS.get(value.lower())
+    if word is None or (word == "auto" and key != "resume"):
+        choices = "true, false or auto" if key == "resume" else "true or false"
+        raise CarlosError(f"--{name} takes {choices}, got {value!r}")
+    return f"{key}={word}", i
 
 
 # ---------------------------------------------------------------- running

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from carlos.config import CarlosError
 
-KINDS = (
+FILE_KINDS = (
     (stat.S_ISDIR, "a directory"),
     (stat.S_ISFIFO, "a FIFO (named pipe)"),
     (stat.S_ISCHR, "a character device"),
@@ -22,7 +22,7 @@ KINDS = (
 
 
 def kind_of(st: os.stat_result) -> str:
-    return "a file" if stat.S_ISREG(st.st_mode) else next((n for t, n in KINDS if t(st.st_mode)), "not a file")
+    return "a file" if stat.S_ISREG(st.st_mode) else next((n for t, n in FILE_KINDS if t(st.st_mode)), "not a file")
 
 
 def path_problem(path: Path, e: OSError) -> str:

@@ -7,13 +7,13 @@ workdir as it was (not even a config snapshot).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import os
 import signal
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -237,7 +237,7 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
 
-@dataclass
+@dataclasses.dataclass
 class Run:
     """An accepted run: everything checked and built, nothing written yet."""
 
@@ -360,20 +360,9 @@ def _check_optimizer_state(states, model_cfg: GPTConfig) -> None:
 
 
 def _model_config(tc: TrainConfig, data: PreparedData, prev: dict | None) -> GPTConfig:
-    m = tc.model
-    try:
+    try:  # the model group's keys are GPTConfig's; vocabulary and context come from the prepared data
         model_cfg = GPTConfig(
-            vocab_size=data.tokenizer.vocab_size,
-            block_size=data.seq_len,
-            d_model=m.d_model,
-            n_layers=m.n_layers,
-            n_heads=m.n_heads,
-            d_ff=m.d_ff,
-            dropout=m.dropout,
-            bias=m.bias,
-            norm=m.norm,
-            mlp=m.mlp,
-            pos=m.pos,
+            vocab_size=data.tokenizer.vocab_size, block_size=data.seq_len, **dataclasses.asdict(tc.model)
         )
     except ModelConfigError as e:
         raise CarlosError(str(e)) from None
