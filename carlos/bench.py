@@ -31,7 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from carlos.config import BenchConfig, CarlosError
+from carlos.config import BenchConfig
+from carlos.errors import CarlosError
 from carlos.files import MadeDirs, write_error
 from carlos.manifest import Manifest
 from carlos.model import GPT, GPTConfig
@@ -311,7 +312,7 @@ def bench(cfg: BenchConfig) -> dict:
 
 
 def _bench(cfg: BenchConfig, root: Path) -> dict:
-    from carlos.cli import compose
+    from carlos.compose import compose
     from carlos.config import TrainConfig, parse
 
     corpus = cfg.input

@@ -1,5 +1,5 @@
-"""What Lightning does not already do for a carlos run: metrics.jsonl records, text samples, the seed's
-checkpoint layout (step_XXXXXX.pt, best.pt, last.pt) written atomically, and a progress bar that shows
+"""What Lightning does not already do for a carlos run: metrics.jsonl records, text samples, the original
+script's checkpoint layout (step_XXXXXX.pt, best.pt, last.pt) written atomically, and a progress bar that shows
 loss and tokens/s."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from carlos.config import CarlosError
+from carlos.errors import CarlosError
 from carlos.files import write_error
 from carlos.generate import generate
 from carlos.manifest import Manifest
@@ -178,14 +178,14 @@ class TrainMetrics(Callback):
 
 
 class SampleText(Callback):
-    """After each validation, sample.tokens tokens from sample.prefix into samples/step_XXXXXX.txt (and W&B)."""
+    """After each validation, sample.tokens tokens from sample.prompt into samples/step_XXXXXX.txt (and W&B)."""
 
     def __init__(
         self,
         samples_dir: Path,
         manifest: Manifest,
-        prefix_ids: list[int],
-        prefix: str,
+        prompt_ids: list[int],
+        prompt: str,
         tokens: int,
         temperature: float,
         top_k: int,
@@ -194,7 +194,7 @@ class SampleText(Callback):
         eos_id: int | None,
     ) -> None:
         self.dir, self.manifest = samples_dir, manifest
-        self.prefix_ids, self.prefix, self.tokens = prefix_ids, prefix, tokens
+        self.prompt_ids, self.prompt, self.tokens = prompt_ids, prompt, tokens
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.seed, self.eos_id = seed, eos_id
 
@@ -207,9 +207,9 @@ class SampleText(Callback):
         model.eval()
         # a private generator: sampling must not move the training RNG
         gen = torch.Generator(device=pl_module.device).manual_seed(self.seed + step)
-        ids = generate(model, self.prefix_ids, self.tokens, self.temperature, self.top_k, self.top_p, gen, self.eos_id)
+        ids = generate(model, self.prompt_ids, self.tokens, self.temperature, self.top_k, self.top_p, gen, self.eos_id)
         model.train(was_training)
-        text = self.prefix + bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        text = self.prompt + bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
         self.manifest.write(self.dir / f"{step_name(step)}.txt", lambda f: f.write(text.encode("utf-8")))
         for logger in trainer.loggers:
             if hasattr(logger, "log_text"):
@@ -365,7 +365,7 @@ class Preemption(Callback):
 
 class TimeBudget(Callback):
     """--max_time: stops training early enough that the final validation, sample and checkpoints also
-    finish by the deadline, and gives LitGPT the deadline its lr schedule aims at.
+    finish by the deadline, and gives CarlosLM the deadline its lr schedule aims at.
 
     The reserve kept for the end is 1.5 times the longest validation seen so far (its callbacks'
     sampling and checkpointing included) plus half a second; before the first validation, 5% of the

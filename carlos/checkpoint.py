@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from carlos.config import CarlosError
+from carlos.errors import CarlosError
 from carlos.memory import check_fits, inference_bytes, num_params
 from carlos.model import GPT, GPTConfig, ModelConfigError
 from carlos.tokenizer import ByteTokenizer
 
-PREFIX = "model."  # LitGPT keeps the GPT as self.model, so Lightning saves its weights as model.*
+PREFIX = "model."  # CarlosLM keeps the GPT as self.model, so Lightning saves its weights as model.*
 
 
 # ---------------------------------------------------------------- finding and loading the file

@@ -6,7 +6,6 @@ refused by OmegaConf's structured merge, values in ``__post_init__``), the way l
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from dataclasses import dataclass
@@ -16,16 +15,7 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
-
-class CarlosError(Exception):
-    """A problem the user can fix; printed as one line, exit code 2."""
-
-
-def nearest(word: str, choices) -> str:
-    """' (did you mean X?)' for the closest choice, or '' when none is close."""
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else ""
-
+from carlos.errors import CarlosError, nearest
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\", "'": "'", '"': '"'}
 
@@ -225,7 +215,7 @@ class TrainerConfig:
 
 @dataclass
 class SampleConfig:
-    prefix: str
+    prompt: str
     tokens: int
     temperature: float
     top_k: int
@@ -234,8 +224,8 @@ class SampleConfig:
     def __post_init__(self) -> None:
         _positive("sample.tokens (--sample_tokens)", self.tokens, allow_zero=True)
         check_sampling(self.temperature, self.top_k, self.top_p, prefix="sample.")
-        self.prefix = decode_escapes(self.prefix)
-        check_text("sample.prefix (--sample_prefix)", self.prefix)
+        self.prompt = decode_escapes(self.prompt)
+        check_text("sample.prompt (--sample_prompt)", self.prompt)
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, prefix: str = "") -> None:
@@ -390,24 +380,24 @@ class BenchConfig:
 T = TypeVar("T")
 
 
-def _keys(node, prefix: str = "") -> list[str]:
-    keys = []
-    if isinstance(node, DictConfig):
-        for k in node:
-            full = f"{prefix}{k}"
-            keys.append(full)
-            child = node._get_node(k)
-            if isinstance(child, DictConfig):
-                keys += _keys(child, full + ".")
-    return keys
+def flatten(tree: Any, prefix: str = "", lists: bool = False) -> dict[str, Any]:
+    """{'a.b.c': value} for the leaves of nested dicts (and of lists, with lists=True): the keys a user types."""
+    if isinstance(tree, dict) or (lists and isinstance(tree, list)):
+        out: dict[str, Any] = {}
+        for k, v in tree.items() if isinstance(tree, dict) else enumerate(tree):
+            out.update(flatten(v, f"{prefix}{k}.", lists))
+        return out
+    return {prefix[:-1]: tree}
 
 
-def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    if isinstance(node, dict):
-        return [leaf for k, v in node.items() for leaf in _leaves(v, f"{prefix}{k}.")]
-    if isinstance(node, list):
-        return [leaf for i, v in enumerate(node) for leaf in _leaves(v, f"{prefix}{i}.")]
-    return [(prefix.rstrip("."), node)]
+def config_keys(cfg: DictConfig) -> dict[str, Any]:
+    """Every leaf key of a composed config with its value as written (interpolations unresolved)."""
+    return flatten(OmegaConf.to_container(cfg, resolve=False))
+
+
+def _all_keys(cfg: DictConfig) -> set[str]:
+    """Every key of a config, the groups' (model, trainer ...) with the leaves'."""
+    return {".".join(k.split(".")[:n]) for k in config_keys(cfg) for n in range(1, k.count(".") + 2)}
 
 
 def parse(cfg: DictConfig, schema: type[T]) -> T:
@@ -415,7 +405,7 @@ def parse(cfg: DictConfig, schema: type[T]) -> T:
     base = OmegaConf.structured(schema)
     try:
         merged = OmegaConf.merge(base, cfg)
-        for key, value in _leaves(OmegaConf.to_container(merged, resolve=True)):
+        for key, value in flatten(OmegaConf.to_container(merged, resolve=True), lists=True).items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise CarlosError(f"{key} must be a finite number, got {value}")
             if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
@@ -423,7 +413,7 @@ def parse(cfg: DictConfig, schema: type[T]) -> T:
         return OmegaConf.to_object(merged)
     except ConfigKeyError as e:
         key = e.full_key or str(e.key)
-        raise CarlosError(f"unknown key '{key}'{nearest(key, _keys(cfg))}") from None
+        raise CarlosError(f"unknown key '{key}'{nearest(key, sorted(_all_keys(cfg)))}") from None
     except MissingMandatoryValue as e:
         raise CarlosError(f"missing value for '{e.full_key}'") from None
     except ValidationError as e:
@@ -438,3 +428,12 @@ def parse(cfg: DictConfig, schema: type[T]) -> T:
 def to_plain(cfg: DictConfig | ListConfig) -> Any:
     """Resolved plain containers (dicts, lists, numbers, strings) for checkpoints and loggers."""
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+SCHEMAS: dict[str, type] = {
+    "prepare": PrepareConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "sample": GenerateConfig,
+    "bench": BenchConfig,
+}  # each command's schema

@@ -7,7 +7,8 @@ import math
 
 import torch
 
-from carlos.config import CarlosError, EvalConfig
+from carlos.config import EvalConfig
+from carlos.errors import CarlosError
 from carlos.model import GPT
 from carlos.tokenizer import BYTES
 

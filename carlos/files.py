@@ -9,7 +9,7 @@ import os
 import stat
 from pathlib import Path
 
-from carlos.config import CarlosError
+from carlos.errors import CarlosError
 
 FILE_KINDS = (
     (stat.S_ISDIR, "a directory"),

@@ -10,7 +10,8 @@ from collections.abc import Callable
 import torch
 
 from carlos.checkpoint import load_checkpoint, model_from_checkpoint, pick_device, resolve_checkpoint
-from carlos.config import CarlosError, GenerateConfig
+from carlos.config import GenerateConfig
+from carlos.errors import CarlosError
 from carlos.model import GPT, KVCache
 from carlos.tokenizer import ByteTokenizer
 

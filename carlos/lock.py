@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from carlos.config import CarlosError
+from carlos.errors import CarlosError
 from carlos.files import kind_of, write_error
 
 LOCK = ".carlos-lock"

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from carlos.config import CarlosError
+from carlos.errors import CarlosError
 from carlos.files import kind_of, os_error_behind, read_regular, write_error
 
 RECORD = ".carlos-files"

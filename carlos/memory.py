@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from carlos.config import CarlosError
+from carlos.errors import CarlosError
 from carlos.model import GPTConfig
 
 FLOAT = 4  # bytes: weights, gradients, optimizer state and activations are float32 (autocast aside)

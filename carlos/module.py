@@ -1,4 +1,4 @@
-"""LitGPT: the LightningModule around GPT (steps, optimizer groups, lr schedule, val loss/ppl/bpb)
+"""CarlosLM: the LightningModule around GPT (steps, optimizer groups, lr schedule, val loss/ppl/bpb)
 and the lr schedules that conf/schedule/*.yaml point at."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_method, instantiate
 from torch.optim.lr_scheduler import LambdaLR
 
-from carlos.config import CarlosError, nearest
+from carlos.errors import CarlosError, nearest
 from carlos.evaluate import score_batch, summarize
 from carlos.model import GPT, GPTConfig
 
@@ -171,7 +171,7 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class LitGPT(L.LightningModule):
+class CarlosLM(L.LightningModule):
     """Holds only plain hyperparameters (dicts, numbers, strings), so checkpoints load with weights_only."""
 
     def __init__(self, model: dict, optimizer: dict, schedule: dict, max_steps: int, run: dict[str, Any]) -> None:

@@ -1,6 +1,6 @@
 """corpus -> byte-offset splits -> byte tokens -> packed windows, written atomically into the workdir.
 
-Layout written (the seed's):
+Layout written (the original script's):
   workdir/splits.json  tokenizer.json  rng_state.json  data/{train,val,test}.npy
 
 Packing: a split of n tokens becomes windows of seq_len+1 tokens with stride seq_len, so window i
@@ -32,7 +32,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-from carlos.config import SPLITS, CarlosError, PrepareConfig
+from carlos.config import SPLITS, PrepareConfig
+from carlos.errors import CarlosError
 from carlos.files import MadeDirs, kind_of, open_regular, path_problem, write_error
 from carlos.lock import DirLock
 from carlos.manifest import RECORD, Manifest
@@ -419,7 +420,22 @@ def prepare(cfg: PrepareConfig) -> dict:
                     manifest.remove([workdir / name for name in (*PREPARED, "data")])
                     (workdir / RECORD).unlink(missing_ok=True)
             raise
-    return {**record, "seconds": time.perf_counter() - started}
+    record = {**record, "seconds": time.perf_counter() - started}
+    print(summary(record, cfg.workdir))
+    return record
+
+
+def summary(record: dict, workdir: str) -> str:
+    """The line prepare prints: each split's bytes and windows, the size and the speed."""
+    mb = record["size"] / 1e6
+    splits = ", ".join(
+        f"{s} {record['splits'][s]['bytes']:,} bytes -> {record['windows'][s]:,} windows"
+        for s in ("train", "val", "test")
+    )
+    return (
+        f"prepared {workdir}: {splits} of {record['seq_len'] + 1} tokens ({record['dtype']}); "
+        f"{mb:,.1f} MB in {record['seconds']:.1f} s ({mb / record['seconds']:,.1f} MB/s)"
+    )
 
 
 def build_and_install(cfg: PrepareConfig, source: Source, workdir: Path, manifest: Manifest, size, sha256) -> dict:

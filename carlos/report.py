@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from carlos.config import CarlosError
+from carlos.config import flatten
+from carlos.errors import CarlosError
 from carlos.files import kind_of
 from carlos.manifest import Manifest
 
@@ -63,15 +64,6 @@ class Run:
         return statistics.median(rates) if rates else None
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def _text(path: Path) -> str:
     """OSError when path cannot be read or is not a regular file (a FIFO would block the report),
     UnicodeDecodeError (a ValueError) when it is not UTF-8."""
@@ -107,7 +99,7 @@ def _settings(run_dir: Path) -> tuple[dict[str, Any], str | None]:
         plain = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # noqa: BLE001 - an interpolation that needs Hydra's runtime: show it unresolved
         plain = OmegaConf.to_container(cfg, resolve=False)
-    return _flatten(plain), None
+    return flatten(plain), None
 
 
 def _finite(value: Any) -> bool:

@@ -21,7 +21,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from carlos.checkpoint import check_checkpoint, load_checkpoint
-from carlos.config import WANDB_MODES, CarlosError, TrainConfig, parse, to_plain
+from carlos.config import WANDB_MODES, TrainConfig, parse, to_plain
+from carlos.errors import CarlosError
 from carlos.files import read_regular
 from carlos.generate import prompt_ids
 from carlos.lock import DirLock
@@ -233,7 +234,7 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")  # carlos logs by itself
-    # validation sums are reduced across ranks by LitGPT itself before they are logged
+    # validation sums are reduced across ranks by CarlosLM itself before they are logged
     warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
 
@@ -439,9 +440,9 @@ def _callbacks(run: Run) -> list:
     run.metrics = TrainMetrics(tc.log_interval, run.data.seq_len * tc.data.micro_batch_size)
     run.checkpoints = Checkpoints(run.ckpt_dir, run.manifest, tc.ckpt_interval, tc.eval_interval)
     run.preemption = Preemption(run.checkpoints)
-    prompt = prompt_ids(tok, s.prefix)
+    prompt = prompt_ids(tok, s.prompt)
     sample = SampleText(
-        run.run_dir / "samples", run.manifest, prompt, s.prefix, s.tokens, s.temperature, s.top_k, s.top_p,
+        run.run_dir / "samples", run.manifest, prompt, s.prompt, s.tokens, s.temperature, s.top_k, s.top_p,
         tc.seed, tok.eos_id,
     )  # fmt: skip
     # first: begin() writes nothing until Lightning has set up and restored the run, so a checkpoint whose
@@ -532,7 +533,7 @@ def fit(run: Run) -> float:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from carlos.data import ByteDataModule
-    from carlos.module import LitGPT
+    from carlos.module import CarlosLM
 
     tc, data, trainer = run.tc, run.data, run.trainer
     L.seed_everything(tc.seed, workers=True, verbose=False)
@@ -545,7 +546,7 @@ def fit(run: Run) -> float:
         "data_sha256": data.info["sha256"],
         "config": to_plain(run.cfg),
     }
-    module = LitGPT(run.model_cfg.to_dict(), run.optimizer, run.schedule, tc.trainer.max_steps, info)
+    module = CarlosLM(run.model_cfg.to_dict(), run.optimizer, run.schedule, tc.trainer.max_steps, info)
     d = tc.data
     dm = ByteDataModule(data, d.micro_batch_size, d.eval_batch_size, tc.seed, d.num_workers, d.random_offsets)
     if trainer.is_global_zero:

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from carlos.config import SPLITS, CarlosError
+from carlos.config import SPLITS
+from carlos.errors import CarlosError
 from carlos.files import read_regular
 from carlos.tokenizer import ByteTokenizer
 

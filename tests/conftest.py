@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from carlos.cli import compose
+from carlos.compose import compose
 from carlos.config import PrepareConfig, parse
 from carlos.prepare import prepare
 

@@ -19,7 +19,7 @@ import torch
 
 from carlos.checkpoint import load_checkpoint
 from carlos.cli import main
-from carlos.config import CarlosError
+from carlos.errors import CarlosError
 from carlos.generate import filter_logits, generate
 
 from .conftest import make_corpus

@@ -264,7 +264,7 @@ def test_wheel_carries_the_configs(tmp_path):
         assert name in names
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    code = "from carlos.cli import conf_dir; print(conf_dir())"
+    code = "from carlos.compose import conf_dir; print(conf_dir())"
     p = run([sys.executable, "-c", code], tmp_path, env={"PYTHONPATH": str(site)})
     assert p.stdout.strip() == str(site / "carlos" / "conf")
     p = run(

@@ -2,8 +2,10 @@ from pathlib import Path
 
 import pytest
 
-from carlos.cli import SEED_FLAGS, compose, conf_dir, flat_keys, hydra_quote, translate, validate
-from carlos.config import CarlosError, EvalConfig, GenerateConfig, PrepareConfig, TrainConfig, decode_escapes, parse
+from carlos.cli import SCRIPT_FLAGS, hydra_quote, translate
+from carlos.compose import compose, conf_dir, validate
+from carlos.config import EvalConfig, GenerateConfig, PrepareConfig, TrainConfig, config_keys, decode_escapes, parse
+from carlos.errors import CarlosError
 from carlos.module import build_optimizer, build_schedule
 
 GROUPS = {
@@ -43,7 +45,7 @@ def test_baseline_matches_the_seed():
     tc = parse(compose("train", []), TrainConfig)
     m = tc.model
     assert (m.d_model, m.n_layers, m.n_heads, m.d_ff) == (64, 2, 4, 192)
-    # tuned defaults (docs/PERFORMANCE.md): the seed's 4,096 tokens a step (4 x 4 windows of 256) as one
+    # tuned defaults (docs/PERFORMANCE.md): the original script's 4,096 tokens a step (4 x 4 windows of 256) as one
     # micro-batch of 32 windows of the default seq_len 128
     pc = parse(compose("prepare", []), PrepareConfig)
     assert tc.data.micro_batch_size * tc.trainer.accumulate_grad_batches * pc.data.seq_len == 4096
@@ -62,7 +64,7 @@ def test_precision_group_and_explicit_key():
 
 def test_unknown_keys_and_bad_values_are_refused():
     with pytest.raises(CarlosError, match="unknown key 'optimizer.lrr'.*optimizer.lr"):
-        validate("train", ["optimizer.lrr=1"], list(flat_keys(compose("train", []))))
+        validate("train", ["optimizer.lrr=1"], list(config_keys(compose("train", []))))
     with pytest.raises(CarlosError, match="unknown model 'basline'.*baseline"):
         validate("train", ["model=basline"], [])
     with pytest.raises(CarlosError, match="unknown key 'data.seqlen'"):
@@ -78,12 +80,12 @@ def test_unknown_keys_and_bad_values_are_refused():
 
 
 def _overrides(command, args):
-    return translate(command, args, flat_keys(compose(command, [])))[1]
+    return translate(command, args, config_keys(compose(command, [])))[1]
 
 
 def test_every_seed_flag_maps_onto_an_existing_key():
-    for command, flags in SEED_FLAGS.items():
-        keys = flat_keys(compose(command, []))
+    for command, flags in SCRIPT_FLAGS.items():
+        keys = config_keys(compose(command, []))
         for flag, key in flags.items():
             assert key in keys, (command, flag, key)
 
@@ -129,7 +131,7 @@ def test_seed_readme_flags_translate():
     )
     tc = parse(cfg, TrainConfig)
     assert tc.wandb.tags == ["baseline", "byte-level"] and tc.wandb.project == "tiny-models"
-    assert tc.sample.prefix == "\n" and tc.optimizer["lr"] == 1e-3 and tc.resume == "auto"
+    assert tc.sample.prompt == "\n" and tc.optimizer["lr"] == 1e-3 and tc.resume == "auto"
     assert tc.trainer.max_time_delta.total_seconds() == 600
     assert _overrides("train", ["--resume"]) == ["resume=true"]
     assert _overrides("train", ["--max_time=90"]) == ["trainer.max_time='90'"]

@@ -744,9 +744,9 @@ CASES = [
     ),
     Case("prompt-surrogate", "prompt not encodable", ["sample", "--workdir", "w", "--prompt", "\\ud800"], "surrogate"),
     Case(
-        "sample-prefix-surrogate",
-        "training sample prefix not encodable",
-        ["train", "--workdir", "w", "--overwrite", "--sample_prefix", "\\ud800"],
+        "sample-prompt-surrogate",
+        "training sample prompt not encodable",
+        ["train", "--workdir", "w", "--overwrite", "--sample_prompt", "\\ud800"],
         "not a character",
     ),
     Case("lr-inf", "peak lr inf", ["train", "--workdir", "w", "--overwrite", "--peak_lr", "inf"], "finite number"),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from carlos.config import CarlosError
+from carlos.errors import CarlosError
 from carlos.lock import LOCK, DirLock
 
 from .conftest import make_corpus

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from carlos.cli import main
-from carlos.config import CarlosError
+from carlos.errors import CarlosError
 from carlos.manifest import RECORD, Manifest
 
 from .conftest import make_corpus

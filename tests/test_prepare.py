@@ -5,7 +5,7 @@ import unicodedata
 import numpy as np
 import pytest
 
-from carlos.config import CarlosError
+from carlos.errors import CarlosError
 from carlos.prepare import DocumentTokens, pack, scan, tokenize, tokenize_split
 from carlos.tokenizer import ByteTokenizer
 from carlos.workdir import PreparedData

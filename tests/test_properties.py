@@ -17,8 +17,9 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from carlos.cli import compose
-from carlos.config import CarlosError, PrepareConfig, parse
+from carlos.compose import compose
+from carlos.config import PrepareConfig, parse
+from carlos.errors import CarlosError
 from carlos.evaluate import score_split
 from carlos.generate import filter_logits, generate
 from carlos.model import GPT, GPTConfig

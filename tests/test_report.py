@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from carlos.cli import main
-from carlos.config import CarlosError
+from carlos.errors import CarlosError
 from carlos.manifest import RECORD
 from carlos.report import differing, find_runs, report
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from carlos.checkpoint import load_checkpoint
-from carlos.config import CarlosError
+from carlos.errors import CarlosError
 
 from .conftest import make_corpus, record_as_carlos
 

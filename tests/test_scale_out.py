@@ -191,7 +191,7 @@ def compose_hydra_launcher(tmp_path):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from carlos.cli import conf_dir, prefer_carlos_hydra_configs
+    from carlos.compose import conf_dir, prefer_carlos_hydra_configs
 
     GlobalHydra.instance().clear()
     prefer_carlos_hydra_configs()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from carlos.config import CarlosError
+from carlos.errors import CarlosError
 from carlos.train import resolve_precision, train
 
 from .conftest import record_as_carlos, train_cfg
@@ -240,9 +240,9 @@ def test_time_budget_completes_the_schedule_and_the_final_checkpoint_by_the_dead
 
 
 def test_schedule_horizon_follows_elapsed_time(workdir):
-    from carlos.module import LitGPT
+    from carlos.module import CarlosLM
 
-    m = LitGPT({"vocab_size": 256, "block_size": 32}, {"lr": 1e-3}, {}, max_steps=-1, run={})
+    m = CarlosLM({"vocab_size": 256, "block_size": 32}, {"lr": 1e-3}, {}, max_steps=-1, run={})
     assert m.total_steps(10) == math.inf  # no budget: unbounded
     m.deadline_s = 100.0
     m.elapsed_s = lambda: 25.0  # a quarter of the budget used by step 10

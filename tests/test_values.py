@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from carlos.cli import compose, flat_keys, main
+from carlos.cli import main
+from carlos.compose import compose
+from carlos.config import config_keys
 
 from .conftest import make_corpus
 
@@ -60,7 +62,7 @@ LONG_RUN = 99  # the exit code of a run the timer stopped: it was accepted and s
 
 
 def keys(command: str) -> list[str]:
-    return list(flat_keys(compose(command, [])))
+    return list(config_keys(compose(command, [])))
 
 
 CASES = [(command, key, value) for command in BASE for key in keys(command) for value in VALUES]

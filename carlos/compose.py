@@ -1,0 +1,164 @@
+"""Hydra composition and validation: the config a command will get, composed from conf/ and checked
+against its schema before Hydra creates any directory, so that a typo costs a second and a refused
+command writes nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+
+from carlos.errors import CarlosError, first_line, nearest
+
+
+def conf_dir() -> Path:
+    """conf/ beside the package in a clone or editable install; carlos/conf inside an installed wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise CarlosError(f"carlos's configs are missing (looked in {here / 'conf'}); reinstall carlos")
+
+
+def prefer_carlos_hydra_configs() -> None:
+    """conf/hydra/<group>/<name>.yaml (the Optuna sweeper's search space, the SLURM launcher's settings)
+    replace the plugins' registered configs of the same name. Hydra would otherwise use the registered
+    one as the file's schema: deprecated since Hydra 1.1, and refused when that schema has a defaults
+    list, as Optuna's has. The plugins register when Hydra's plugin scan runs their modules, once a
+    process: so the scan runs here first, then the entries that carlos's files replace are dropped."""
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # the scan (later calls return the same instance and do not scan again)
+    root = conf_dir() / "hydra"
+    for path in root.rglob("*.yaml"):
+        node = ConfigStore.instance().repo.get("hydra", {})
+        for part in path.relative_to(root).parent.parts:
+            node = node.get(part, {})
+        node.pop(path.name, None)
+
+
+@contextlib.contextmanager
+def _hydra():
+    """Hydra initialized on conf/ for the length of the block, and cleared again after it."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    prefer_carlos_hydra_configs()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+            yield GlobalHydra.instance()
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def compose(command: str, overrides: list[str], with_hydra: bool = False):
+    """The config `carlos <command> <overrides>` gets (with Hydra's own node when with_hydra)."""
+    from hydra import compose as hydra_compose
+
+    with _hydra():
+        return hydra_compose(config_name=command, overrides=overrides, return_hydra_config=with_hydra)
+
+
+def group_options(group: str) -> list[str]:
+    """The options Hydra knows for a config group: carlos's files, Hydra's own and its plugins'."""
+    with _hydra() as hydra:
+        return sorted(hydra.config_loader().get_group_options(group))
+
+
+def _explain_hydra_error(e: Exception, keys: list[str]) -> str:
+    msg = str(e).strip()
+    m = re.search(r"Could not override '([^']+)'", msg) or re.search(r"Key '([^']+)' is not in struct", msg)
+    if m:
+        key = m.group(1)
+        public = [k for k in keys if not k.rsplit(".", 1)[-1].startswith("_")]
+        return f"unknown key '{key}'{nearest(key, public)}; see the keys with --cfg job"
+    m = re.search(r"Could not (?:find|load) '([^']+)/([^'/]+)'", msg)
+    if m:
+        group, option = m.groups()
+        options = group_options(group)
+        return f"unknown {group} '{option}'{nearest(option, options)}; choose {group}={'|'.join(options)}"
+    return first_line(e)
+
+
+def check_output_dir(key: str, value: str) -> list[Path]:
+    """Hydra creates its run (or sweep) directory before the command starts: make sure it can, by
+    creating it now and removing again what this made. Returns the directories Hydra will create, for
+    removing again (when empty) if the command is refused."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return []
+    if os.path.lexists(path):
+        raise CarlosError(f"{key}={value} is a file, not a directory; give a directory")
+    made, p = [], Path(os.path.abspath(path))
+    while not os.path.lexists(p):
+        made.append(p)
+        p = p.parent
+    try:
+        for d in reversed(made):
+            os.mkdir(d)
+    except OSError as e:
+        raise CarlosError(f"{key}={value} cannot be created ({e.strerror}); give a directory that can") from None
+    finally:
+        for d in made:
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+    return made
+
+
+def _first_of_each_sweep(overrides: list[str]) -> list[str]:
+    """The overrides of a sweep's first job: each swept key with its first value; the sweeper's search
+    space (hydra.sweeper.params) left to the sweeper."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    single = []
+    for text in overrides:
+        try:
+            o = parser.parse_override(text)
+        except Exception as e:  # noqa: BLE001 - Hydra's grammar errors come in several types
+            raise CarlosError(
+                f"cannot parse override {text!r}: {first_line(e)}; quote values with spaces or commas, e.g. key='a, b'"
+            ) from None
+        key = o.get_key_element()
+        if key.startswith(("hydra.sweeper.params", "+hydra.sweeper.params")):
+            continue
+        if o.is_sweep_override():
+            first = next(iter(o.sweep_string_iterator()), None)
+            if first is None:
+                continue
+            text = f"{key}={first}"
+        single.append(text)
+    return single
+
+
+def validate(command: str, overrides: list[str], keys: list[str], multirun: bool = False) -> list[Path]:
+    """Compose the config the run will get and check it against its schema, before Hydra creates any
+    directory. In a sweep, each swept key is checked with its first value. Returns the directories
+    Hydra will create (check_output_dir)."""
+    from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
+    from carlos.config import SCHEMAS, parse
+
+    try:
+        cfg = compose(command, _first_of_each_sweep(overrides), with_hydra=True)
+    except CarlosError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Hydra reports composition errors in several types
+        raise CarlosError(_explain_hydra_error(e, keys)) from None
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    try:
+        output_dir = str(OmegaConf.select(cfg, key, throw_on_missing=True))
+    except OmegaConfBaseException as e:
+        raise CarlosError(f"invalid value for '{key}': {first_line(e)}; write a literal $ as \\$") from None
+    made = check_output_dir(key, output_dir)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    parsed = parse(cfg, SCHEMAS[command])
+    slurm = any(o.replace(" ", "") == "hydra/launcher=submitit_slurm" for o in overrides)
+    if command == "train" and multirun and not slurm and parsed.trainer.several_processes:
+        parsed.trainer.refuse_in_sweep()
+    return made
