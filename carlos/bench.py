@@ -15,6 +15,7 @@ Sections, each written to stdout and between its markers in docs/PERFORMANCE.md:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -23,7 +24,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,11 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from carlos.config import BenchConfig
+from carlos.demo_corpus import stdlib_corpus
 from carlos.errors import CarlosError
-from carlos.files import MadeDirs, write_error
+from carlos.files import MadeDirs, write_atomic, write_error
 from carlos.manifest import Manifest
 from carlos.model import GPT, GPTConfig
-from carlos.prepare import Source, stdlib_corpus
+from carlos.prepare import Source
 from carlos.tokenizer import ByteTokenizer
 
 SECTIONS = {
@@ -326,9 +327,10 @@ def _bench(cfg: BenchConfig, root: Path) -> dict:
     default_info = _prepare(py, corpus, defaults)
 
     tc = parse(compose("train", [f"workdir={same}", *cfg.train]), TrainConfig)
-    shape = {k: getattr(tc.model, k) for k in ("d_model", "n_layers", "n_heads", "d_ff")}
     vocab = ByteTokenizer.load(same / "tokenizer.json").vocab_size
-    model = GPTConfig(vocab_size=vocab, block_size=info["seq_len"], **shape)
+    # carlos's model sizes in the plain loop's architecture (GPT-2: learned positions, LayerNorm, GELU)
+    gpt2 = {"dropout": 0.0, "bias": True, "norm": "layernorm", "mlp": "gelu", "pos": "learned"}
+    model = dataclasses.replace(GPTConfig.for_data(tc.model, vocab, info["seq_len"]), **gpt2)
     spec = {"model": model.to_dict(), "batch": cfg.batch, "log_interval": cfg.log_interval}
     header = {
         "machine": machine(),
@@ -556,14 +558,8 @@ def write_section(path: Path, table: str, start: str, end: str, title: str) -> N
         text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + f"\n\n## {title}\n\n" + block + "\n"
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, encoding="utf-8") as f:
-            tmp = f.name
-            f.write(text)
-        os.replace(f.name, path)
     except OSError as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise write_error(path, e) from None
+        raise write_error(path.parent, e, "--output") from None
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")), "--output")

@@ -22,10 +22,11 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from carlos.errors import CarlosError
+from carlos.checkpoint import save_checkpoint, step_file
 from carlos.files import write_error
 from carlos.generate import generate
 from carlos.manifest import Manifest
+from carlos.module import diverged, finite
 
 
 class BeforeFirstStep(Callback):
@@ -39,21 +40,39 @@ class BeforeFirstStep(Callback):
         self.fn()
 
 
+class StepCallback(Callback):
+    """A callback that acts between optimizer steps. Lightning calls on_train_batch_end after every
+    micro-batch, and under gradient accumulation most of them end mid-step: this calls on_step_end once
+    an optimizer step, after the micro-batch that completed it (on_micro_batch_end sees them all)."""
+
+    seen_step = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self.seen_step = trainer.global_step  # a resumed run starts at its checkpoint's step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        boundary, self.seen_step = step != self.seen_step, step
+        self.on_micro_batch_end(trainer, pl_module, step, boundary)
+
+    def on_micro_batch_end(self, trainer: L.Trainer, pl_module, step: int, boundary: bool) -> None:
+        if boundary:
+            self.on_step_end(trainer, pl_module, step)
+
+    def on_step_end(self, trainer: L.Trainer, pl_module, step: int) -> None:
+        pass
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's TorchCheckpointIO writes straight into the target file, so a kill mid-write leaves a
-    truncated checkpoint; this one writes a temporary file and renames it (Manifest.write), recorded as
-    carlos's."""
+    truncated checkpoint; this one writes atomically (checkpoint.save_checkpoint), recorded as carlos's."""
 
     def __init__(self, manifest: Manifest) -> None:
         super().__init__()
         self.manifest = manifest
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        self.manifest.write(Path(path), lambda f: torch.save(checkpoint, f))
-
-
-def step_name(step: int) -> str:
-    return f"step_{step:06d}"
+        save_checkpoint(self.manifest, Path(path), checkpoint)
 
 
 class JsonlLogger(Logger):
@@ -108,7 +127,7 @@ def log_record(trainer: L.Trainer, record: dict[str, float]) -> None:
         logger.log_metrics(record, step=step)
 
 
-class TrainMetrics(Callback):
+class TrainMetrics(StepCallback):
     """Train records every log_interval optimizer steps, validation records after each validation."""
 
     def __init__(self, log_interval: int, tokens_per_batch: int) -> None:
@@ -121,18 +140,15 @@ class TrainMetrics(Callback):
         self.tokens_per_step = self.tokens_per_batch * trainer.accumulate_grad_batches * trainer.world_size
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
         self.mark_time = time.perf_counter()
-        self.mark_step = self.seen_step = trainer.global_step
+        self.mark_step = trainer.global_step
         self.lr = trainer.optimizers[0].param_groups[0]["lr"]
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module, optimizer) -> None:
         self.lr = optimizer.param_groups[0]["lr"]  # the lr of the update about to happen
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        step = trainer.global_step
-        if step == self.seen_step:  # mid-accumulation
-            return
-        self.seen_step = step
+    def on_step_end(self, trainer: L.Trainer, pl_module, step: int) -> None:
         if step % self.log_interval:
             return
         now = time.perf_counter()
@@ -146,11 +162,8 @@ class TrainMetrics(Callback):
         }
         self.mark_time, self.mark_step = now, step
         self.last.update(loss=record["train_loss"], tokens_per_s=record["tokens_per_s"])
-        if record["train_loss"] is not None and not math.isfinite(record["train_loss"]):
-            raise CarlosError(
-                f"train loss is {record['train_loss']} at step {step}, so the run stops; the checkpoints written "
-                "before it are kept. Lower --peak_lr or raise --warmup_steps, and start over with --overwrite"
-            )
+        if record["train_loss"] is not None and not finite(record["train_loss"]):
+            raise diverged(f"train loss is {record['train_loss']} at step {step}")
         log_record(trainer, record)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
@@ -170,11 +183,7 @@ class TrainMetrics(Callback):
                 "elapsed_s": round(pl_module.elapsed_s(), 3),
             },
         )
-        # time spent validating is not training throughput
-        self.mark_time += time.perf_counter() - getattr(self, "_val_started", time.perf_counter())
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
-        self._val_started = time.perf_counter()
+        self.mark_time += pl_module.validation_seconds()  # time spent validating is not training throughput
 
 
 class SampleText(Callback):
@@ -210,13 +219,13 @@ class SampleText(Callback):
         ids = generate(model, self.prompt_ids, self.tokens, self.temperature, self.top_k, self.top_p, gen, self.eos_id)
         model.train(was_training)
         text = self.prompt + bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-        self.manifest.write(self.dir / f"{step_name(step)}.txt", lambda f: f.write(text.encode("utf-8")))
+        self.manifest.write(step_file(self.dir, step, ".txt"), lambda f: f.write(text.encode("utf-8")))
         for logger in trainer.loggers:
             if hasattr(logger, "log_text"):
                 logger.log_text(key="samples", columns=["step", "text"], data=[[step, text]], step=step)
 
 
-class Checkpoints(Callback):
+class Checkpoints(StepCallback):
     """checkpoints/step_XXXXXX.pt every ckpt_interval optimizer steps and at the end, best.pt at the lowest
     val loss, last.pt a copy of the newest step file.
 
@@ -231,7 +240,6 @@ class Checkpoints(Callback):
         self.best = self.best_bpb = math.inf
         self.best_step = -1
         self.saved_step = -1
-        self.seen_step = -1
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_bpb": self.best_bpb, "best_step": self.best_step}
@@ -244,13 +252,10 @@ class Checkpoints(Callback):
         )
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
-        self.seen_step = self.saved_step = trainer.global_step
+        super().on_train_start(trainer, pl_module)
+        self.saved_step = trainer.global_step
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        step = trainer.global_step
-        if step == self.seen_step:  # mid-accumulation
-            return
-        self.seen_step = step
+    def on_step_end(self, trainer: L.Trainer, pl_module, step: int) -> None:
         if 0 < trainer.max_steps <= step:
             trainer.should_stop = True  # makes Lightning validate now; on_validation_end saves
         elif step % self.every == 0 and step % self.eval_every != 0:
@@ -278,21 +283,18 @@ class Checkpoints(Callback):
         loss_sum = getattr(module, "loss_sum", None)
         # an inf gradient can leave NaN weights behind a still-finite loss: check the weights too
         # (one pass over a tiny model's parameters, far cheaper than the write itself)
-        finite = all(bool(p.isfinite().all()) for p in module.parameters())
-        if (loss_sum is not None and not torch.isfinite(loss_sum)) or not finite:
-            what = f"train loss became {loss_sum.item()}" if finite else "the weights became NaN or inf"
-            raise CarlosError(
-                f"{what} before step {step}, so the run stops without checkpointing it; the checkpoints written "
-                "before it are kept. Lower --peak_lr or raise --warmup_steps, and start over with --overwrite"
-            )
-        path = self.dir / f"{step_name(step)}.pt"
+        weights_finite = finite(*module.parameters())
+        if not weights_finite or (loss_sum is not None and not finite(loss_sum)):
+            what = f"train loss became {loss_sum.item()}" if weights_finite else "the weights became NaN or inf"
+            raise diverged(f"{what} before step {step} (not checkpointed)")
+        path = step_file(self.dir, step)
         trainer.save_checkpoint(path, weights_only=False)  # False: full training state
         if trainer.is_global_zero:
             self.manifest.write(self.dir / "last.pt", lambda f: f.write(path.read_bytes()))
         self.saved_step = step
 
 
-class Preemption(Callback):
+class Preemption(StepCallback):
     """Nothing lost to a stop. On SIGTERM (Lightning's own handler notes it), on SIGUSR1/SIGUSR2 (the
     warning that submitit and SLURM send before a time limit) and on a first Ctrl+C (SIGINT; a second
     one aborts at once), the run writes its checkpoint and last.pt at the next optimizer-step boundary,
@@ -310,10 +312,10 @@ class Preemption(Callback):
         self.signum: int | None = None
         self.previous: dict[int, Any] = {}
         self.pending = False
-        self.seen_step = -1
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
-        self.trainer, self.seen_step = trainer, trainer.global_step
+        super().on_train_start(trainer, pl_module)
+        self.trainer = trainer
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
         for name in self.NAMES:
@@ -335,9 +337,7 @@ class Preemption(Callback):
             if self.trainer.is_global_zero:
                 print("\nCtrl+C: stopping after this step, with a checkpoint (press again to abort)", flush=True)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        step = trainer.global_step
-        boundary, self.seen_step = step != self.seen_step, step
+    def on_micro_batch_end(self, trainer: L.Trainer, pl_module, step: int, boundary: bool) -> None:
         # Lightning stops right after this batch; mid-accumulation, hold the flag back to the step's end,
         # or the resumed run would count its micro-batches from a shifted boundary
         connector = trainer._signal_connector
@@ -363,7 +363,7 @@ class Preemption(Callback):
             previous(self.signum, None)  # submitit's handler: requeues the job (on rank 0) and exits
 
 
-class TimeBudget(Callback):
+class TimeBudget(StepCallback):
     """--max_time: stops training early enough that the final validation, sample and checkpoints also
     finish by the deadline, and gives CarlosLM the deadline its lr schedule aims at.
 
@@ -380,24 +380,18 @@ class TimeBudget(Callback):
         return max(self.max_time - self.reserve, 0.0)
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
         pl_module.deadline_s = self._deadline()
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
-        self._val_started = time.perf_counter()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
-        self.longest_val = max(self.longest_val, time.perf_counter() - self._val_started)
+        self.longest_val = max(self.longest_val, pl_module.validation_seconds())  # last callback: all of it
         self.reserve = 1.5 * self.longest_val + 0.5
         pl_module.deadline_s = self._deadline()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        step = trainer.global_step
-        if step == getattr(self, "seen_step", -1):  # only between optimizer steps, never mid-accumulation
-            return
-        self.seen_step = step
-        if pl_module.elapsed_s() >= self._deadline():
+    def on_step_end(self, trainer: L.Trainer, pl_module, step: int) -> None:
+        if pl_module.elapsed_s() >= self._deadline():  # only between optimizer steps, never mid-accumulation
             trainer.should_stop = True  # Lightning validates now; Checkpoints saves the final state
 
 

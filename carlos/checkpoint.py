@@ -1,7 +1,8 @@
-"""A checkpoint file read back safely: found by name, unpickled with weights_only=True, its structure and
-weights checked against its own model settings before anything is built, and the model built only when
-it fits the device. Every problem is a one-line CarlosError naming the file. Imports neither Lightning
-nor Hydra, so `carlos sample` starts fast."""
+"""Checkpoint files, shared by train, eval, sample and bench: their names (best.pt, last.pt,
+step_XXXXXX.pt), their atomic writing, and reading one back safely: found by name, unpickled with
+weights_only=True, its structure and weights checked against its own model settings before anything is
+built, and the model built only when it fits the device, which is chosen here too. Every problem is a
+one-line CarlosError naming the file. Imports neither Lightning nor Hydra, so `carlos sample` starts fast."""
 
 from __future__ import annotations
 
@@ -17,11 +18,31 @@ from pathlib import Path
 import torch
 
 from carlos.errors import CarlosError
+from carlos.manifest import Manifest
 from carlos.memory import check_fits, inference_bytes, num_params
 from carlos.model import GPT, GPTConfig, ModelConfigError
 from carlos.tokenizer import ByteTokenizer
 
 PREFIX = "model."  # CarlosLM keeps the GPT as self.model, so Lightning saves its weights as model.*
+
+
+# ---------------------------------------------------------------- names and writing
+
+
+def step_file(directory: Path, step: int, suffix: str = ".pt") -> Path:
+    """directory/step_XXXXXX<suffix>: a step's checkpoint (.pt), or its text sample (.txt)."""
+    return Path(directory) / f"step_{step:06d}{suffix}"
+
+
+def step_of(path: Path) -> int | None:
+    """The step of a step_XXXXXX file, None for any other name."""
+    number = path.stem.removeprefix("step_")
+    return int(number) if path.stem.startswith("step_") and number.isdigit() else None
+
+
+def save_checkpoint(manifest: Manifest, path: Path, checkpoint: dict) -> None:
+    """torch.save written atomically (a kill mid-write leaves the old file), recorded as carlos's."""
+    manifest.write(Path(path), lambda f: torch.save(checkpoint, f))
 
 
 # ---------------------------------------------------------------- finding and loading the file
@@ -59,7 +80,7 @@ def resolve_checkpoint(workdir: str | Path, spec: str) -> Path:
     if spec in ("best", "last"):
         path = ckpts / f"{spec}.pt"
     elif spec.isdigit():
-        path = ckpts / f"step_{int(spec):06d}.pt"
+        path = step_file(ckpts, int(spec))
     else:
         try:
             path = Path(spec).expanduser()
@@ -135,7 +156,7 @@ def _is_int(value) -> bool:
 
 
 def _type_problem(name: str, value, want: type) -> str | None:
-    """Why a model setting is not of the type GPTConfig's default has (bool is not an int here)."""
+    """Why a model setting is not of its GPTConfig field's type (bool is not an int here)."""
     if want is bool:
         ok = isinstance(value, bool)
     elif want is float:  # an int is a fine float (YAML writes 0 for 0.0)
@@ -163,7 +184,8 @@ def _model_config(meta: dict) -> GPTConfig:
     model = meta.get("model")
     if not isinstance(model, dict):
         raise ValueError(f"its model settings are {'missing' if model is None else type(model).__name__}, not a dict")
-    want = {f.name: type(f.default) for f in dataclasses.fields(GPTConfig)}
+    types = {"int": int, "float": float, "bool": bool, "str": str}  # the fields' annotations, which are text here
+    want = {f.name: types[str(f.type)] for f in dataclasses.fields(GPTConfig)}
     _same_keys("its model settings", "", list(want), list(model), "unknown")
     for name, kind in want.items():
         problem = _type_problem(name, model[name], kind)
@@ -254,9 +276,8 @@ def _earlier_step(path: Path, step) -> str:
     """The newest step checkpoint beside path that is older than it, as a --checkpoint value."""
     steps, here = [], path.resolve()
     for p in path.parent.glob("step_*.pt"):
-        number = p.stem.removeprefix("step_")
-        if number.isdigit() and p.is_file() and p.resolve() != here:
-            steps.append(int(number))
+        if step_of(p) is not None and p.is_file() and p.resolve() != here:
+            steps.append(step_of(p))
     if isinstance(step, int) and not isinstance(step, bool):
         steps = [s for s in steps if s < step]
     return f"--checkpoint {max(steps)}" if steps else "--checkpoint <a step>"
@@ -314,8 +335,19 @@ def model_from_checkpoint(ckpt: dict, path: Path, device: str | torch.device = "
     return build_model(ckpt, cfg, torch.device(device), what, fix, 1, cfg.block_size, True), tok
 
 
+def device_type(accelerator: str) -> str:
+    """The device a Trainer(accelerator=...) trains on, the way Lightning chooses it: auto takes a CUDA GPU,
+    then an Apple GPU (MPS), then the CPU."""
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "cuda"
+    if accelerator == "mps" or (accelerator in ("auto", "gpu") and torch.backends.mps.is_available()):
+        return "mps"
+    return "cpu"
+
+
 def pick_device(name: str) -> torch.device:
-    """auto, cpu, cuda, cuda:N or mps, refused in one line when this machine does not have it."""
+    """eval's and sample's --device: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda, cuda:N or
+    mps, refused in one line when this machine does not have it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

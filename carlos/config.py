@@ -105,15 +105,19 @@ class PrepareConfig:
 
 @dataclass
 class ModelConfig:
-    d_model: int
-    n_layers: int
-    n_heads: int
-    d_ff: int
-    dropout: float
-    bias: bool
-    norm: str
-    mlp: str
-    pos: str
+    """The model group (conf/model/*.yaml): the architecture, the same whatever the data. GPTConfig
+    (carlos/model.py) adds the vocabulary and context that the prepared data fixes, and checks the shape."""
+
+    d_model: int  # width of the residual stream
+    n_layers: int  # transformer blocks
+    n_heads: int  # attention heads; must divide d_model
+    d_ff: int  # hidden width of the MLP
+    dropout: float  # on attention and MLP outputs; 0 turns it off
+    bias: bool  # biases in the linear layers and norms
+    norm: str  # layernorm or rmsnorm
+    mlp: str  # gelu or swiglu
+    pos: str  # learned (a position table) or rope (rotary positions)
+    rope_base: float  # the rotary positions' base (pos=rope)
 
 
 @dataclass

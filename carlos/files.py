@@ -1,13 +1,17 @@
-"""Files read and directories made safely: only regular files are read (a FIFO or a device would block or
-never end), failures are one line that leads to the fix, and directories a command made are removed
-again when it fails, only while they are empty (another process may be using them by then)."""
+"""Files read, written and directories made safely: only regular files are read (a FIFO or a device would
+block or never end), files are replaced atomically, failures are one line that leads to the fix, and
+directories a command made are removed again when it fails, only while they are empty (another process
+may be using them by then)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from carlos.errors import CarlosError
 
@@ -94,6 +98,27 @@ def os_error_behind(e: BaseException | None) -> OSError | None:
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return None
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], object], where: str = "--workdir") -> None:
+    """write(file) into a temporary file beside path, fsync, then rename over path: readers (and a crash
+    at any moment) see the old file or the new one, never a partial one. On any failure the temporary
+    goes and the old file stays; a failed write (a full disk included, however the writer reports it) is
+    one line naming the flag that chooses the place (where)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        cause = os_error_behind(e)
+        if cause is not None and isinstance(e, (OSError, RuntimeError)):
+            raise write_error(path, cause, where) from None
+        raise
 
 
 class MadeDirs:

@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from carlos.errors import CarlosError
-from carlos.files import kind_of, os_error_behind, read_regular, write_error
+from carlos.files import kind_of, read_regular, write_atomic, write_error
 
 RECORD = ".carlos-files"
 # names carlos gives its files: found unrecorded, the record was lost or the files copied without it
@@ -179,29 +179,13 @@ class Manifest:
                 raise write_error(Path(path), e, self.where) from None
 
     def write(self, path: Path, write: Callable[[BinaryIO], object], kind: str = "file") -> None:
-        """write(file) into a temporary file beside path, fsync, then rename over path: readers (and a crash
-        at any moment) see the old file or the new one, never a partial one. Recorded first; on any
-        failure the temporary goes, the old file stays, and a failed write (a full disk included, however
-        the writer reports it) is one line. A file carlos did not write is never replaced."""
+        """files.write_atomic, recorded first. A file carlos did not write is never replaced."""
         path = Path(path)
         if os.path.lexists(path) and (not self.owns(path) or path.is_symlink() or not path.is_file()):
             what = kind_of(os.lstat(path))
             raise CarlosError(f"{path} is {what} carlos did not write, and carlos would replace it; move it away")
         self.claim(path, kind=kind)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException as e:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            cause = os_error_behind(e)
-            if cause is not None and isinstance(e, (OSError, RuntimeError)):
-                raise write_error(path, cause, self.where) from None
-            raise
+        write_atomic(path, write, self.where)
 
     # -- checking
     def foreign(self, path: Path) -> list[Path]:

@@ -1,7 +1,7 @@
 """A tiny decoder-only GPT in plain PyTorch.
 
 Reads top-down: config, rotary positions, attention, MLP, block, GPT, KV cache. Nothing here knows
-about Lightning, Hydra or files, so `carlos sample` can use it without importing either.
+about Lightning or files, so `carlos sample` can use it without importing Lightning.
 
 Two families share the code: the baseline (GPT-2: learned positions, LayerNorm, GELU MLP, biases) and
 `modern` (rotary positions, RMSNorm, SwiGLU MLP, no biases), chosen by GPTConfig's norm, mlp and pos.
@@ -16,25 +16,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from carlos.config import ModelConfig
+
 
 class ModelConfigError(ValueError):
     """An impossible model shape; the message says which setting to change."""
 
 
 @dataclass
-class GPTConfig:
-    vocab_size: int = 256
-    block_size: int = 256  # context length: the prepared seq_len
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    d_ff: int = 192
-    dropout: float = 0.0
-    bias: bool = True
-    norm: str = "layernorm"  # layernorm or rmsnorm
-    mlp: str = "gelu"  # gelu or swiglu
-    pos: str = "learned"  # learned or rope
-    rope_base: float = 10000.0
+class GPTConfig(ModelConfig):
+    """The architecture (ModelConfig, the model group's settings) with what the prepared data fixes."""
+
+    vocab_size: int  # 256 bytes, plus BOS and EOS when the data has them
+    block_size: int  # context length: the prepared seq_len
+
+    @classmethod
+    def for_data(cls, model: ModelConfig, vocab_size: int, block_size: int) -> GPTConfig:
+        return cls(**asdict(model), vocab_size=vocab_size, block_size=block_size)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "d_model", "n_layers", "n_heads", "d_ff"):

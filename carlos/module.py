@@ -1,150 +1,37 @@
-"""CarlosLM: the LightningModule around GPT (steps, optimizer groups, lr schedule, val loss/ppl/bpb)
-and the lr schedules that conf/schedule/*.yaml point at."""
+"""CarlosLM: the LightningModule around GPT (steps, optimizer groups, lr schedule, val loss/ppl/bpb), and
+the check that stops a run whose loss or weights became NaN or inf."""
 
 from __future__ import annotations
 
-import inspect
 import math
 import random
 import time
-from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import get_method, instantiate
 from torch.optim.lr_scheduler import LambdaLR
 
-from carlos.errors import CarlosError, nearest
+from carlos.errors import CarlosError
 from carlos.evaluate import score_batch, summarize
 from carlos.model import GPT, GPTConfig
+from carlos.optimization import build_optimizer, build_schedule
 
-# ---------------------------------------------------------------- lr schedules
-# Written as closed-form functions of the step rather than chained torch schedulers: one formula is
-# easy to test value by value and needs no scheduler state beyond the step that Lightning restores.
-
-WARMUP_CAP = 0.2  # a warmup longer than this fraction of the run is clipped to it
+# ---------------------------------------------------------------- divergence
 
 
-def clip_warmup(warmup_steps: int, total_steps: float) -> int:
-    if not math.isfinite(total_steps):  # a time budget whose pace is not known yet
-        return warmup_steps
-    return min(warmup_steps, int(WARMUP_CAP * total_steps))
+def finite(*values: float | torch.Tensor) -> bool:
+    """Whether every value (numbers, tensors) is finite: checked before a loss is logged or weights saved."""
+    return all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in values)
 
 
-def _warmup(step: int, warmup: int, peak_lr: float) -> float | None:
-    """Linear warmup: the update at step s (0-based) uses peak * (s + 1) / warmup."""
-    return peak_lr * (step + 1) / warmup if step < warmup else None
-
-
-def warmup_cosine(step: int, *, total_steps: float, peak_lr: float, warmup_steps: int, min_lr: float) -> float:
-    """Linear warmup, then cosine from peak_lr at the end of warmup to min_lr at total_steps."""
-    warmup = clip_warmup(warmup_steps, total_steps)
-    lr = _warmup(step, warmup, peak_lr)
-    if lr is not None:
-        return lr
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def warmup_stable_decay(
-    step: int, *, total_steps: float, peak_lr: float, warmup_steps: int, min_lr: float, decay_fraction: float
-) -> float:
-    """Warmup-stable-decay: linear warmup, peak_lr held, then a linear decay to min_lr over the last
-    decay_fraction of the run."""
-    if not 0 < decay_fraction <= 1:
-        raise CarlosError(f"schedule.decay_fraction must be in (0, 1], got {decay_fraction}")
-    warmup = clip_warmup(warmup_steps, total_steps)
-    lr = _warmup(step, warmup, peak_lr)
-    if lr is not None:
-        return lr
-    if not math.isfinite(total_steps):
-        return peak_lr
-    decay_start = max(warmup, total_steps - int(decay_fraction * total_steps))
-    if step < decay_start:
-        return peak_lr
-    progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
-    return peak_lr + (min_lr - peak_lr) * progress
-
-
-def warmup_constant(step: int, *, total_steps: float, peak_lr: float, warmup_steps: int, min_lr: float = 0.0) -> float:
-    """Linear warmup, then peak_lr to the end (min_lr is unused)."""
-    lr = _warmup(step, clip_warmup(warmup_steps, total_steps), peak_lr)
-    return peak_lr if lr is None else lr
-
-
-# ---------------------------------------------------------------- building from config
-
-
-def _instantiate(cfg: dict, what: str) -> Callable:
-    """instantiate a `_partial_` config; a wrong key names the nearest argument of its target."""
-    try:
-        return instantiate(cfg, _convert_="all")
-    except InstantiationException as e:
-        raise CarlosError(f"{what} config is invalid: {str(e).splitlines()[-1].strip()}") from None
-    except (TypeError, ValueError, AttributeError, ImportError) as e:  # e.g. _partial_=abc, a bad _target_
-        raise CarlosError(f"{what} config is invalid: {_first_line(e)}") from None
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def _check_kwargs(fn: Callable, cfg: dict, what: str, supplied: tuple[str, ...] = ()) -> None:
-    target = fn.func if hasattr(fn, "func") else fn
-    params = inspect.signature(target).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return
-    for key in cfg:
-        if not key.startswith("_") and key not in params:
-            raise CarlosError(f"unknown key '{what}.{key}'{nearest(key, [p for p in params if p not in supplied])}")
-
-
-def build_optimizer(cfg: dict, params) -> torch.optim.Optimizer:
-    partial = _instantiate(cfg, "optimizer")
-    _check_kwargs(partial, cfg, "optimizer", supplied=("params",))
-    try:
-        return partial(params)
-    except Exception as e:  # noqa: BLE001 - torch checks its arguments with several exception types
-        raise CarlosError(f"optimizer config is invalid: {_first_line(e)}") from None
-
-
-def check_optimization(optimizer: dict, schedule: dict, max_steps: int) -> None:
-    """Build the optimizer and take one step with it on a stand-in weight, and compute the schedule's first
-    lr: a setting that torch only rejects when it steps (betas='') is refused before the run writes."""
-    weight = torch.zeros(2, requires_grad=True)
-    opt = build_optimizer(optimizer, [{"params": [weight], "weight_decay": optimizer.get("weight_decay", 0.0)}])
-    weight.grad = torch.ones(2)
-    try:
-        opt.step()
-    except Exception as e:  # noqa: BLE001 - torch checks some settings only here, with several exception types
-        raise CarlosError(f"optimizer config is invalid: {_first_line(e)}") from None
-    lr_at = build_schedule(schedule, optimizer["lr"])
-    try:
-        lr_at(0, max_steps if max_steps > 0 else math.inf)
-    except (TypeError, ValueError, ArithmeticError) as e:
-        raise CarlosError(f"schedule config is invalid: {_first_line(e)}") from None
-
-
-def build_schedule(cfg: dict, peak_lr: float) -> Callable[[int, float], float]:
-    """lr as a function of the optimizer step and the run's length in steps. The target is resolved once
-    and called directly: it runs every step, and Hydra's deferred call re-checks its target each time."""
-    target = cfg.get("_target_")
-    try:
-        if not isinstance(target, str) or not target:
-            raise ValueError(f"{target!r} is not the dotted name of a function")
-        fn = get_method(target)
-    except (ImportError, ValueError, AttributeError, IndexError) as e:
-        raise CarlosError(f"schedule._target_ is invalid ({_first_line(e)}); use one of conf/schedule/*.yaml") from None
-    kwargs = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    _check_kwargs(fn, kwargs, "schedule", supplied=("step", "total_steps", "peak_lr"))
-
-    def lr_at(step: int, total_steps: float) -> float:
-        return fn(step, total_steps=total_steps, peak_lr=peak_lr, **kwargs)
-
-    return lr_at
+def diverged(what: str) -> CarlosError:
+    """The one-line stop for a run whose loss or weights became NaN or inf; what: what was seen, and when."""
+    return CarlosError(
+        f"{what}, so the run stops; the checkpoints written before it are kept. Lower --peak_lr or raise "
+        "--warmup_steps, and start over with --overwrite"
+    )
 
 
 # ---------------------------------------------------------------- the module
@@ -224,10 +111,14 @@ class CarlosLM(L.LightningModule):
     def on_validation_start(self) -> None:
         self.validation_started = time.perf_counter()
 
+    def validation_seconds(self) -> float:
+        """Seconds since this validation started. Lightning calls the callbacks' on_validation_end before
+        the module's, in their order: read there, it holds the work of the callbacks before (the text
+        sample, the checkpoints)."""
+        return time.perf_counter() - self.validation_started
+
     def on_validation_end(self) -> None:
-        # Lightning calls the module's hook after every callback's: this interval also holds the text
-        # sample and the checkpoints written after a validation
-        self.eval_seconds += time.perf_counter() - self.validation_started
+        self.eval_seconds += self.validation_seconds()
 
     def on_validation_epoch_start(self) -> None:
         self.val_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
@@ -239,13 +130,10 @@ class CarlosLM(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         sums = self.trainer.strategy.reduce(self.val_sums, reduce_op="sum")
         self.val_metrics = summarize(*sums.tolist())
-        if not math.isfinite(self.val_metrics["loss"]) and not self.trainer.sanity_checking:
+        if not finite(self.val_metrics["loss"]) and not self.trainer.sanity_checking:
             # before the callbacks' on_validation_end: no sample from NaN weights, no checkpoint of them
-            raise CarlosError(
-                f"validation loss is {self.val_metrics['loss']} at step {self.global_step} (the weights became "
-                "NaN or inf), so the run stops; the checkpoints written before it are kept. Lower --peak_lr or "
-                "raise --warmup_steps, and start over with --overwrite"
-            )
+            loss = self.val_metrics["loss"]
+            raise diverged(f"validation loss is {loss} at step {self.global_step} (the weights became NaN or inf)")
         self.log("val_loss", self.val_metrics["loss"], prog_bar=True, logger=False)
         self.log("val_bpb", self.val_metrics["bpb"], logger=False)
 

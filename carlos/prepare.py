@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import stat
-import sysconfig
 import tempfile
 import time
 import unicodedata
@@ -38,35 +37,9 @@ from carlos.files import MadeDirs, kind_of, open_regular, path_problem, write_er
 from carlos.lock import DirLock
 from carlos.manifest import RECORD, Manifest
 from carlos.tokenizer import ByteTokenizer
+from carlos.workdir import PREPARED, prepared_paths, runs_outputs, workdir_has_run
 
 FORMAT_VERSION = 1
-
-
-def stdlib_corpus(max_bytes: int = 2_000_000) -> str:
-    """A built-in corpus: this Python's standard library source, files in sorted order up to max_bytes.
-    Every Python installation has it, so demos and benchmarks need no download and carlos ships no
-    third-party text."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    chunks, size = [], 0
-    for path in sorted(stdlib.glob("*.py")):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue
-        data = f"# ---- {path.name}\n{text}\n"
-        chunks.append(data)
-        size += len(data.encode("utf-8"))
-        if size >= max_bytes:
-            break
-    return "".join(chunks)
-
-
-def write_stdlib_corpus(out: Path, max_bytes: int = 2_000_000) -> int:
-    """stdlib_corpus() written to out (scripts/demo_corpus.py); returns the number of bytes written."""
-    data = stdlib_corpus(max_bytes).encode("utf-8")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(data)
-    return len(data)
 
 
 NON_ASCII = bytes(range(0x80, 0x100))
@@ -349,29 +322,6 @@ def pack(tokens: Path, n: int, seq_len: int, dtype: np.dtype, out: Path, windows
             src.seek((n - L - 1) * itemsize)
             f.write(np.fromfile(src, dtype=dtype, count=L + 1).tobytes())
     return full + tail
-
-
-PREPARED = ("splits.json", "tokenizer.json", "rng_state.json")  # beside data/{train,val,test}.npy
-# what a run writes and --overwrite removes (wandb/ only when a carlos run created it: W&B writes it whole)
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples", ".hydra", "wandb")
-
-
-def prepared_paths(workdir: Path) -> list[Path]:
-    return [workdir / name for name in PREPARED] + [workdir / "data" / f"{s}.npy" for s in SPLITS]
-
-
-def runs_outputs(workdir: Path) -> list[Path]:
-    """The outputs of the runs trained on a workdir's data: its own run's and its sweeps'."""
-    return [*(workdir / name for name in RUN_OUTPUTS), workdir / "sweeps"]
-
-
-def workdir_has_run(workdir: Path, manifest: Manifest) -> bool:
-    """Checkpoints that carlos wrote there: of a single run, or of a sweep job trained on its data."""
-    return any(
-        p.suffix == ".pt" and p.parent.name == "checkpoints"
-        for out in (workdir / "checkpoints", workdir / "sweeps")
-        for p in manifest.owned_files(out)
-    )
 
 
 def check_workdir(cfg: PrepareConfig, source: Source, workdir: Path, manifest: Manifest) -> None:

@@ -273,9 +273,13 @@ def _figure(runs: list[Run]):
         if not val:
             continue
         label = r.name + ("" if not keys else " (" + ", ".join(f"{k}={r.settings.get(k)}" for k in keys) + ")")
-        ax.plot([v["tokens"] for v in val], [v["val_bpb"] for v in val], marker=".", label=label)
+        (line,) = ax.plot([v["tokens"] for v in val], [v["val_bpb"] for v in val], marker=".", label=label)
+        train = [t for t in r.records if "tokens" in t and _finite(t.get("train_loss"))]
+        if train:  # nats per token -> bits per token, which is bits per byte for byte tokens
+            bits = [t["train_loss"] / math.log(2) for t in train]
+            ax.plot([t["tokens"] for t in train], bits, color=line.get_color(), alpha=0.35, linewidth=1)
     ax.set_xlabel("tokens seen")
-    ax.set_ylabel("validation bits per byte")
+    ax.set_ylabel("bits per byte: validation (dots), train (faint)")
     ax.set_title("carlos runs")
     ax.grid(True, alpha=0.3)
     if ax.lines:

@@ -1,4 +1,5 @@
-"""A prepared workdir read back: splits.json, tokenizer.json and the memory-mapped data/*.npy windows.
+"""A workdir's layout (what prepare writes, what a run writes beside it) and a prepared workdir read back:
+splits.json, tokenizer.json and the memory-mapped data/*.npy windows.
 
 Apart from the Lightning DataModule (carlos/data.py), so that eval, and train's checks of the workdir,
 do not wait for Lightning to import before they can refuse a workdir.
@@ -17,7 +18,30 @@ from torch.utils.data import Dataset
 from carlos.config import SPLITS
 from carlos.errors import CarlosError
 from carlos.files import read_regular
+from carlos.manifest import Manifest
 from carlos.tokenizer import ByteTokenizer
+
+PREPARED = ("splits.json", "tokenizer.json", "rng_state.json")  # beside data/{train,val,test}.npy
+# what a run writes and --overwrite removes (wandb/ only when a carlos run created it: W&B writes it whole)
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples", ".hydra", "wandb")
+
+
+def prepared_paths(workdir: Path) -> list[Path]:
+    return [workdir / name for name in PREPARED] + [workdir / "data" / f"{s}.npy" for s in SPLITS]
+
+
+def runs_outputs(workdir: Path) -> list[Path]:
+    """The outputs of the runs trained on a workdir's data: its own run's and its sweeps'."""
+    return [*(workdir / name for name in RUN_OUTPUTS), workdir / "sweeps"]
+
+
+def workdir_has_run(workdir: Path, manifest: Manifest) -> bool:
+    """Checkpoints that carlos wrote there: of a single run, or of a sweep job trained on its data."""
+    return any(
+        p.suffix == ".pt" and p.parent.name == "checkpoints"
+        for out in (workdir / "checkpoints", workdir / "sweeps")
+        for p in manifest.owned_files(out)
+    )
 
 
 @dataclass

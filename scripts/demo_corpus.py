@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a clone without installing
 
-from carlos.prepare import write_stdlib_corpus  # noqa: E402
+from carlos.demo_corpus import write_stdlib_corpus  # noqa: E402
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])

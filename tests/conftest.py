@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 from hypothesis import settings
+from omegaconf import OmegaConf
 
-from carlos.compose import compose
+from carlos.compose import compose, conf_dir
 from carlos.config import PrepareConfig, parse
+from carlos.model import GPTConfig
 from carlos.prepare import prepare
 
 settings.register_profile("suite", max_examples=60)
@@ -101,3 +103,9 @@ def train_cfg(workdir: Path, *overrides: str):
             *overrides,
         ],
     )
+
+
+def gpt_config(**settings) -> GPTConfig:
+    """conf/model/baseline.yaml's model with vocabulary 256 and context 256, with settings changed."""
+    baseline = OmegaConf.to_container(OmegaConf.load(conf_dir() / "model" / "baseline.yaml"))
+    return GPTConfig(**{**baseline, "vocab_size": 256, "block_size": 256, **settings})

@@ -6,7 +6,7 @@ from carlos.cli import SCRIPT_FLAGS, hydra_quote, translate
 from carlos.compose import compose, conf_dir, validate
 from carlos.config import EvalConfig, GenerateConfig, PrepareConfig, TrainConfig, config_keys, decode_escapes, parse
 from carlos.errors import CarlosError
-from carlos.module import build_optimizer, build_schedule
+from carlos.optimization import build_optimizer, build_schedule
 
 GROUPS = {
     g: sorted(p.stem for p in (conf_dir() / g).glob("*.yaml")) for g in ("model", "optimizer", "schedule", "precision")

@@ -6,6 +6,7 @@ import torch
 
 from carlos.generate import Utf8Stream, prompt_ids
 from carlos.tokenizer import ByteTokenizer
+from tests.conftest import gpt_config
 
 
 def test_default_prompt_is_bos_when_the_model_has_it_else_a_newline():
@@ -33,9 +34,9 @@ def test_stream_holds_back_an_incomplete_utf8_character():
 
 
 def test_sample_does_not_import_lightning(tmp_path):
-    from carlos.model import GPT, GPTConfig
+    from carlos.model import GPT
 
-    model = GPT(GPTConfig(block_size=16))
+    model = GPT(gpt_config(block_size=16))
     ckpt = {
         "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
         "carlos": {"model": model.cfg.to_dict(), "tokenizer": ByteTokenizer().to_dict(), "step": 0},

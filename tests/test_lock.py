@@ -77,7 +77,7 @@ def test_the_other_ranks_of_a_ddp_run_take_no_lock(tmp_path, monkeypatch):
 
     taken = []
     monkeypatch.setattr(train_module, "DirLock", lambda *a, **k: taken.append(a) or DirLock(*a, **k))
-    monkeypatch.setattr(train_module, "accept", lambda *a: (_ for _ in ()).throw(CarlosError("stop here")))
+    monkeypatch.setattr(train_module, "plan_run", lambda *a: (_ for _ in ()).throw(CarlosError("stop here")))
     make_corpus(tmp_path / "c.txt")
     from .conftest import prepare_workdir, train_cfg
 

@@ -4,12 +4,13 @@ import pytest
 import torch
 
 from carlos.generate import filter_logits, generate
-from carlos.model import GPT, GPTConfig, KVCache, ModelConfigError
+from carlos.model import GPT, KVCache, ModelConfigError
+from tests.conftest import gpt_config
 
 
 def small(**kw) -> GPT:
     torch.manual_seed(0)
-    return GPT(GPTConfig(**{"vocab_size": 256, "block_size": 32, **kw}))
+    return GPT(gpt_config(**{"vocab_size": 256, "block_size": 32, **kw}))
 
 
 def test_logits_shape():
@@ -19,7 +20,7 @@ def test_logits_shape():
 
 
 def test_baseline_has_about_100k_parameters():
-    n = GPT(GPTConfig(vocab_size=256, block_size=256)).num_params()
+    n = GPT(gpt_config(vocab_size=256, block_size=256)).num_params()
     assert n == 116_352  # tied embedding counted once
 
 
@@ -61,7 +62,7 @@ def test_ignored_targets_are_not_scored():
 )
 def test_invalid_shapes_are_refused(kw, message):
     with pytest.raises(ModelConfigError, match=message):
-        GPTConfig(**kw)
+        gpt_config(**kw)
 
 
 def test_weight_decay_only_on_matrices():
@@ -74,7 +75,7 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_gpt2_init_scales_residual_projections():
-    model = GPT(GPTConfig(n_layers=8))
+    model = GPT(gpt_config(n_layers=8))
     std = model.blocks[0].attn.proj.weight.std().item()
     assert abs(std - 0.02 / math.sqrt(16)) < 0.002
     assert abs(model.blocks[0].attn.qkv.weight.std().item() - 0.02) < 0.002
@@ -141,8 +142,8 @@ MODERN = {"bias": False, "norm": "rmsnorm", "mlp": "swiglu", "pos": "rope", "d_f
 
 
 def test_modern_has_the_baseline_budget_and_no_biases():
-    base = GPT(GPTConfig(vocab_size=256, block_size=256)).num_params()
-    modern = GPT(GPTConfig(vocab_size=256, block_size=256, **MODERN))
+    base = GPT(gpt_config(vocab_size=256, block_size=256)).num_params()
+    modern = GPT(gpt_config(vocab_size=256, block_size=256, **MODERN))
     assert abs(modern.num_params() - base) / base < 0.01
     assert not any(name.endswith("bias") for name, _ in modern.named_parameters())
     assert modern.pos_emb is None and isinstance(modern.ln_f, torch.nn.RMSNorm)

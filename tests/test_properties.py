@@ -22,9 +22,10 @@ from carlos.config import PrepareConfig, parse
 from carlos.errors import CarlosError
 from carlos.evaluate import score_split
 from carlos.generate import filter_logits, generate
-from carlos.model import GPT, GPTConfig
+from carlos.model import GPT
 from carlos.prepare import prepare, tokenize, tokenize_split
 from carlos.tokenizer import BOS_ID, EOS_ID, ByteTokenizer
+from tests.conftest import gpt_config
 
 from .test_prepare import unpack
 
@@ -128,7 +129,7 @@ def test_tokenizer_round_trip(text, bos, eos) -> None:
 
 def _tiny_model(vocab: int, seed: int, block: int = 16) -> GPT:
     torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=vocab, block_size=block, d_model=16, n_layers=1, n_heads=2, d_ff=32)).eval()
+    return GPT(gpt_config(vocab_size=vocab, block_size=block, d_model=16, n_layers=1, n_heads=2, d_ff=32)).eval()
 
 
 @SETTINGS

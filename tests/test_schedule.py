@@ -3,7 +3,7 @@ import math
 import pytest
 
 from carlos.errors import CarlosError
-from carlos.module import clip_warmup, warmup_constant, warmup_cosine, warmup_stable_decay
+from carlos.optimization import clip_warmup, warmup_constant, warmup_cosine, warmup_stable_decay
 
 PEAK, MIN = 1e-3, 1e-5
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from carlos.errors import CarlosError
-from carlos.train import resolve_precision, train
+from carlos.precision import resolve_precision
+from carlos.train import train
 
 from .conftest import record_as_carlos, train_cfg
 
@@ -157,7 +158,7 @@ def test_a_warmup_longer_than_the_run_still_trains(workdir):
 
 
 def test_precision_choice(monkeypatch):
-    import carlos.train as t
+    import carlos.precision as t
 
     monkeypatch.setattr(t, "cpu_has_bf16", lambda: True)
     assert resolve_precision("auto", "cpu", 64)[0] == "32-true"  # too narrow for bf16 to pay
@@ -180,7 +181,7 @@ def test_precision_auto_on_gpus_with_and_without_bf16(monkeypatch):
 
 
 def test_cpu_bf16_detection_reads_the_cpu_features():
-    import carlos.train as t
+    import carlos.precision as t
 
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else None
     if flags is None:
@@ -241,8 +242,9 @@ def test_time_budget_completes_the_schedule_and_the_final_checkpoint_by_the_dead
 
 def test_schedule_horizon_follows_elapsed_time(workdir):
     from carlos.module import CarlosLM
+    from tests.conftest import gpt_config
 
-    m = CarlosLM({"vocab_size": 256, "block_size": 32}, {"lr": 1e-3}, {}, max_steps=-1, run={})
+    m = CarlosLM(gpt_config(block_size=32).to_dict(), {"lr": 1e-3}, {}, max_steps=-1, run={})
     assert m.total_steps(10) == math.inf  # no budget: unbounded
     m.deadline_s = 100.0
     m.elapsed_s = lambda: 25.0  # a quarter of the budget used by step 10

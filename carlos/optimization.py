@@ -1,0 +1,135 @@
+"""The optimizer and the lr schedule, built from conf/optimizer/*.yaml and conf/schedule/*.yaml, and the
+schedules themselves. Without Lightning, so that train can refuse a wrong setting before importing it."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import get_method, instantiate
+
+from carlos.errors import CarlosError, first_line, nearest
+
+# ---------------------------------------------------------------- lr schedules
+# Written as closed-form functions of the step rather than chained torch schedulers: one formula is
+# easy to test value by value and needs no scheduler state beyond the step that Lightning restores.
+
+WARMUP_CAP = 0.2  # a warmup longer than this fraction of the run is clipped to it
+
+
+def clip_warmup(warmup_steps: int, total_steps: float) -> int:
+    if not math.isfinite(total_steps):  # a time budget whose pace is not known yet
+        return warmup_steps
+    return min(warmup_steps, int(WARMUP_CAP * total_steps))
+
+
+def _warmup(step: int, warmup: int, peak_lr: float) -> float | None:
+    """Linear warmup: the update at step s (0-based) uses peak * (s + 1) / warmup."""
+    return peak_lr * (step + 1) / warmup if step < warmup else None
+
+
+def warmup_cosine(step: int, *, total_steps: float, peak_lr: float, warmup_steps: int, min_lr: float) -> float:
+    """Linear warmup, then cosine from peak_lr at the end of warmup to min_lr at total_steps."""
+    warmup = clip_warmup(warmup_steps, total_steps)
+    lr = _warmup(step, warmup, peak_lr)
+    if lr is not None:
+        return lr
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_stable_decay(
+    step: int, *, total_steps: float, peak_lr: float, warmup_steps: int, min_lr: float, decay_fraction: float
+) -> float:
+    """Warmup-stable-decay: linear warmup, peak_lr held, then a linear decay to min_lr over the last
+    decay_fraction of the run."""
+    if not 0 < decay_fraction <= 1:
+        raise CarlosError(f"schedule.decay_fraction must be in (0, 1], got {decay_fraction}")
+    warmup = clip_warmup(warmup_steps, total_steps)
+    lr = _warmup(step, warmup, peak_lr)
+    if lr is not None:
+        return lr
+    if not math.isfinite(total_steps):
+        return peak_lr
+    decay_start = max(warmup, total_steps - int(decay_fraction * total_steps))
+    if step < decay_start:
+        return peak_lr
+    progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
+    return peak_lr + (min_lr - peak_lr) * progress
+
+
+def warmup_constant(step: int, *, total_steps: float, peak_lr: float, warmup_steps: int, min_lr: float = 0.0) -> float:
+    """Linear warmup, then peak_lr to the end (min_lr is unused)."""
+    lr = _warmup(step, clip_warmup(warmup_steps, total_steps), peak_lr)
+    return peak_lr if lr is None else lr
+
+
+# ---------------------------------------------------------------- building from config
+
+
+def _instantiate(cfg: dict, what: str) -> Callable:
+    """instantiate a `_partial_` config; a wrong key names the nearest argument of its target."""
+    try:
+        return instantiate(cfg, _convert_="all")
+    except InstantiationException as e:
+        raise CarlosError(f"{what} config is invalid: {str(e).splitlines()[-1].strip()}") from None
+    except (TypeError, ValueError, AttributeError, ImportError) as e:  # e.g. _partial_=abc, a bad _target_
+        raise CarlosError(f"{what} config is invalid: {first_line(e)}") from None
+
+
+def _check_kwargs(fn: Callable, cfg: dict, what: str, supplied: tuple[str, ...] = ()) -> None:
+    target = fn.func if hasattr(fn, "func") else fn
+    params = inspect.signature(target).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    for key in cfg:
+        if not key.startswith("_") and key not in params:
+            raise CarlosError(f"unknown key '{what}.{key}'{nearest(key, [p for p in params if p not in supplied])}")
+
+
+def build_optimizer(cfg: dict, params) -> torch.optim.Optimizer:
+    partial = _instantiate(cfg, "optimizer")
+    _check_kwargs(partial, cfg, "optimizer", supplied=("params",))
+    try:
+        return partial(params)
+    except Exception as e:  # noqa: BLE001 - torch checks its arguments with several exception types
+        raise CarlosError(f"optimizer config is invalid: {first_line(e)}") from None
+
+
+def check_optimization(optimizer: dict, schedule: dict, max_steps: int) -> None:
+    """Build the optimizer and take one step with it on a stand-in weight, and compute the schedule's first
+    lr: a setting that torch only rejects when it steps (betas='') is refused before the run writes."""
+    weight = torch.zeros(2, requires_grad=True)
+    opt = build_optimizer(optimizer, [{"params": [weight], "weight_decay": optimizer.get("weight_decay", 0.0)}])
+    weight.grad = torch.ones(2)
+    try:
+        opt.step()
+    except Exception as e:  # noqa: BLE001 - torch checks some settings only here, with several exception types
+        raise CarlosError(f"optimizer config is invalid: {first_line(e)}") from None
+    lr_at = build_schedule(schedule, optimizer["lr"])
+    try:
+        lr_at(0, max_steps if max_steps > 0 else math.inf)
+    except (TypeError, ValueError, ArithmeticError) as e:
+        raise CarlosError(f"schedule config is invalid: {first_line(e)}") from None
+
+
+def build_schedule(cfg: dict, peak_lr: float) -> Callable[[int, float], float]:
+    """lr as a function of the optimizer step and the run's length in steps. The target is resolved once
+    and called directly: it runs every step, and Hydra's deferred call re-checks its target each time."""
+    target = cfg.get("_target_")
+    try:
+        if not isinstance(target, str) or not target:
+            raise ValueError(f"{target!r} is not the dotted name of a function")
+        fn = get_method(target)
+    except (ImportError, ValueError, AttributeError, IndexError) as e:
+        raise CarlosError(f"schedule._target_ is invalid ({first_line(e)}); use one of conf/schedule/*.yaml") from None
+    kwargs = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    _check_kwargs(fn, kwargs, "schedule", supplied=("step", "total_steps", "peak_lr"))
+
+    def lr_at(step: int, total_steps: float) -> float:
+        return fn(step, total_steps=total_steps, peak_lr=peak_lr, **kwargs)
+
+    return lr_at
