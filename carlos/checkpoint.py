@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import math
 import os
 import pickle
 import re
@@ -191,8 +190,6 @@ def _model_config(meta: dict) -> GPTConfig:
         problem = _type_problem(name, model[name], kind)
         if problem:
             raise ValueError(problem)
-    if not 0 < model["rope_base"] < math.inf:  # GPTConfig does not check it (and NaN fails this)
-        raise ValueError(f"model.rope_base must be a positive number, got {model['rope_base']!r}")
     d_model, n_heads = model["d_model"], model["n_heads"]
     if d_model > 0 and n_heads > 0 and d_model % n_heads:  # before GPTConfig, whose message lists every divisor
         raise ValueError(f"model.n_heads={n_heads} does not divide model.d_model={d_model}")

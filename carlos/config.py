@@ -133,7 +133,6 @@ class TrainDataConfig:
         _positive("data.num_workers", self.num_workers, allow_zero=True)
 
 
-DEFAULT_MAX_STEPS = 5000
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16", "bf16-true", "16-true", "64-true", "64")
 
 
@@ -175,6 +174,7 @@ class TrainerConfig:
     strategy: str
     precision: str
     max_steps: int | None
+    default_steps: int
     max_time: str | None
     accumulate_grad_batches: int
     gradient_clip_val: float | None
@@ -189,8 +189,9 @@ class TrainerConfig:
         _positive("trainer.accumulate_grad_batches (--grad_accum_steps)", self.accumulate_grad_batches)
         _positive("trainer.num_nodes", self.num_nodes)
         budget = parse_max_time(self.max_time)
-        if self.max_steps is None:  # default: 5000 steps, or as many as the time budget allows
-            self.max_steps = -1 if budget else DEFAULT_MAX_STEPS
+        _positive("trainer.default_steps", self.default_steps)
+        if self.max_steps is None:  # default_steps, or as many as the time budget allows
+            self.max_steps = -1 if budget else self.default_steps
         if self.max_steps <= 0 and budget is None:
             raise CarlosError("trainer.max_steps must be > 0 unless trainer.max_time (--max_time) bounds the run")
         if self.max_steps <= 0:
