@@ -41,7 +41,7 @@ def test_primary_configs_validate(command, schema):
     assert cfg.workdir == "./carlos_run"
 
 
-def test_baseline_matches_the_seed():
+def test_baseline_matches_the_original_script():
     tc = parse(compose("train", []), TrainConfig)
     m = tc.model
     assert (m.d_model, m.n_layers, m.n_heads, m.d_ff) == (64, 2, 4, 192)
@@ -83,14 +83,14 @@ def _overrides(command, args):
     return translate(command, args, config_keys(compose(command, [])))[1]
 
 
-def test_every_seed_flag_maps_onto_an_existing_key():
+def test_every_script_style_flag_maps_onto_an_existing_key():
     for command, flags in SCRIPT_FLAGS.items():
         keys = config_keys(compose(command, []))
         for flag, key in flags.items():
             assert key in keys, (command, flag, key)
 
 
-def test_seed_readme_flags_translate():
+def test_original_readme_flags_translate():
     assert _overrides("prepare", ["--input", "corpus.txt", "--seq_len", "512", "--normalize_nfkc"]) == [
         "input='corpus.txt'",
         "data.seq_len=512",
@@ -152,6 +152,15 @@ def test_list_and_boolean_flags():
         _overrides("train", ["--overwrite", "maybe"])
 
 
+def test_the_samples_prompt_keeps_its_old_name_as_an_alias():
+    new = _overrides("train", ["--sample_prompt", "Once", "sample.prompt=a"])
+    old = _overrides("train", ["--sample_prefix", "Once", "sample.prefix=a"])
+    assert new == old == ["sample.prompt='Once'", "sample.prompt=a"]
+    assert _overrides("train", ["-m", "sample.prefix=a,b", "+sample.prefix=c"]) == ["sample.prompt=a,b", "+sample.prompt=c"]
+    cfg = compose("train", _overrides("train", ["sample.prefix=x"]))
+    assert parse(cfg, TrainConfig).sample.prompt == "x"
+
+
 def test_unknown_flag_names_the_nearest():
     with pytest.raises(CarlosError, match="unknown flag --peak_lrr.*--peak_lr"):
         _overrides("train", ["--peak_lrr", "1"])
@@ -193,7 +202,10 @@ def test_prompt_escapes():
     assert parse(compose("sample", ["prompt='\\n'"]), GenerateConfig).prompt == "\n"
 
 
-def test_configs_hold_no_run_time_outputs_dir():
-    for name in ("prepare", "train", "eval", "sample"):
-        text = (Path(conf_dir()) / f"{name}.yaml").read_text()
-        assert "output_subdir: null" in text and "dir: ." in text
+def test_every_command_shares_the_hydra_settings():
+    """conf/hydra_settings.yaml: no outputs/ dir, no .hydra/ from Hydra, no log files, no chdir."""
+    for name in ("prepare", "train", "eval", "sample", "bench"):
+        assert "hydra_settings" in (Path(conf_dir()) / f"{name}.yaml").read_text()
+        hydra = compose(name, [], with_hydra=True).hydra
+        assert hydra.run.dir == "." and hydra.output_subdir is None and hydra.job.chdir is False
+        assert hydra.runtime.choices["hydra/job_logging"] == "none"

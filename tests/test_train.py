@@ -22,7 +22,7 @@ def records(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_train_writes_the_seed_layout(workdir):
+def test_train_writes_the_original_scripts_layout(workdir):
     best_bpb = train(train_cfg(workdir))
 
     ckpts = workdir / "checkpoints"
