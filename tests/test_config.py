@@ -156,7 +156,8 @@ def test_the_samples_prompt_keeps_its_old_name_as_an_alias():
     new = _overrides("train", ["--sample_prompt", "Once", "sample.prompt=a"])
     old = _overrides("train", ["--sample_prefix", "Once", "sample.prefix=a"])
     assert new == old == ["sample.prompt='Once'", "sample.prompt=a"]
-    assert _overrides("train", ["-m", "sample.prefix=a,b", "+sample.prefix=c"]) == ["sample.prompt=a,b", "+sample.prompt=c"]
+    swept = _overrides("train", ["-m", "sample.prefix=a,b", "+sample.prefix=c"])
+    assert swept == ["sample.prompt=a,b", "+sample.prompt=c"]
     cfg = compose("train", _overrides("train", ["sample.prefix=x"]))
     assert parse(cfg, TrainConfig).sample.prompt == "x"
 
