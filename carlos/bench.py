@@ -326,11 +326,11 @@ def _bench(cfg: BenchConfig, root: Path) -> dict:
     info = _prepare(py, corpus, same, f"data.seq_len={cfg.seq_len}")
     default_info = _prepare(py, corpus, defaults)
 
-    tc = parse(compose("train", [f"workdir={same}", *cfg.train]), TrainConfig)
+    train_config = parse(compose("train", [f"workdir={same}", *cfg.train]), TrainConfig)
     vocab = ByteTokenizer.load(same / "tokenizer.json").vocab_size
     # carlos's model sizes in the plain loop's architecture (GPT-2: learned positions, LayerNorm, GELU)
     gpt2 = {"dropout": 0.0, "bias": True, "norm": "layernorm", "mlp": "gelu", "pos": "learned"}
-    model = dataclasses.replace(GPTConfig.for_data(tc.model, vocab, info["seq_len"]), **gpt2)
+    model = dataclasses.replace(GPTConfig.for_data(train_config.model, vocab, info["seq_len"]), **gpt2)
     spec = {"model": model.to_dict(), "batch": cfg.batch, "log_interval": cfg.log_interval}
     header = {
         "machine": machine(),
@@ -340,7 +340,7 @@ def _bench(cfg: BenchConfig, root: Path) -> dict:
         "batch": cfg.batch,
         "train_overrides": list(cfg.train),
         "default_seq_len": default_info["seq_len"],
-        "default_batch": tc.data.micro_batch_size * tc.trainer.accumulate_grad_batches,
+        "default_batch": train_config.data.micro_batch_size * train_config.trainer.accumulate_grad_batches,
     }
     out: dict = {"header": header}
     if cfg.rounds:
