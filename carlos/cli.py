@@ -10,7 +10,6 @@ Every problem a user can fix is one line on stderr and exit code 2; CARLOS_DEBUG
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import sys
@@ -285,16 +284,17 @@ def _runner(command: str) -> Callable:
         from carlos.train import train
 
         return train  # it parses the config itself and keeps the composed one for the run's snapshot
+    if command == "prepare":
+        from carlos.prepare import prepare as run
+    elif command == "eval":
+        from carlos.evaluate import evaluate as run
+    elif command == "sample":
+        from carlos.generate import sample as run
+    else:
+        from carlos.bench import bench as run
     from carlos.config import SCHEMAS, parse
 
-    module, name = {
-        "prepare": ("carlos.prepare", "prepare"),
-        "eval": ("carlos.evaluate", "evaluate"),
-        "sample": ("carlos.generate", "sample"),
-        "bench": ("carlos.bench", "bench"),
-    }[command]
-    fn = getattr(importlib.import_module(module), name)
-    return lambda cfg: fn(parse(cfg, SCHEMAS[command]))
+    return lambda cfg: run(parse(cfg, SCHEMAS[command]))
 
 
 def run_hydra(command: str, hydra_args: list[str], overrides: list[str]) -> Any:
