@@ -155,14 +155,15 @@ class PlainGPT(torch.nn.Module):
 
 def plain_loop(workdir: str, spec: dict) -> dict:
     """The 'write it yourself' baseline: random windows from the train array in memory, one forward and
-    backward of the whole batch, torch's default AdamW with decay on matrices, clipping, a linear warmup
+    backward of the whole batch, torch'scores default AdamW with decay on matrices, clipping, a linear warmup
     and a cosine to zero over spec["steps"] steps or, with spec["seconds"], over that many seconds of
-    training (a schedule fitted to the time budget). Returns tokens/s per logging window; with seconds,
-    also the test split's loss and bits-per-byte, scored by the same code as `carlos eval`."""
+    training (a schedule fitted to the time budget). Returns tokens/scores per logging window; with seconds,
+    also the test split'scores loss and bits-per-byte, scored by the same code as `carlos eval`."""
     torch.manual_seed(PLAIN["seed"])
     data = torch.from_numpy(np.load(Path(workdir) / "data" / "train.npy").astype(np.int64))
-    m = spec["model"]
-    model = PlainGPT(m["vocab_size"], m["block_size"], m["d_model"], m["n_layers"], m["n_heads"], m["d_ff"])
+    shape = spec["model"]
+    sizes = ("vocab_size", "block_size", "d_model", "n_layers", "n_heads", "d_ff")
+    model = PlainGPT(*(shape[k] for k in sizes))
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": PLAIN["weight_decay"]}, {"params": rest, "weight_decay": 0.0}]
@@ -197,8 +198,8 @@ def plain_loop(workdir: str, spec: dict) -> dict:
         from carlos.workdir import PreparedData
 
         model.eval()
-        s = score_split(model, PreparedData.load(workdir).windows("test"), 64, torch.device("cpu"))
-        out.update(test_loss=s["loss"], test_bpb=s["bpb"])
+        scores = score_split(model, PreparedData.load(workdir).windows("test"), 64, torch.device("cpu"))
+        out.update(test_loss=scores["loss"], test_bpb=scores["bpb"])
     return out
 
 
@@ -475,23 +476,24 @@ def render_throughput(r: dict) -> str:
     util = lambda tps: tps * r["flops_per_token"] / (r["matmul_peak_gflops"] * 1e9)  # noqa: E731
     mem = lambda xs: f"{max(xs):,.0f} MB" if all(xs) else "n/a"  # noqa: E731
     each = lambda k: ", ".join(f"{x:,.0f}" for x in r["tokens_per_s"][k])  # noqa: E731
-    m = r["model"]
+    shape = r["model"]
     # each round's ratio compares runs made minutes apart, so the machine's drift cancels out
     ratios = [a / b for a, b in zip(r["tokens_per_s"]["carlos"], r["tokens_per_s"]["plain"], strict=True)]
     ratio, each_ratio = statistics.median(ratios), ", ".join(f"{x:.2f}" for x in ratios)
     lines = [
         *_head(r),
-        f"Model: d_model={m['d_model']}, n_layers={m['n_layers']}, n_heads={m['n_heads']}, d_ff={m['d_ff']}, "
-        f"context {m['block_size']}, {r['flops_per_token'] / 1e6:.2f} MFLOP per trained token; batch "
-        f"{r['batch']} x {m['block_size']} tokens; {r['steps']} steps a run, {r['rounds']} rounds; "
+        f"Model: d_model={shape['d_model']}, n_layers={shape['n_layers']}, n_heads={shape['n_heads']}, "
+        f"d_ff={shape['d_ff']}, "
+        f"context {shape['block_size']}, {r['flops_per_token'] / 1e6:.2f} MFLOP per trained token; batch "
+        f"{r['batch']} x {shape['block_size']} tokens; {r['steps']} steps a run, {r['rounds']} rounds; "
         f"carlos overrides: {' '.join(r['train_overrides']) or '(none)'}  ",
         f"Matmul peak measured: {r['matmul_peak_gflops']:.0f} GFLOP/s fp32 (1024 x 1024)",
         "",
         "| | tokens/s (median of rounds) | each round | FLOP utilization | peak RSS |",
         "|---|---|---|---|---|",
-        f"| carlos train, batch {r['batch']} x {m['block_size']} | {med['carlos']:,.0f} | {each('carlos')} | "
+        f"| carlos train, batch {r['batch']} x {shape['block_size']} | {med['carlos']:,.0f} | {each('carlos')} | "
         f"{util(med['carlos']):.1%} | {mem(r['peak_rss_mb']['carlos'])} |",
-        f"| plain PyTorch loop, batch {r['batch']} x {m['block_size']} | {med['plain']:,.0f} | {each('plain')} | "
+        f"| plain PyTorch loop, batch {r['batch']} x {shape['block_size']} | {med['plain']:,.0f} | {each('plain')} | "
         f"{util(med['plain']):.1%} | {mem(r['peak_rss_mb']['plain'])} |",
         f"| **ratio carlos / plain** (median of the rounds' ratios) | **{ratio:.2f}** | {each_ratio} | | |",
         f"| carlos train with all its defaults (batch {r['default_batch']} x {r['default_seq_len']}) | "

@@ -169,17 +169,17 @@ class TrainMetrics(StepCallback):
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
-        m = pl_module.val_metrics
+        val = pl_module.val_metrics
         step = trainer.global_step
-        self.last.update(val_loss=m["loss"], val_bpb=m["bpb"])
+        self.last.update(val_loss=val["loss"], val_bpb=val["bpb"])
         log_record(
             trainer,
             {
                 "step": step,
                 "tokens": step * self.tokens_per_step,
-                "val_loss": m["loss"],
-                "val_ppl": m["ppl"],
-                "val_bpb": m["bpb"],
+                "val_loss": val["loss"],
+                "val_ppl": val["ppl"],
+                "val_bpb": val["bpb"],
                 "elapsed_s": round(pl_module.elapsed_s(), 3),
             },
         )

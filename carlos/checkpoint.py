@@ -201,16 +201,16 @@ def _model_config(meta: dict) -> GPTConfig:
 
 def _tokenizer(meta: dict, cfg: GPTConfig) -> ByteTokenizer:
     """The tokenizer the checkpoint was trained with, checked against the model's vocabulary."""
-    d = meta.get("tokenizer")
-    if not isinstance(d, dict):
-        raise ValueError(f"its tokenizer is {'missing' if d is None else type(d).__name__}, not a dict")
+    saved = meta.get("tokenizer")
+    if not isinstance(saved, dict):
+        raise ValueError(f"its tokenizer is {'missing' if saved is None else type(saved).__name__}, not a dict")
     for flag in ("add_bos", "add_eos"):
-        if not isinstance(d.get(flag, False), bool):
-            raise ValueError(f"tokenizer.{flag} is {_short(d[flag])}, not true or false")
-    tok = ByteTokenizer.from_dict(d)
-    if "vocab_size" in d and not (_is_int(d["vocab_size"]) and d["vocab_size"] == tok.vocab_size):
+        if not isinstance(saved.get(flag, False), bool):
+            raise ValueError(f"tokenizer.{flag} is {_short(saved[flag])}, not true or false")
+    tok = ByteTokenizer.from_dict(saved)
+    if "vocab_size" in saved and not (_is_int(saved["vocab_size"]) and saved["vocab_size"] == tok.vocab_size):
         raise ValueError(
-            f"tokenizer.vocab_size is {_short(d['vocab_size'])} but add_bos={tok.add_bos}, add_eos={tok.add_eos} "
+            f"tokenizer.vocab_size is {_short(saved['vocab_size'])} but add_bos={tok.add_bos}, add_eos={tok.add_eos} "
             f"make {tok.vocab_size}"
         )
     if tok.vocab_size != cfg.vocab_size:

@@ -130,5 +130,5 @@ class ByteDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        t = self.trainer
-        return eval_loader(self.val_set, self.eval_batch_size, t.global_rank, t.world_size)
+        trainer = self.trainer
+        return eval_loader(self.val_set, self.eval_batch_size, trainer.global_rank, trainer.world_size)

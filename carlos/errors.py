@@ -93,7 +93,8 @@ def fail(e: BaseException) -> None:
         name = "Ctrl+C" if isinstance(e, KeyboardInterrupt) else str(e)
         print(f"carlos: stopped by {name}; nothing half-written was left", file=sys.stderr)
         sys.exit(128 + (signal.SIGINT if isinstance(e, KeyboardInterrupt) else e.signum))
-    what = f"{type(e).__name__}: {first_line(e)}"
+    message = (str(e).strip().splitlines() or [""])[0]
+    what = f"{type(e).__name__}: {message}" if message else type(e).__name__
     print(
         f"carlos: error: unexpected {what}; this is a bug in carlos, please report it with the output of "
         "CARLOS_DEBUG=1",

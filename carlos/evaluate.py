@@ -71,24 +71,24 @@ def evaluate(cfg: EvalConfig) -> dict:
     what = f"evaluating checkpoint {path} ({num_params(model_cfg):,} parameters) in batches of {batch} x {data.seq_len}"
     fix = "lower --batch_size, or use another --device"
     model = build_model(ckpt, model_cfg, device, what, fix, batch, data.seq_len, kv_cache=False)
-    m = score_split(model, windows, batch, device)
-    if not math.isfinite(m["loss"]):  # finite weights can still overflow (a gain of 3e38)
+    metrics = score_split(model, windows, batch, device)
+    if not math.isfinite(metrics["loss"]):  # finite weights can still overflow (a gain of 3e38)
         raise CarlosError(
-            f"checkpoint {path} gives a loss of {m['loss']} (its weights overflow); use another checkpoint"
+            f"checkpoint {path} gives a loss of {metrics['loss']} (its weights overflow); use another checkpoint"
         )
     step = ckpt["carlos"].get("step")
     print(f"checkpoint: {path} (step {step})")
-    print(f"split: {cfg.split} ({m['tokens']} tokens, {m['bytes']} bytes)")
-    print(f"loss: {m['loss']:.4f} nats/token")
-    print(f"perplexity: {m['ppl']:.4f}")
-    print(f"bits-per-byte: {m['bpb']:.4f}")
+    print(f"split: {cfg.split} ({metrics['tokens']} tokens, {metrics['bytes']} bytes)")
+    print(f"loss: {metrics['loss']:.4f} nats/token")
+    print(f"perplexity: {metrics['ppl']:.4f}")
+    print(f"bits-per-byte: {metrics['bpb']:.4f}")
     result = {
         "split": cfg.split,
-        "loss": m["loss"],
-        "perplexity": m["ppl"],
-        "bpb": m["bpb"],
-        "tokens": m["tokens"],
-        "bytes": m["bytes"],
+        "loss": metrics["loss"],
+        "perplexity": metrics["ppl"],
+        "bpb": metrics["bpb"],
+        "tokens": metrics["tokens"],
+        "bytes": metrics["bytes"],
         "checkpoint": str(path),
         "step": step,
     }

@@ -412,25 +412,25 @@ def build_and_install(cfg: PrepareConfig, source: Source, workdir: Path, manifes
 def build(cfg: PrepareConfig, source: Source, tmp: Path, size: int, sha256: str) -> dict:
     """Every prepared file, in tmp: tokens and windows of each split, then tokenizer.json, rng_state.json
     and splits.json; returns the splits.json record."""
-    d = cfg.data
-    tok = ByteTokenizer(add_bos=d.add_bos, add_eos=d.add_eos)
-    offsets = split_offsets(source, d.val_fraction, d.test_fraction)
+    data = cfg.data
+    tok = ByteTokenizer(add_bos=data.add_bos, add_eos=data.add_eos)
+    offsets = split_offsets(source, data.val_fraction, data.test_fraction)
     (tmp / "data").mkdir()
     splits, tokens, windows, whole = {}, {}, {}, hashlib.sha256()
     for name in SPLITS:
         start, end = offsets[name]
         flat = tmp / f"{name}.tokens"
         with open(flat, "wb") as out:
-            n, digest = tokenize_split(source.f, start, end, tok, d.separator, d.normalize_nfkc, out, whole=whole)
-        if n < d.seq_len + 1:
-            smallest = min(d.val_fraction, d.test_fraction, 1 - d.val_fraction - d.test_fraction)
+            n, digest = tokenize_split(source.f, start, end, tok, data.separator, data.normalize_nfkc, out, whole=whole)
+        if n < data.seq_len + 1:
+            smallest = min(data.val_fraction, data.test_fraction, 1 - data.val_fraction - data.test_fraction)
             raise CarlosError(
                 f"the {name} split of {source.path} has {n} tokens, fewer than one window of seq_len+1 = "
-                f"{d.seq_len + 1}; use a corpus of at least about {round((d.seq_len + 1) / smallest)} "
+                f"{data.seq_len + 1}; use a corpus of at least about {round((data.seq_len + 1) / smallest)} "
                 "bytes or a smaller --seq_len"
             )
         splits[name] = {"start": start, "end": end, "bytes": end - start, "sha256": digest}
-        windows[name] = pack(flat, n, d.seq_len, tok.dtype, tmp / "data" / f"{name}.npy")
+        windows[name] = pack(flat, n, data.seq_len, tok.dtype, tmp / "data" / f"{name}.npy")
         tokens[name] = n
         flat.unlink()
     source.check_unchanged(sha256, whole.hexdigest())
@@ -439,11 +439,11 @@ def build(cfg: PrepareConfig, source: Source, tmp: Path, size: int, sha256: str)
         "input": str(source.path.resolve()),
         "size": size,
         "sha256": sha256,
-        "normalization": "NFKC" if d.normalize_nfkc else None,
-        "add_bos": d.add_bos,
-        "add_eos": d.add_eos,
-        "seq_len": d.seq_len,
-        "separator": d.separator,
+        "normalization": "NFKC" if data.normalize_nfkc else None,
+        "add_bos": data.add_bos,
+        "add_eos": data.add_eos,
+        "seq_len": data.seq_len,
+        "separator": data.separator,
         "tokens": tokens,
         "windows": windows,
         "dtype": tok.dtype.name,
