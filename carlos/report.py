@@ -311,8 +311,10 @@ def _why(e: Exception, path: Path) -> str:
 def plot(runs: list[Run], path: Path) -> tuple[Path | None, str]:
     """Write the plot to path, in the format its extension names, else PNG whatever the name; returns the
     path written (None when it could not be) and the line that says so."""
-    import matplotlib.pyplot as plt
-
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:  # an extra: the table is the report, the plot an addition
+        return None, "plot: skipped (matplotlib is not installed; pip install 'carlos[plot]')"
     if path.is_dir():
         return None, f"plot: skipped ({path} is a directory)"
     fig = _figure(runs)

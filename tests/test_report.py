@@ -3,6 +3,7 @@
 import builtins
 import errno
 import json
+import math
 import os
 from pathlib import Path
 
@@ -441,3 +442,39 @@ def test_a_fifo_in_place_of_a_file_is_skipped_without_blocking(here, capsys):
     os.mkfifo(here / "s" / "1" / "metrics.jsonl")
     lines = _lines(capsys, "s")
     assert "skipped: 1 (metrics.jsonl cannot be read: it is a FIFO (named pipe))" in lines
+
+
+def test_without_matplotlib_the_table_is_printed_and_the_plot_skipped(here, capsys, monkeypatch):
+    """matplotlib is an extra ([plot]): without it, report prints its table and says how to get the plot."""
+    _sweep(here / "s")
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    lines = _lines(capsys, "s")
+    assert lines == [
+        HEAD,
+        RULE,
+        ROW_1,
+        ROW_0,
+        "plot: skipped (matplotlib is not installed; pip install 'carlos[plot]')",
+    ]
+    assert not (here / "s" / "report.png").exists()
+
+
+def test_the_plot_of_one_run_shows_its_train_and_validation_curves(here, capsys):
+    from matplotlib.figure import Figure
+
+    from carlos.report import _figure, read_runs
+
+    _sweep(here / "s")
+    runs, _ = read_runs(here / "s" / "0")
+    figure: Figure = _figure(runs)
+    curves = figure.axes[0].lines
+    assert len(curves) == 2  # validation (dots) and train (faint), in the run's colour
+    assert curves[0].get_color() == curves[1].get_color() and curves[1].get_alpha() < 1
+    assert list(curves[1].get_ydata()) == pytest.approx([2.0 / math.log(2)])  # nats -> bits

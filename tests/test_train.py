@@ -288,3 +288,21 @@ def test_resume_without_last_pt_continues_from_the_newest_step_file(workdir, cap
     train(train_cfg(workdir, "ckpt_interval=4", "trainer.max_steps=12", "resume=true"))
     assert f"resuming from {workdir / 'checkpoints' / 'step_000008.pt'} at step 8" in capsys.readouterr().out
     assert torch.load(workdir / "checkpoints" / "last.pt", weights_only=True)["global_step"] == 12
+
+
+def test_lightning_still_reads_the_sigterm_flag_that_preemption_sets():
+    """carlos's graceful stop (callbacks.Preemption) sets Lightning's private trainer._signal_connector
+    .received_sigterm, which Lightning's loops read through trainer.received_sigterm. pyproject.toml bounds
+    lightning below the next minor release; this says what to fix when a release moves the flag."""
+    import lightning as L
+
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    connector = getattr(trainer, "_signal_connector", None)
+    moved = (
+        f"lightning {L.__version__} moved trainer._signal_connector.received_sigterm, which carlos's Preemption "
+        "callback sets to stop a run at a step boundary; update carlos/callbacks.py and the lightning bound"
+    )
+    assert connector is not None and hasattr(connector, "received_sigterm"), moved
+    assert trainer.received_sigterm is False
+    connector.received_sigterm = True
+    assert trainer.received_sigterm is True, moved
