@@ -72,9 +72,11 @@ def _explain_hydra_error(e: Exception, keys: list[str]) -> str:
     msg = str(e).strip()
     m = re.search(r"Could not override '([^']+)'", msg) or re.search(r"Key '([^']+)' is not in struct", msg)
     if m:
-        key = m.group(1)
+        from carlos.config import unknown_key
+
         public = [k for k in keys if not k.rsplit(".", 1)[-1].startswith("_")]
-        return f"unknown key '{key}'{nearest(key, public)}; see the keys with --cfg job"
+        message = unknown_key(m.group(1), public)
+        return f"{message}; see the keys with --cfg job" if message.startswith("unknown key") else message
     m = re.search(r"Could not (?:find|load) '([^']+)/([^'/]+)'", msg)
     if m:
         group, option = m.groups()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -405,6 +405,22 @@ def _all_keys(cfg: DictConfig) -> set[str]:
     return {".".join(k.split(".")[:n]) for k in config_keys(cfg) for n in range(1, k.count(".") + 2)}
 
 
+def unknown_key(key: str, keys) -> str:
+    """The refusal of a key the config does not have. A key under trainer. that is none of carlos's (and
+    no typo of one) is a Lightning Trainer setting: carlos passes none on, and says which it takes."""
+    key = key.lstrip("+~")
+    others = [k for k in keys if k != key]
+    lightning = key.startswith("trainer.") and key.count(".") == 1
+    hint = nearest(key, others, cutoff=0.85 if lightning else 0.5)  # a typo, not another Lightning setting
+    if lightning and not hint:
+        own = ", ".join(f.name for f in fields(TrainerConfig))
+        return (
+            f"{key} is not one of carlos's trainer keys ({own}); carlos builds the Lightning Trainer itself and "
+            "passes no other setting on, because it runs validation, checkpoints and logging on its own schedule"
+        )
+    return f"unknown key '{key}'{hint}"
+
+
 def parse(cfg: DictConfig, schema: type[T]) -> T:
     """Validate a composed config against its schema; every failure becomes a one-line CarlosError."""
     base = OmegaConf.structured(schema)
@@ -418,7 +434,7 @@ def parse(cfg: DictConfig, schema: type[T]) -> T:
         return OmegaConf.to_object(merged)
     except ConfigKeyError as e:
         key = e.full_key or str(e.key)
-        raise CarlosError(f"unknown key '{key}'{nearest(key, sorted(_all_keys(cfg)))}") from None
+        raise CarlosError(unknown_key(key, sorted(_all_keys(cfg)))) from None
     except MissingMandatoryValue as e:
         raise CarlosError(f"missing value for '{e.full_key}'") from None
     except ValidationError as e:

@@ -24,9 +24,9 @@ class CarlosError(Exception):
     """A problem the user can fix; printed as one line, exit code 2."""
 
 
-def nearest(word: str, choices) -> str:
+def nearest(word: str, choices, cutoff: float = 0.5) -> str:
     """' (did you mean X?)' for the closest choice, or '' when none is close."""
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=cutoff)
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
