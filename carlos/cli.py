@@ -371,6 +371,16 @@ def _report(args: list[str]) -> None:
     make_report(root or "./carlos_run", output)
 
 
+def _search_path(hydra_args: list[str], overrides: list[str]) -> list[str]:
+    """--config-dir as the override that makes the up-front validation find the configs there too
+    (presets of your own: experiment=NAME); Hydra's run reads the flag itself."""
+    dirs = [hydra_args[i + 1] for i, a in enumerate(hydra_args[:-1]) if a in ("-cd", "--config-dir")]
+    if not dirs or any(o.lstrip("+").startswith("hydra.searchpath=") for o in overrides):
+        return []
+    paths = ",".join(hydra_quote("file://" + os.path.abspath(os.path.expanduser(d))) for d in dirs)
+    return [f"hydra.searchpath=[{paths}]"]
+
+
 def main(argv: list[str] | None = None) -> None:
     """`carlos <command>`: everything under the failure policy, with SIGTERM turned into Stopped so that
     a stopped command cleans up after itself (train hands SIGTERM to Lightning once it trains)."""
@@ -397,7 +407,8 @@ def _main(argv: list[str]) -> None:
     if any(a in ("-h", "--help") for a in hydra_args):
         print(_flag_help(command))
     elif not any(a in ("--hydra-help", "--version", "-i", "--info", "-sc", "--shell-completion") for a in hydra_args):
-        made = validate(command, overrides, list(defaults), multirun=any(a in ("-m", "--multirun") for a in hydra_args))
+        multirun = any(a in ("-m", "--multirun") for a in hydra_args)
+        made = validate(command, overrides + _search_path(hydra_args, overrides), list(defaults), multirun=multirun)
     try:
         run_hydra(command, hydra_args, overrides)
     except SystemExit as e:

@@ -9,7 +9,8 @@ from carlos.errors import CarlosError
 from carlos.optimization import build_optimizer, build_schedule
 
 GROUPS = {
-    g: sorted(p.stem for p in (conf_dir() / g).glob("*.yaml")) for g in ("model", "optimizer", "schedule", "precision")
+    g: sorted(p.stem for p in (conf_dir() / g).glob("*.yaml"))
+    for g in ("model", "optimizer", "schedule", "precision", "experiment")
 }
 
 
@@ -19,6 +20,7 @@ def test_groups_have_real_choices():
         "optimizer": ["adamw", "sgd"],
         "schedule": ["constant", "cosine", "wsd"],
         "precision": ["auto", "bf16", "fp16", "fp32"],
+        "experiment": ["cpu_10min", "gpu"],
     }
 
 
@@ -210,3 +212,29 @@ def test_every_command_shares_the_hydra_settings():
         hydra = compose(name, [], with_hydra=True).hydra
         assert hydra.run.dir == "." and hydra.output_subdir is None and hydra.job.chdir is False
         assert hydra.runtime.choices["hydra/job_logging"] == "none"
+
+
+def test_experiment_presets_compose_and_validate():
+    cpu = parse(compose("train", ["experiment=cpu_10min"]), TrainConfig)
+    assert cpu.trainer.max_time == "600" and cpu.trainer.max_steps == -1 and cpu.model.d_model == 64
+    gpu = parse(compose("train", ["experiment=gpu"]), TrainConfig)
+    assert gpu.model.d_model == 128 and gpu.trainer.accelerator == "gpu" and gpu.data.micro_batch_size == 128
+    overridden = parse(compose("train", ["experiment=cpu_10min", "trainer.max_time=60"]), TrainConfig)
+    assert overridden.trainer.max_time == "60"  # the command line wins over the preset
+    with pytest.raises(CarlosError, match=r"unknown experiment 'cpu10' \(did you mean 'cpu_10min'\?\)"):
+        validate("train", ["experiment=cpu10"], [])
+
+
+def test_a_preset_of_your_own_is_found_and_validated(tmp_path, capsys, monkeypatch):
+    from carlos.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine" / "experiment").mkdir(parents=True)
+    (tmp_path / "mine" / "experiment" / "short.yaml").write_text("# @package _global_\ntrainer:\n  max_steps: 77\n")
+    (tmp_path / "mine" / "experiment" / "typo.yaml").write_text("# @package _global_\ntrainer:\n  max_stepz: 7\n")
+    main(["train", "--config-dir", "mine", "experiment=short", "--cfg", "job"])
+    assert "max_steps: 77" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--config-dir", "mine", "experiment=typo", "--cfg", "job"])
+    assert stop.value.code == 2
+    assert "unknown key 'trainer.max_stepz' (did you mean 'trainer.max_steps'?)" in capsys.readouterr().err
