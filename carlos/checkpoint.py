@@ -6,11 +6,11 @@ one-line CarlosError naming the file. Imports neither Lightning nor Hydra, so `c
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import pickle
 import re
+import typing
 import zipfile
 from pathlib import Path
 
@@ -183,8 +183,7 @@ def _model_config(meta: dict) -> GPTConfig:
     model = meta.get("model")
     if not isinstance(model, dict):
         raise ValueError(f"its model settings are {'missing' if model is None else type(model).__name__}, not a dict")
-    types = {"int": int, "float": float, "bool": bool, "str": str}  # the fields' annotations, which are text here
-    want = {f.name: types[str(f.type)] for f in dataclasses.fields(GPTConfig)}
+    want = typing.get_type_hints(GPTConfig)  # the fields' types (their annotations are text here)
     _same_keys("its model settings", "", list(want), list(model), "unknown")
     for name, kind in want.items():
         problem = _type_problem(name, model[name], kind)

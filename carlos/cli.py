@@ -312,9 +312,7 @@ def run_hydra(command: str, hydra_args: list[str], overrides: list[str]) -> Any:
 
     app = hydra.main(version_base=None, config_path=str(conf_dir()), config_name=command)(task)
     argv = sys.argv
-    # the job's name (SLURM's job name under submitit) is the command's
-    named = any(o.startswith("hydra.job.name=") for o in overrides)
-    sys.argv = [argv[0], *hydra_args, *overrides, *([] if named else [f"hydra.job.name={command}"])]
+    sys.argv = [argv[0], *hydra_args, *overrides]
     # Lightning's DDP re-runs this command line for the other ranks without the command's name
     os.environ["CARLOS_COMMAND"] = command
     prefer_carlos_hydra_configs()

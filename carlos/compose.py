@@ -9,6 +9,7 @@ import os
 import re
 from pathlib import Path
 
+from carlos.config import SCHEMAS, parse, unknown_key
 from carlos.errors import CarlosError, first_line, nearest
 
 
@@ -72,8 +73,6 @@ def _explain_hydra_error(e: Exception, keys: list[str]) -> str:
     msg = str(e).strip()
     m = re.search(r"Could not override '([^']+)'", msg) or re.search(r"Key '([^']+)' is not in struct", msg)
     if m:
-        from carlos.config import unknown_key
-
         public = [k for k in keys if not k.rsplit(".", 1)[-1].startswith("_")]
         message = unknown_key(m.group(1), public)
         return f"{message}; see the keys with --cfg job" if message.startswith("unknown key") else message
@@ -142,8 +141,6 @@ def validate(command: str, overrides: list[str], keys: list[str], multirun: bool
     Hydra will create (check_output_dir)."""
     from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
-
-    from carlos.config import SCHEMAS, parse
 
     try:
         cfg = compose(command, _first_of_each_sweep(overrides), with_hydra=True)

@@ -23,7 +23,8 @@ from carlos.optimization import build_optimizer, build_schedule
 
 def finite(*values: float | torch.Tensor) -> bool:
     """Whether every value (numbers, tensors) is finite: checked before a loss is logged or weights saved."""
-    return all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in values)
+    # a logged loss is a float: no tensor for it (the train record is written every log_interval steps)
+    return all(math.isfinite(v) if isinstance(v, float) else bool(torch.isfinite(v).all()) for v in values)
 
 
 def diverged(what: str) -> CarlosError:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback as HydraCallback
 
 from carlos.errors import CarlosError
@@ -118,7 +119,7 @@ class SweepSummary(HydraCallback):
                 manifest.claim(sweep / ".submitit", kind="tree")
 
     def on_job_end(self, config, job_return, **kwargs: Any) -> None:
-        value = getattr(job_return, "_return_value", None)
+        value = job_return.return_value if job_return.status == JobStatus.COMPLETED else None
         if isinstance(value, Objective) and value.record["status"] != "ok":
             self.refused[value.record["job"]] = value.record
 
