@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[test,sweep,plot]"
+	$(BIN)/python -m pip install --quiet -e ".[test,sweep,plot,tensorboard,hf]"
 	touch $@
 
 install: $(VENV)/.installed

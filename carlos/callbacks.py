@@ -1,10 +1,9 @@
-"""What Lightning does not already do for a carlos run: metrics.jsonl records, text samples, the original
+"""What Lightning does not already do for a carlos run: train and validation records, text samples, the original
 script's checkpoint layout (step_XXXXXX.pt, best.pt, last.pt) written atomically, and a progress bar that shows
 loss and tokens/s."""
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import threading
@@ -18,12 +17,9 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
-from lightning.pytorch.loggers import Logger
-from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from carlos.checkpoint import save_checkpoint, step_file
-from carlos.files import write_error
 from carlos.generate import generate
 from carlos.manifest import Manifest
 from carlos.module import diverged, finite
@@ -73,51 +69,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         save_checkpoint(self.manifest, Path(path), checkpoint)
-
-
-class JsonlLogger(Logger):
-    """metrics.jsonl: one JSON object a line. On resume, records past the checkpoint's step are dropped
-    so steps never repeat."""
-
-    def __init__(self, path: Path, manifest: Manifest, resume_step: int | None = None) -> None:
-        super().__init__()
-        self.path, self.manifest, self.resume_step = path, manifest, resume_step
-
-    def begin(self) -> None:
-        """Once the run is accepted: a new file, or on resume the records up to the checkpoint's step."""
-        if rank_zero_only.rank != 0:
-            return
-        kept = []
-        if self.resume_step is not None and self.path.exists():
-            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
-                try:
-                    record = json.loads(line)
-                    if isinstance(record, dict) and record.get("step", 0) <= self.resume_step:
-                        kept.append(line + "\n")
-                except (ValueError, TypeError):  # a line cut short by a crash
-                    continue
-        self.manifest.write(self.path, lambda f: f.write("".join(kept).encode("utf-8")))
-
-    @property
-    def name(self) -> str:
-        return "jsonl"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    @rank_zero_only
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass  # the config snapshot is .hydra/config.yaml
-
-    @rank_zero_only
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        record = {"step": step, **metrics}
-        try:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as e:  # a line cut short here is skipped when the run resumes
-            raise write_error(self.path, e) from None
 
 
 def log_record(trainer: L.Trainer, record: dict[str, float]) -> None:

@@ -72,9 +72,12 @@ def _not_a_file(path: Path) -> str | None:
     return None
 
 
-def resolve_checkpoint(workdir: str | Path, spec: str) -> Path:
-    """best, last, a step number (1000 -> checkpoints/step_001000.pt) or a path."""
-    ckpts = Path(workdir).expanduser() / "checkpoints"
+def resolve_checkpoint(workdir: str | Path, spec: str, run: str | None = None) -> Path:
+    """best, last, a step number (1000 -> checkpoints/step_001000.pt) or a path; of the workdir's own run,
+    or of the run named with --run."""
+    from carlos.workdir import run_dir
+
+    ckpts = run_dir(Path(workdir).expanduser(), run) / "checkpoints"
     spec = str(spec)
     if spec in ("best", "last"):
         path = ckpts / f"{spec}.pt"
@@ -85,14 +88,25 @@ def resolve_checkpoint(workdir: str | Path, spec: str) -> Path:
             path = Path(spec).expanduser()
         except RuntimeError:  # ~user of a user that does not exist: take the name as it is
             path = Path(spec)
-    have = _available(ckpts) if ckpts.is_dir() else []
-    hint = f"available: {', '.join(have)}" if have else f"no checkpoints in {ckpts}; train first (carlos train)"
     why = _not_a_file(path)
     if why:
-        raise CarlosError(f"checkpoint '{spec}' at {path} {why}; {hint}")
+        raise CarlosError(f"checkpoint '{spec}' at {path} {why}; {_elsewhere(ckpts, Path(workdir).expanduser())}")
     if not path.is_file():
-        raise CarlosError(f"checkpoint '{spec}' not found at {path}; {hint}")
+        raise CarlosError(f"checkpoint '{spec}' not found at {path}; {_elsewhere(ckpts, Path(workdir).expanduser())}")
     return path
+
+
+def _elsewhere(ckpts: Path, workdir: Path) -> str:
+    """Where checkpoints are: the others in the directory looked in, or the workdir's runs that have some."""
+    from carlos.workdir import trained_runs
+
+    have = _available(ckpts) if ckpts.is_dir() else []
+    if have:
+        return f"available: {', '.join(have)}"
+    runs = [r for r in trained_runs(workdir) if not (ckpts.parent == workdir and r.startswith("the workdir"))]
+    if runs:
+        return f"no checkpoints in {ckpts}; {workdir} has runs with checkpoints: {'; '.join(runs[:6])}"
+    return f"no checkpoints in {ckpts}; train first (carlos train)"
 
 
 def _unpickler_reason(e: Exception) -> str:

@@ -21,7 +21,7 @@ from carlos.compose import compose, conf_dir, prefer_carlos_hydra_configs, valid
 from carlos.config import config_keys
 from carlos.errors import CarlosError, guarded, install_stop_handlers, nearest
 
-COMMANDS = ("prepare", "train", "eval", "sample", "bench", "report")
+COMMANDS = ("prepare", "train", "eval", "sample", "export", "bench", "report")
 
 # script-style flags: the original script's `--flag value` spellings, per command -> config key
 SCRIPT_FLAGS: dict[str, dict[str, str]] = {
@@ -40,6 +40,7 @@ SCRIPT_FLAGS: dict[str, dict[str, str]] = {
     },
     "train": {
         "workdir": "workdir",
+        "run": "run",
         "seed": "seed",
         "resume": "resume",
         "overwrite": "overwrite",
@@ -67,11 +68,19 @@ SCRIPT_FLAGS: dict[str, dict[str, str]] = {
     },
     "eval": {
         "workdir": "workdir",
+        "run": "run",
         "checkpoint": "checkpoint",
         "split": "split",
         "json": "json",
         "batch_size": "batch_size",
         "device": "device",
+    },
+    "export": {
+        "workdir": "workdir",
+        "run": "run",
+        "checkpoint": "checkpoint",
+        "format": "format",
+        "out": "out",
     },
     "bench": {
         "input": "input",
@@ -87,6 +96,7 @@ SCRIPT_FLAGS: dict[str, dict[str, str]] = {
     },
     "sample": {
         "workdir": "workdir",
+        "run": "run",
         "checkpoint": "checkpoint",
         "prompt": "prompt",
         "max_new_tokens": "max_new_tokens",
@@ -100,6 +110,7 @@ SCRIPT_FLAGS: dict[str, dict[str, str]] = {
 }
 # keys whose values are always text, even when they look like numbers (a prompt of "42")
 TEXT_KEYS = {
+    "run",
     "wandb.tags",
     "input",
     "workdir",
@@ -117,6 +128,8 @@ TEXT_KEYS = {
     "device",
     "output",
     "train",
+    "format",
+    "out",
 }
 RENAMED_KEYS = {"sample.prefix": "sample.prompt"}  # old name -> new name; the old one keeps working
 # Hydra's own command-line flags, passed through unchanged (True: takes a value)
@@ -128,8 +141,7 @@ HYDRA_FLAGS = {
     "--hydra-help": False,
     "--version": False,
     "--resolve": False,
-    "-r": False,
-    "--run": False,
+    "-r": False,  # Hydra's --run (a single run, what carlos does anyway) is carlos's --run NAME
     "-sc": False,
     "--shell-completion": False,
     "-c": True,
@@ -290,6 +302,8 @@ def _runner(command: str) -> Callable:
         from carlos.evaluate import evaluate as run
     elif command == "sample":
         from carlos.generate import sample as run
+    elif command == "export":
+        from carlos.export import export as run
     else:
         from carlos.bench import bench as run
     from carlos.config import SCHEMAS, parse
@@ -329,6 +343,7 @@ commands:
   train     train the tiny GPT on a prepared workdir                  (carlos train --max_steps 2000)
   eval      loss, perplexity and bits-per-byte of a checkpoint        (carlos eval --split test)
   sample    generate text from a checkpoint                           (carlos sample --prompt "\\n")
+  export    a checkpoint as safetensors or a Hugging Face directory   (carlos export --format hf --out hf/)
   bench     carlos's training path against a plain PyTorch loop       (carlos bench --input corpus.txt)
   report    table and plot of the runs under a directory              (carlos report carlos_run/sweeps)
 

@@ -158,6 +158,8 @@ def validate(command: str, overrides: list[str], keys: list[str], multirun: bool
         del cfg["hydra"]
     parsed = parse(cfg, SCHEMAS[command])
     slurm = any(o.replace(" ", "") == "hydra/launcher=submitit_slurm" for o in overrides)
+    if command == "train" and multirun:
+        parsed.refuse_run_in_sweep()
     if command == "train" and multirun and not slurm and parsed.trainer.several_processes:
         parsed.trainer.refuse_in_sweep()
     return made

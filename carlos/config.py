@@ -54,6 +54,19 @@ def check_text(name: str, value: str) -> None:
         ) from None
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_run(run: str | None) -> None:
+    """--run NAME names one directory, WORKDIR/runs/NAME: a plain name, never a path."""
+    if run is not None and not RUN_NAME.fullmatch(run):
+        shown = repr(run[:40] + ("..." if len(run) > 40 else ""))
+        raise CarlosError(
+            f"run name {shown} is not a plain name; use up to 100 letters, digits, '.', '_' and '-', starting "
+            "with a letter or digit (e.g. --run baseline)"
+        )
+
+
 def _positive(name: str, value, allow_zero: bool = False) -> None:
     ok = value >= 0 if allow_zero else value > 0
     if not ok:
@@ -260,8 +273,43 @@ class WandbConfig:
 
 
 @dataclass
+class CsvLoggerConfig:
+    """logger=csv: Lightning's CSVLogger, writing RUN/csv/metrics.csv."""
+
+    flush_logs_every_n_steps: int  # records held in memory between writes to metrics.csv
+
+    def __post_init__(self) -> None:
+        _positive("logger.csv.flush_logs_every_n_steps", self.flush_logs_every_n_steps)
+
+
+@dataclass
+class TensorBoardLoggerConfig:
+    """logger=tensorboard: Lightning's TensorBoardLogger, writing event files into RUN/tensorboard/."""
+
+    log_graph: bool  # add the model's graph to TensorBoard
+
+
+@dataclass
+class WandbLoggerConfig:
+    """logger=wandb: W&B on even without a project (W&B's default one), with the settings under wandb:."""
+
+    log_model: bool  # upload the checkpoints as W&B artifacts at the end of the run
+
+
+@dataclass
+class LoggerConfig:
+    """The Lightning loggers that receive every record beside metrics.jsonl (which is always written);
+    a group that is not selected is None."""
+
+    csv: CsvLoggerConfig | None = None
+    tensorboard: TensorBoardLoggerConfig | None = None
+    wandb: WandbLoggerConfig | None = None
+
+
+@dataclass
 class TrainConfig:
     workdir: str
+    run: str | None
     seed: int
     resume: Any  # false, true or auto
     overwrite: bool
@@ -275,12 +323,14 @@ class TrainConfig:
     trainer: TrainerConfig
     sample: SampleConfig
     wandb: WandbConfig
+    logger: LoggerConfig
 
     def __post_init__(self) -> None:
         resume = str(self.resume).lower()
         if resume not in ("false", "true", "auto"):
             raise CarlosError(f"resume must be false, true or auto, got {self.resume!r}")
         self.resume = resume
+        check_run(self.run)
         check_seed("seed (--seed)", self.seed)
         for name in ("eval_interval", "ckpt_interval", "log_interval"):
             _positive(name, getattr(self, name))
@@ -308,6 +358,13 @@ class TrainConfig:
         if not isinstance(warmup, int) or warmup < 0:
             raise CarlosError(f"schedule.warmup_steps must be an integer >= 0, got {warmup!r}")
 
+    def refuse_run_in_sweep(self) -> None:
+        if self.run:
+            raise CarlosError(
+                "--run names one run, and each job of a sweep gets a directory of its own under WORKDIR/sweeps/; "
+                "drop --run (to name the sweep's directory, pass hydra.sweep.dir=WORKDIR/sweeps/NAME)"
+            )
+
 
 # ---------------------------------------------------------------- eval and sample
 
@@ -317,6 +374,7 @@ SPLITS = ("train", "val", "test")
 @dataclass
 class EvalConfig:
     workdir: str
+    run: str | None
     checkpoint: str
     split: str
     json: bool
@@ -324,6 +382,7 @@ class EvalConfig:
     device: str
 
     def __post_init__(self) -> None:
+        check_run(self.run)
         if self.split not in SPLITS:
             raise CarlosError(f"unknown split {self.split!r}{nearest(self.split, SPLITS)}; choose train, val or test")
         _positive("batch_size", self.batch_size)
@@ -332,6 +391,7 @@ class EvalConfig:
 @dataclass
 class GenerateConfig:
     workdir: str
+    run: str | None
     checkpoint: str
     prompt: str | None
     max_new_tokens: int
@@ -343,6 +403,7 @@ class GenerateConfig:
     device: str
 
     def __post_init__(self) -> None:
+        check_run(self.run)
         _positive("max_new_tokens", self.max_new_tokens, allow_zero=True)
         _positive("num_samples", self.num_samples)
         check_sampling(self.temperature, self.top_k, self.top_p)
@@ -350,6 +411,26 @@ class GenerateConfig:
             self.prompt = decode_escapes(self.prompt)
             check_text("prompt", self.prompt)
         check_seed("seed", self.seed)
+
+
+EXPORT_FORMATS = ("safetensors", "hf")
+
+
+@dataclass
+class ExportConfig:
+    workdir: str
+    run: str | None
+    checkpoint: str
+    format: str
+    out: str | None
+
+    def __post_init__(self) -> None:
+        check_run(self.run)
+        if self.format not in EXPORT_FORMATS:
+            hint = nearest(self.format, EXPORT_FORMATS)
+            raise CarlosError(f"unknown export format {self.format!r}{hint}; choose safetensors or hf")
+        if not self.out:
+            raise CarlosError("export needs --out DIR: the directory to write the exported model into")
 
 
 @dataclass
@@ -456,5 +537,6 @@ SCHEMAS: dict[str, type] = {
     "train": TrainConfig,
     "eval": EvalConfig,
     "sample": GenerateConfig,
+    "export": ExportConfig,
     "bench": BenchConfig,
 }  # each command's schema

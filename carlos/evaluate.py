@@ -51,7 +51,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     from carlos.workdir import PreparedData
 
     data = PreparedData.load(cfg.workdir)
-    path = resolve_checkpoint(cfg.workdir, cfg.checkpoint)
+    path = resolve_checkpoint(cfg.workdir, cfg.checkpoint, cfg.run)
     device = pick_device(cfg.device)
     ckpt = load_checkpoint(path)
     model_cfg, tok = check_checkpoint(ckpt, path)

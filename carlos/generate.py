@@ -118,7 +118,7 @@ def prompt_ids(tok: ByteTokenizer, prompt: str | None) -> list[int]:
 
 def sample(cfg: GenerateConfig) -> list[str]:
     """`carlos sample`: stream num_samples generations to stdout; returns their texts."""
-    path = resolve_checkpoint(cfg.workdir, cfg.checkpoint)
+    path = resolve_checkpoint(cfg.workdir, cfg.checkpoint, cfg.run)
     device = pick_device(cfg.device)
     model, tok = model_from_checkpoint(load_checkpoint(path), path, device)
     ids = prompt_ids(tok, cfg.prompt)

@@ -61,6 +61,13 @@ def _is_note(text: bytes) -> bool:
         return False
 
 
+def _pid(path: Path) -> int | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))["pid"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _holder(path: Path) -> str:
     try:
         h = json.loads(path.read_text(encoding="utf-8"))
@@ -70,11 +77,17 @@ def _holder(path: Path) -> str:
 
 
 class DirLock:
-    """Exclusive (a writer) or shared (a sweep job reading the prepared data beside other jobs)."""
+    """Exclusive (a writer) or shared (a run reading the prepared data beside the workdir's other runs).
+    name: the lock file's, for a lock on something other than the whole directory (one run of a workdir);
+    what: that thing, as the refusal names it; fix: the alternative the refusal offers."""
 
-    def __init__(self, directory: Path, command: str, shared: bool = False) -> None:
-        self.path = Path(directory) / LOCK
+    def __init__(
+        self, directory: Path, command: str, shared: bool = False, name: str = LOCK, what: str = "",
+        fix: str = "use another --workdir",
+    ) -> None:  # fmt: skip
+        self.path = Path(directory) / name
         self.command, self.shared = command, shared
+        self.what, self.fix = what or str(self.path.parent), fix
         self.fd: int | None = None
 
     def _open(self) -> int:
@@ -99,8 +112,7 @@ class DirLock:
             if not _try_lock(fd, self.shared):
                 os.close(fd)
                 raise CarlosError(
-                    f"{self.path.parent} is in use by {_holder(self.path)}; wait for it to finish or stop it, "
-                    "or use another --workdir"
+                    f"{self.what} is in use by {_holder(self.path)}; wait for it to finish or stop it, or {self.fix}"
                 )
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path))
@@ -108,7 +120,8 @@ class DirLock:
                 same = False
             if same:
                 self.fd = fd
-                self._write_holder()
+                if not (self.shared and os.fstat(fd).st_size):  # a shared lock keeps the note of who came first
+                    self._write_holder()
                 return self
             _unlock(fd)
             os.close(fd)
@@ -131,6 +144,9 @@ class DirLock:
         if not self.shared or _try_lock(self.fd, shared=False):
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
+        elif _pid(self.path) == os.getpid():  # others still hold it: a note naming this process would be stale
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)
         _unlock(self.fd)
         os.close(self.fd)
         self.fd = None

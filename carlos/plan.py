@@ -26,7 +26,7 @@ from carlos.model import GPTConfig, ModelConfigError
 from carlos.optimization import check_optimization
 from carlos.precision import resolve_precision
 from carlos.sweep import in_multirun
-from carlos.workdir import PreparedData
+from carlos.workdir import PreparedData, run_dir
 
 
 @dataclasses.dataclass
@@ -53,11 +53,15 @@ class RunPlan:
         return self.run_dir / "checkpoints"
 
 
-def run_dir_for(workdir: Path) -> Path:
-    """A single run writes into the workdir; a multirun job into the directory Hydra made for it."""
+def run_dir_for(config: TrainConfig) -> Path:
+    """A single run writes into the workdir (or WORKDIR/runs/NAME with --run NAME); a multirun job into
+    the directory Hydra made for it."""
     from hydra.core.hydra_config import HydraConfig
 
-    return Path(HydraConfig.get().runtime.output_dir) if in_multirun() else workdir
+    if not in_multirun():
+        return run_dir(Path(config.workdir).expanduser(), config.run)
+    config.refuse_run_in_sweep()
+    return Path(HydraConfig.get().runtime.output_dir)
 
 
 def is_leader(config: TrainConfig) -> bool:
@@ -92,6 +96,7 @@ def plan_run(composed: DictConfig, config: TrainConfig, data: PreparedData, run_
         # fp16's GradScaler must unscale the gradients before clipping, which a fused step does too late
         optimizer["fused"] = False
     check_optimization(optimizer, schedule, config.trainer.max_steps)
+    _check_loggers(config)
     wandb = wandb_settings(config, run_dir) if leader else None
     return RunPlan(
         composed, config, data, run_dir, leader, manifest, resume, resumed, model, precision, reason, optimizer,
@@ -149,8 +154,11 @@ def _resume_from(config: TrainConfig, run_dir: Path, manifest: Manifest, leader:
     if config.resume in ("true", "auto") and newest is not None:
         return newest
     if earlier and not config.overwrite:
-        how = "pass --resume to continue it or --overwrite" if newest else "pass --overwrite"
-        raise CarlosError(f"{run_dir} already holds checkpoints of an earlier run; {how} to delete it and start over")
+        how = "pass --resume to continue it, --overwrite" if newest else "pass --overwrite"
+        other = "choose another --run name" if config.run else "train beside it with --run NAME"
+        raise CarlosError(
+            f"{run_dir} already holds checkpoints of an earlier run; {how} to delete it and start over, or {other}"
+        )
     return None
 
 
@@ -263,12 +271,26 @@ def _check_memory(config: TrainConfig, model: GPTConfig, device: str, val_window
     )
 
 
-# ---------------------------------------------------------------- W&B
+# ---------------------------------------------------------------- loggers and W&B
+
+
+def _check_loggers(config: TrainConfig) -> None:
+    """The selected loggers' libraries are installed (Lightning's TensorBoardLogger writes with tensorboard
+    or tensorboardX; wandb is one of carlos's own requirements)."""
+    import importlib.util
+
+    if config.logger.tensorboard is not None and not any(
+        importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")
+    ):
+        raise CarlosError(
+            "logger=tensorboard needs TensorBoard, which is not installed; pip install 'carlos[tensorboard]' "
+            "(or tensorboard), or choose logger=csv"
+        )
 
 
 def wandb_settings(config: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
-    """WandbLogger's arguments, or None when W&B is off. On when a project comes from the config, the
-    environment or a .env in the current directory (read here, without importing wandb)."""
+    """WandbLogger's arguments, or None when W&B is off. On with logger=wandb, or when a project comes from
+    the config, the environment or a .env in the current directory (read here, without importing wandb)."""
     from dotenv import load_dotenv
 
     env = Path.cwd() / ".env"
@@ -284,12 +306,14 @@ def wandb_settings(config: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
             f"WANDB_MODE={mode!r} (from the environment or .env) is not a W&B mode; use one of "
             f"{', '.join(WANDB_MODES[:3])}"
         )
-    if not project or mode == "disabled":
+    selected = config.logger.wandb
+    if not (project or selected) or mode == "disabled":
         return None
     return {
+        "log_model": bool(selected and selected.log_model),
         "project": project,
         "entity": config.wandb.entity or os.environ.get("WANDB_ENTITY"),
-        "name": config.wandb.run_name,
+        "name": config.wandb.run_name or config.run,
         "tags": list(config.wandb.tags) or None,
         "mode": mode,
         "save_dir": str(run_dir),

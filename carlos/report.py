@@ -28,6 +28,7 @@ from carlos.files import kind_of
 from carlos.manifest import Manifest
 
 NUMBERS = ("step", "tokens", "val_bpb", "tokens_per_s")  # the fields the table and the plot read
+NAMING = {"run"}  # settings that only name the run, which the table's first column already shows
 
 
 class Unreadable(Exception):
@@ -208,7 +209,7 @@ def differing(runs: list[Run]) -> list[str]:
     """Settings whose values differ between the runs (all of them... none for a single run). Runs without
     settings are left out: their unknown values differ from nothing."""
     known = [r for r in runs if r.settings]
-    keys = sorted({k for r in known for k in r.settings})
+    keys = sorted({k for r in known for k in r.settings} - NAMING)
     return [k for k in keys if len({_same(r.settings.get(k)) for r in known}) > 1]
 
 

@@ -26,16 +26,18 @@ from omegaconf import DictConfig, OmegaConf
 from carlos.checkpoint import step_of
 from carlos.config import TrainConfig, parse, to_plain
 from carlos.errors import CarlosError, first_line, release_stop_handlers
-from carlos.lock import DirLock
+from carlos.lock import LOCK, DirLock
 from carlos.manifest import Manifest
 from carlos.plan import RunPlan, is_leader, plan_run, run_dir_for
+from carlos.sweep import in_multirun
 from carlos.workdir import RUN_OUTPUTS, PreparedData
 
 if TYPE_CHECKING:  # Lightning takes seconds to import: train imports it only once the run is planned
     import lightning as L
-    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.loggers import Logger
 
-    from carlos.callbacks import Checkpoints, JsonlLogger, Preemption, SampleText, TrainMetrics
+    from carlos.callbacks import Checkpoints, Preemption, SampleText, TrainMetrics
+    from carlos.loggers import JsonlLogger
     from carlos.module import CarlosLM
 
 LONGEST = 2**62  # micro-batches: what a run may count to without overflowing a 64-bit length
@@ -51,27 +53,39 @@ class Run:
     checkpoints: Checkpoints
     preemption: Preemption
     jsonl: JsonlLogger
-    wandb: WandbLogger | None
-    wandb_new: bool  # W&B's directory is this run's to make: recorded as carlos's, whole
+    loggers: list[Logger]  # Lightning's, as the logger group and W&B's settings select
+    new_dirs: list[Path]  # the loggers' directories this run makes: recorded as carlos's, whole
     opened: bool = False  # open_run_dir has run: the run has started writing
 
 
 def train(cfg: DictConfig) -> float:
     """Train on a prepared workdir; returns the best validation bits-per-byte."""
     config = parse(cfg, TrainConfig)
-    workdir = Path(config.workdir).expanduser()
-    data = PreparedData.load(workdir)
-    run_dir = run_dir_for(workdir)
+    data = PreparedData.load(config.workdir)
+    run_dir = run_dir_for(config)
     leader = is_leader(config)
     with contextlib.ExitStack() as locks:
-        if leader:  # the other ranks of a DDP run work under rank 0's lock
-            if run_dir != workdir:  # a sweep job: the prepared data is shared with the other jobs
-                locks.enter_context(DirLock(workdir, "train (sweep job)", shared=True))
-            locks.enter_context(DirLock(run_dir, "train"))
+        for lock in run_locks(config, data.workdir, run_dir) if leader else []:  # other ranks: rank 0's locks
+            locks.enter_context(lock)
         plan = plan_run(cfg, config, data, run_dir, leader)
         run = build_run(plan)
         module, seconds = fit(run)
         return summarize(run, module, seconds)
+
+
+def run_locks(config: TrainConfig, workdir: Path, run_dir: Path) -> list[DirLock]:
+    """The prepared data, shared with the workdir's other runs (prepare takes it alone), and the run
+    itself, which one process trains at a time. A sweep job's lock is in its own directory; a run that
+    lives in the workdir (its own, or a named one, whose directory may not exist yet) has a lock file there."""
+    command = f"train --run {config.run}" if config.run else "train"
+    locks = [DirLock(workdir, command, shared=True)]
+    if in_multirun():
+        return [*locks, DirLock(run_dir, "train (sweep job)")]
+    if config.run:
+        name, what, fix = f"{LOCK}-run-{config.run}", f"run {config.run} of {workdir}", "train under another --run name"
+    else:
+        name, what, fix = f"{LOCK}-run", str(workdir), "use another --workdir, or train beside it with --run NAME"
+    return [*locks, DirLock(workdir, command, name=name, what=what, fix=fix)]
 
 
 # ---------------------------------------------------------------- callbacks, loggers, Trainer
@@ -82,19 +96,17 @@ def build_run(plan: RunPlan) -> Run:
     num_nodes here, still before anything is written."""
     import lightning as L
 
-    from carlos.callbacks import BeforeFirstStep, Checkpoints, JsonlLogger, Preemption, ProgressBar, TrainMetrics
+    from carlos.callbacks import BeforeFirstStep, Checkpoints, Preemption, ProgressBar, TrainMetrics
+    from carlos.loggers import JsonlLogger, lightning_loggers, logger_dirs
 
     config, run_dir = plan.config, plan.run_dir
     metrics = TrainMetrics(config.log_interval, plan.data.seq_len * config.data.micro_batch_size)
     checkpoints = Checkpoints(plan.checkpoint_dir, plan.manifest, config.ckpt_interval, config.eval_interval)
     preemption = Preemption(checkpoints)
     jsonl = JsonlLogger(run_dir / "metrics.jsonl", plan.manifest, plan.resumed["step"] if plan.resumed else None)
-    wandb = None
-    if plan.wandb is not None:
-        from lightning.pytorch.loggers import WandbLogger
-
-        wandb = WandbLogger(**plan.wandb)
-    wandb_new = wandb is not None and not os.path.lexists(run_dir / "wandb")  # W&B makes it before the run opens
+    # the loggers' directories are made before the run opens (W&B's at once), so they are seen now
+    new_dirs = [d for d in logger_dirs(plan) if not os.path.lexists(d)]
+    loggers = lightning_loggers(plan)
     _quiet_lightning()
     # first: opening the run directory waits until Lightning has set up and restored the run, so a
     # checkpoint whose training state does not load is refused before anything is written
@@ -105,12 +117,10 @@ def build_run(plan: RunPlan) -> Run:
 
         callbacks.append(TimeBudget(config.trainer.max_time_delta.total_seconds()))  # last: it times the others
     try:
-        trainer = L.Trainer(
-            **_trainer_arguments(plan), logger=[jsonl, *([wandb] if wandb else [])], callbacks=callbacks
-        )
+        trainer = L.Trainer(**_trainer_arguments(plan), logger=[jsonl, *loggers], callbacks=callbacks)
     except Exception as e:  # noqa: BLE001 - Lightning refuses settings with several exception types
         raise CarlosError(f"Lightning refused the trainer settings: {first_line(e)}") from None
-    run = Run(plan, trainer, metrics, checkpoints, preemption, jsonl, wandb, wandb_new)
+    run = Run(plan, trainer, metrics, checkpoints, preemption, jsonl, loggers, new_dirs)
     return run  # open_run_dir(run), above, runs once Lightning has restored the run
 
 
@@ -179,6 +189,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")  # carlos logs by itself
+    # a resumed run's metrics.csv: CSVLogger starts it over, and carlos writes its history back (replay_history)
+    warnings.filterwarnings("ignore", message=".*Previous log files in this directory will be deleted.*")
     # validation sums are reduced across ranks by CarlosLM itself before they are logged
     warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
@@ -198,16 +210,19 @@ def open_run_dir(run: Run) -> None:
     manifest.remove_stale()
     overwrite = plan.config.overwrite and plan.resume is None
     with manifest.aside([run_dir / name for name in RUN_OUTPUTS] if overwrite else []) as earlier:
-        if run_dir != plan.data.workdir:  # a sweep job's directory, made by Hydra for this run
+        if run_dir != plan.data.workdir:  # a sweep job's (made by Hydra) or a named run's directory
+            Manifest(plan.data.workdir).claim_dir(run_dir)
             manifest.claim(run_dir, kind="dir")
         save_snapshot(plan.composed, run_dir, manifest)
-        if run.wandb_new:  # a wandb/ that was there before stays the user's
-            manifest.claim(run_dir / "wandb", kind="tree")
+        for d in run.new_dirs:  # a wandb/ (or csv/, tensorboard/) that was there before stays the user's
+            manifest.claim(d, kind="tree")
         if plan.resume:  # the samples past the checkpoint came from the run that continued after it
             for p in (run_dir / "samples").glob("step_*.txt"):
                 if (step_of(p) or 0) > plan.resumed["step"] and manifest.owns(p):
                     p.unlink()
-        run.jsonl.begin()
+        from carlos.loggers import replay_history
+
+        replay_history(run.loggers, run.jsonl.begin())
         earlier.commit()
 
 

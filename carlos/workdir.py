@@ -22,26 +22,55 @@ from carlos.manifest import Manifest
 from carlos.tokenizer import ByteTokenizer
 
 PREPARED = ("splits.json", "tokenizer.json", "rng_state.json")  # beside data/{train,val,test}.npy
-# what a run writes and --overwrite removes (wandb/ only when a carlos run created it: W&B writes it whole)
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples", ".hydra", "wandb")
+# the loggers' directories, each written whole by its library (removed only when a carlos run created it)
+LOGGER_DIRS = ("wandb", "csv", "tensorboard")
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples", ".hydra", *LOGGER_DIRS)  # what --overwrite removes
 
 
 def prepared_paths(workdir: Path) -> list[Path]:
     return [workdir / name for name in PREPARED] + [workdir / "data" / f"{s}.npy" for s in SPLITS]
 
 
+RUNS, SWEEPS = "runs", "sweeps"  # WORKDIR/runs/NAME: the runs named with --run; WORKDIR/sweeps/: sweep jobs
+
+
+def run_dir(workdir: Path, run: str | None) -> Path:
+    """Where a run writes: the workdir itself, or WORKDIR/runs/NAME for --run NAME."""
+    return Path(workdir) / RUNS / run if run else Path(workdir)
+
+
 def runs_outputs(workdir: Path) -> list[Path]:
-    """The outputs of the runs trained on a workdir's data: its own run's and its sweeps'."""
-    return [*(workdir / name for name in RUN_OUTPUTS), workdir / "sweeps"]
+    """The outputs of the runs trained on a workdir's data: its own run's, its named runs' and its sweeps'."""
+    return [*(workdir / name for name in RUN_OUTPUTS), workdir / RUNS, workdir / SWEEPS]
 
 
 def workdir_has_run(workdir: Path, manifest: Manifest) -> bool:
-    """Checkpoints that carlos wrote there: of a single run, or of a sweep job trained on its data."""
+    """Checkpoints that carlos wrote there: of its own run, a named run or a sweep job trained on its data."""
     return any(
         p.suffix == ".pt" and p.parent.name == "checkpoints"
-        for out in (workdir / "checkpoints", workdir / "sweeps")
+        for out in (workdir / "checkpoints", workdir / RUNS, workdir / SWEEPS)
         for p in manifest.owned_files(out)
     )
+
+
+def trained_runs(workdir: Path) -> list[str]:
+    """How to name each run of a workdir that has a checkpoint, for eval, sample and export: `--run NAME`
+    for a named run, `--checkpoint PATH` for a sweep job's best (or last) checkpoint."""
+    found = []
+    if any((workdir / "checkpoints").glob("*.pt")):
+        found.append("the workdir's own run (no --run)")
+    for d in sorted((workdir / RUNS).glob("*/checkpoints")):
+        if any(d.glob("*.pt")):
+            found.append(f"--run {d.parent.name}")
+    for d in sorted((workdir / SWEEPS).glob("*/*/checkpoints"), key=lambda p: (p.parts[-3], _number(p.parts[-2]))):
+        best = next((d / n for n in ("best.pt", "last.pt") if (d / n).is_file()), None)
+        if best is not None:
+            found.append(f"--checkpoint {best}")
+    return found
+
+
+def _number(name: str) -> tuple[int, str]:
+    return (int(name), "") if name.isdigit() else (1 << 62, name)
 
 
 @dataclass

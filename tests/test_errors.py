@@ -306,6 +306,20 @@ def locked(name: str) -> Callable:
     return setup
 
 
+def locked_run(workdir: str, run: str) -> Callable:
+    """Another `carlos train --run RUN` trains that run of workdir (its locks taken here, as in locked)."""
+
+    def setup(d: Path, mp: pytest.MonkeyPatch) -> None:
+        from carlos.lock import LOCK, DirLock
+
+        HELD.append(DirLock(d / workdir, "train", shared=True).acquire())
+        HELD.append(DirLock(d / workdir, "train", name=f"{LOCK}-run-{run}").acquire())
+        for name in (LOCK, f"{LOCK}-run-{run}"):
+            (d / workdir / name).write_text(HOLDER)
+
+    return setup
+
+
 def nothing_but_the_input_changed(d: Path, before: dict) -> None:
     """After a fault that changes the input itself: everything else as it was, no workdir made."""
     after = snapshot(d)
@@ -579,7 +593,7 @@ CASES = [
         "train-run-exists",
         "workdir holds checkpoints, neither --resume nor --overwrite",
         ["train", "--workdir", "w"],
-        "pass --resume to continue it or --overwrite",
+        "pass --resume to continue it, --overwrite to delete it and start over, or train beside it with --run NAME",
     ),
     Case(
         "train-resume-nothing",
@@ -937,6 +951,41 @@ CASES = [
         "available: best, last, step_000002, step_000004",
     ),
     Case("no-checkpoints", "no checkpoints yet", ["eval", "--workdir", "fresh"], "train first"),
+    Case(
+        "run-no-checkpoints",
+        "no checkpoints in the named run; the workdir's runs that have some are listed",
+        ["eval", "--workdir", "w", "--run", "second"],
+        "w has runs with checkpoints: the workdir's own run (no --run)",
+    ),
+    # -- several runs on one workdir
+    Case("run-name", "a run name that is a path", ["train", "--workdir", "w", "--run", "../w2"], "is not a plain name"),
+    Case(
+        "run-in-sweep",
+        "--run in a sweep",
+        ["train", "-m", "--workdir", "w", "--run", "a", "seed=1,2"],
+        "--run names one run, and each job of a sweep gets a directory of its own",
+    ),
+    Case(
+        "run-while-training",
+        "a named run that another train is training",
+        ["train", "--workdir", "w", "--run", "a"],
+        "run a of w is in use by carlos train (pid 4242 on node7",
+        locked_run("w", "a"),
+    ),
+    Case(
+        "logger-unknown",
+        "a logger carlos does not have",
+        ["train", "--workdir", "w", "logger=mlflow"],
+        "unknown logger",
+    ),
+    # -- export
+    Case("export-no-out", "export without --out", ["export", "--workdir", "w"], "export needs --out DIR"),
+    Case(
+        "export-format",
+        "an export format carlos does not write",
+        ["export", "--workdir", "w", "--format", "onnx", "--out", "x"],
+        "unknown export format 'onnx'",
+    ),
     Case(
         "checkpoint-truncated",
         "checkpoint truncated",

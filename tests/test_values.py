@@ -35,6 +35,7 @@ BASE = {
     "train": ["--workdir", "w", *TINY_RUN, "--max_steps", "2", "--max_time", "6", "--overwrite"],
     "eval": ["--workdir", "w"],
     "sample": ["--workdir", "w", "--max_new_tokens", "4"],
+    "export": ["--workdir", "w", "--out", "exported"],
     "bench": ["--workdir", "b", "output=null", "rounds=0"],
 }
 VALUES = [
