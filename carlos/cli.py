@@ -44,6 +44,7 @@ SCRIPT_FLAGS: dict[str, dict[str, str]] = {
         "seed": "seed",
         "resume": "resume",
         "overwrite": "overwrite",
+        "init_from": "init_from",
         "micro_batch_size": "data.micro_batch_size",
         "grad_accum_steps": "trainer.accumulate_grad_batches",
         "precision": "trainer.precision",
@@ -111,6 +112,7 @@ SCRIPT_FLAGS: dict[str, dict[str, str]] = {
 # keys whose values are always text, even when they look like numbers (a prompt of "42")
 TEXT_KEYS = {
     "run",
+    "init_from",
     "wandb.tags",
     "input",
     "workdir",

@@ -313,6 +313,7 @@ class TrainConfig:
     seed: int
     resume: Any  # false, true or auto
     overwrite: bool
+    init_from: str | None
     eval_interval: int
     ckpt_interval: int
     log_interval: int

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from carlos.checkpoint import check_checkpoint, device_type, load_checkpoint, step_of
-from carlos.config import WANDB_MODES, TrainConfig
+from carlos.checkpoint import PREFIX, check_checkpoint, device_type, load_checkpoint, step_of
+from carlos.config import WANDB_MODES, ModelConfig, TrainConfig
 from carlos.errors import CarlosError
 from carlos.files import read_regular
 from carlos.manifest import Manifest
@@ -47,6 +47,7 @@ class RunPlan:
     optimizer: dict[str, Any]
     schedule: dict[str, Any]
     wandb: dict[str, Any] | None  # WandbLogger's arguments; None: W&B is off
+    init: dict[str, torch.Tensor] | None = None  # --init_from: the weights a new run starts from
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -98,9 +99,10 @@ def plan_run(composed: DictConfig, config: TrainConfig, data: PreparedData, run_
     check_optimization(optimizer, schedule, config.trainer.max_steps)
     _check_loggers(config)
     wandb = wandb_settings(config, run_dir) if leader else None
+    init = initial_weights(config, data, model) if config.init_from and resume is None else None
     return RunPlan(
         composed, config, data, run_dir, leader, manifest, resume, resumed, model, precision, reason, optimizer,
-        schedule, wandb,
+        schedule, wandb, init,
     )  # fmt: skip
 
 
@@ -220,6 +222,59 @@ def _model_config(config: TrainConfig, data: PreparedData, resumed: dict | None)
             "start over with --overwrite, or prepare the original corpus again"
         )
     return model
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+
+def initial_weights(config: TrainConfig, data: PreparedData, model: GPTConfig) -> dict[str, torch.Tensor]:
+    """--init_from: a checkpoint's weights for a new run (its optimizer, step and schedule are not taken),
+    once its model is this run's and its vocabulary this workdir's. Rotary positions work at any context;
+    learned ones only up to the context they were trained for, so a longer one is refused."""
+    path = Path(config.init_from).expanduser()
+    if not path.is_file():
+        raise CarlosError(f"--init_from {path}: no such checkpoint file; give the path of a .pt checkpoint")
+    checkpoint = load_checkpoint(path)
+    theirs, tokenizer = check_checkpoint(checkpoint, path)
+    fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "dropout"]  # dropout may change
+    differ = [k for k in fields if getattr(theirs, k) != getattr(model, k)]
+    if differ:
+        shown = "; ".join(f"{k}: {getattr(theirs, k)} there, {getattr(model, k)} here" for k in differ)
+        how = _preset(theirs) or " ".join(f"model.{k}={getattr(theirs, k)}" for k in differ)
+        raise CarlosError(
+            f"--init_from {path} holds another model than this run's ({shown}); pass {how} to train the "
+            "checkpoint's model, or use another checkpoint"
+        )
+    if tokenizer != data.tokenizer:
+        raise CarlosError(
+            f"--init_from {path} has vocabulary {tokenizer.vocab_size} (add_bos={tokenizer.add_bos}, add_eos="
+            f"{tokenizer.add_eos}) but {data.workdir} is prepared with {data.tokenizer.vocab_size} (add_bos="
+            f"{data.tokenizer.add_bos}, add_eos={data.tokenizer.add_eos}); prepare it with the checkpoint's "
+            "--add_bos / --add_eos"
+        )
+    weights = {k.removeprefix(PREFIX): v for k, v in checkpoint["state_dict"].items() if k.startswith(PREFIX)}
+    if theirs.pos == "learned" and data.seq_len > theirs.block_size:
+        raise CarlosError(
+            f"--init_from {path} learned positions for {theirs.block_size} tokens, and {data.workdir} is prepared "
+            f"with seq_len={data.seq_len}: positions {theirs.block_size} on were never trained; prepare it "
+            f"with --seq_len {theirs.block_size} or less (rotary positions, model=modern, have no such limit)"
+        )
+    if theirs.pos == "learned":  # the positions this context uses, all of them trained
+        weights["pos_emb.weight"] = weights["pos_emb.weight"][: data.seq_len].clone()
+    return weights
+
+
+def _preset(model: GPTConfig) -> str:
+    """': model=NAME' when one of conf/model/ describes the checkpoint's model exactly."""
+    from omegaconf import OmegaConf
+
+    from carlos.compose import conf_dir
+
+    for preset in sorted((conf_dir() / "model").glob("*.yaml")):
+        settings = OmegaConf.to_container(OmegaConf.load(preset))
+        if all(getattr(model, k) == v for k, v in settings.items() if k != "dropout"):
+            return f"model={preset.stem}"
+    return ""
 
 
 # ---------------------------------------------------------------- the machine

@@ -257,6 +257,8 @@ def fit(run: Run) -> tuple[CarlosLM, float]:
     config, data = plan.config, plan.data
     L.seed_everything(config.seed, workers=True, verbose=False)
     module = CarlosLM(plan.model.to_dict(), plan.optimizer, plan.schedule, config.trainer.max_steps, _record(plan))
+    if plan.init is not None:  # fine-tuning: the weights only; the optimizer, step and schedule start anew
+        module.model.load_state_dict(plan.init)
     batches = config.data
     datamodule = ByteDataModule(
         data, batches.micro_batch_size, batches.eval_batch_size, config.seed, batches.num_workers,
@@ -292,6 +294,7 @@ def _record(plan: RunPlan) -> dict:
         "seed": plan.config.seed,
         "workdir": str(plan.data.workdir),
         "data_sha256": plan.data.info["sha256"],
+        "init_from": str(plan.config.init_from) if plan.init is not None else None,
         "config": to_plain(plan.composed),
     }
 
@@ -308,6 +311,8 @@ def _print_start(run: Run, module: CarlosLM) -> None:
     print(f"precision: {plan.precision} ({plan.precision_reason}); {per_step:,} tokens per optimizer step")
     if plan.resume:
         print(f"resuming from {plan.resume} at step {plan.resumed['step']}")
+    if plan.init is not None:
+        print(f"fine-tuning from {plan.config.init_from}: its weights; the optimizer, step and schedule start anew")
 
 
 def summarize(run: Run, module: CarlosLM, seconds: float) -> float:
