@@ -27,6 +27,7 @@ COMMANDS = ("prepare", "train", "eval", "sample", "export", "bench", "report")
 SCRIPT_FLAGS: dict[str, dict[str, str]] = {
     "prepare": {
         "input": "input",
+        "glob": "glob",
         "workdir": "workdir",
         "seed": "seed",
         "overwrite": "overwrite",
@@ -112,6 +113,7 @@ SCRIPT_FLAGS: dict[str, dict[str, str]] = {
 # keys whose values are always text, even when they look like numbers (a prompt of "42")
 TEXT_KEYS = {
     "run",
+    "glob",
     "init_from",
     "wandb.tags",
     "input",
@@ -268,6 +270,16 @@ def _flag_override(key: str, name: str, default: Any, inline: str | None, args: 
         value = "true"
         if i < len(args) and not args[i].startswith("-") and "=" not in args[i]:
             value, i = args[i], i + 1
+    elif key == "input" and name == "input":  # one path (whatever it holds), or several: --input a.txt b.txt
+        if i >= len(args):
+            raise CarlosError(f"--{name} needs a value")
+        values, i = [args[i]], i + 1
+        while i < len(args) and not args[i].startswith("-") and "=" not in args[i]:
+            values.append(args[i])
+            i += 1
+        if len(values) > 1:
+            return f"input=[{','.join(hydra_quote(v) for v in values)}]", i
+        value = values[0]
     elif isinstance(default, list) or key == "wandb.tags":
         values = []
         # a list of overrides (bench's train) takes key=value items; other lists stop at one

@@ -103,7 +103,8 @@ class PrepareDataConfig:
 
 @dataclass
 class PrepareConfig:
-    input: str | None
+    input: Any  # a file, a directory, a glob, or a list of them
+    glob: str  # the files of a directory given to --input
     workdir: str
     seed: int
     overwrite: bool
@@ -111,6 +112,11 @@ class PrepareConfig:
 
     def __post_init__(self) -> None:
         check_seed("seed", self.seed)
+        items = self.input if isinstance(self.input, list) else [self.input]
+        if self.input is not None and (not items or not all(isinstance(i, str) and i for i in items)):
+            raise CarlosError(f"input must be a path or a list of paths, got {self.input!r}")
+        if not self.glob or "/" in self.glob.replace("**/", ""):
+            raise CarlosError(f"glob must be a file name pattern such as '*.txt' or '**/*.md', got {self.glob!r}")
 
 
 # ---------------------------------------------------------------- train

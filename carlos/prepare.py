@@ -32,6 +32,7 @@ from typing import BinaryIO
 import numpy as np
 
 from carlos.config import SPLITS, PrepareConfig
+from carlos.corpus import CHUNK, Sources, input_files, scan
 from carlos.errors import CarlosError
 from carlos.files import MadeDirs, kind_of, open_regular, path_problem, write_error
 from carlos.lock import DirLock
@@ -43,7 +44,6 @@ FORMAT_VERSION = 1
 
 
 NON_ASCII = bytes(range(0x80, 0x100))
-CHUNK = 16 << 20  # bytes read at a time: memory stays bounded whatever the corpus size
 
 
 class Source:
@@ -98,6 +98,12 @@ class Source:
         if digest_now != sha256:
             raise self.changed("its bytes differ between two reads")
 
+    def scan(self) -> tuple[int, str]:
+        return scan(self.f)
+
+    def same_file(self, other: os.stat_result) -> Path | None:
+        return self.path if os.path.samestat(self.stat, other) else None
+
     def close(self) -> None:
         self.f.close()
 
@@ -106,33 +112,6 @@ class Source:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def scan(src: BinaryIO, chunk: int = CHUNK) -> tuple[int, str]:
-    """(size, sha256) of the input, checking on the way that it is UTF-8: one pass, bounded memory."""
-    name = getattr(src, "name", "the input")
-    digest = hashlib.sha256()
-    decoder = codecs.getincrementaldecoder("utf-8")("strict")
-    offset = 0
-    src.seek(0)
-    while block := src.read(chunk):
-        digest.update(block)
-        pending = decoder.getstate()[0]  # the start of a character cut by the previous block
-        try:
-            decoder.decode(block)
-        except UnicodeDecodeError as e:
-            raise CarlosError(
-                f"input {name} is not UTF-8: first bad byte 0x{(pending + block)[e.start]:02x} at offset "
-                f"{offset - len(pending) + e.start}; convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
-            ) from None
-        offset += len(block)
-    pending = decoder.getstate()[0]
-    if pending:
-        raise CarlosError(
-            f"input {name} is not UTF-8: it ends inside a character at offset {offset - len(pending)}; "
-            "convert it to UTF-8"
-        )
-    return offset, digest.hexdigest()
 
 
 def _newline_after(source: Source, target: int, reach: int, block: int) -> int | None:
@@ -194,7 +173,7 @@ class DocumentTokens:
     Only a possible start of a separator is held back between pieces, so a corpus with no separator at
     all still streams in bounded memory."""
 
-    def __init__(self, tok: ByteTokenizer, separator: str) -> None:
+    def __init__(self, tok: ByteTokenizer, separator: str | None) -> None:
         self.tok, self.sep = tok, separator
         self.wrap = tok.add_bos or tok.add_eos
         self.carry = ""  # the last len(sep) - 1 characters seen, which may begin a separator
@@ -224,6 +203,8 @@ class DocumentTokens:
     def feed(self, text: str) -> np.ndarray:
         if not self.wrap:
             return self._ids(text)
+        if self.sep is None:  # the whole text is one document (a file of several)
+            return self._ids(*self._text(text))
         *docs, rest = (self.carry + text).split(self.sep)
         out: list[int | str] = []
         for doc in docs:
@@ -250,7 +231,7 @@ def tokenize_split(
     start: int,
     end: int,
     tok: ByteTokenizer,
-    separator: str,
+    separator: str | None,
     nfkc: bool,
     out: BinaryIO,
     chunk: int = CHUNK,
@@ -302,6 +283,39 @@ def tokenize_split(
     return n + len(tail), digest.hexdigest()
 
 
+class _Hashes:
+    """Several hashlib objects fed the same bytes."""
+
+    def __init__(self, *hashes) -> None:
+        self.hashes = [h for h in hashes if h is not None]
+
+    def update(self, data: bytes) -> None:
+        for h in self.hashes:
+            h.update(data)
+
+
+def tokenize_range(source: Source | Sources, start: int, end: int, tok, cfg: PrepareConfig, out, whole):
+    """tokenize_split over bytes [start, end) of the input; of several files, each file's part as one
+    document (a separator inside a file is text) and the separators between files as they are."""
+    data = cfg.data
+    if isinstance(source, Source):
+        return tokenize_split(source.f, start, end, tok, data.separator, data.normalize_nfkc, out, whole=whole)
+    digest = hashlib.sha256()
+    both, n = _Hashes(digest, whole), 0
+    for i, a, b in source.segments(start, end):
+        if i is None:  # (a part of) the separator between two files: whole characters, see cut_near
+            text = source.sep[a:b]
+            both.update(text)
+            normal = unicodedata.normalize("NFKC", text.decode("utf-8")) if data.normalize_nfkc else text.decode()
+            ids = np.frombuffer(normal.encode("utf-8"), dtype=np.uint8).astype(tok.dtype)
+            out.write(ids.tobytes())
+            n += len(ids)
+            continue
+        with source.open(i) as f:
+            n += tokenize_split(f, a, b, tok, None, data.normalize_nfkc, out, whole=both)[0]
+    return n, digest.hexdigest()
+
+
 def pack(tokens: Path, n: int, seq_len: int, dtype: np.dtype, out: Path, windows_per_block: int = 1 << 14) -> int:
     """Write out (.npy) holding (windows, seq_len + 1) windows with stride seq_len of the n token ids in the
     raw file tokens; the tail becomes a last, right-aligned window. Returns the number of windows."""
@@ -324,7 +338,7 @@ def pack(tokens: Path, n: int, seq_len: int, dtype: np.dtype, out: Path, windows
     return full + tail
 
 
-def check_workdir(cfg: PrepareConfig, source: Source, workdir: Path, manifest: Manifest) -> None:
+def check_workdir(cfg: PrepareConfig, source: Source | Sources, workdir: Path, manifest: Manifest) -> None:
     """Everything in the way, refused before a byte is written."""
     if workdir_has_run(workdir, manifest) and not cfg.overwrite:
         raise CarlosError(
@@ -340,10 +354,11 @@ def check_workdir(cfg: PrepareConfig, source: Source, workdir: Path, manifest: M
     if cfg.overwrite:
         replaced += [f for out in runs_outputs(workdir) for f in manifest.owned_files(out)]
     for f in replaced:
-        if os.path.samestat(os.stat(f), source.stat):
-            same = "" if os.path.abspath(f) == os.path.abspath(source.path) else f" (the same file as {f})"
+        path = source.same_file(os.stat(f))
+        if path is not None:
+            same = "" if os.path.abspath(f) == os.path.abspath(path) else f" (the same file as {f})"
             raise CarlosError(
-                f"input {source.path}{same} was written by carlos into workdir {workdir}, and this prepare "
+                f"input {path}{same} was written by carlos into workdir {workdir}, and this prepare "
                 "replaces or removes it; copy it elsewhere first"
             )
 
@@ -358,11 +373,11 @@ def prepare(cfg: PrepareConfig) -> dict:
     workdir = Path(cfg.workdir).expanduser()
     if workdir.is_file():
         raise CarlosError(f"workdir {workdir} is a file; pass a directory to --workdir")
-    with Source(cfg.input) as source, MadeDirs(workdir) as made, DirLock(workdir, "prepare"):
+    with open_input(cfg, workdir) as source, MadeDirs(workdir) as made, DirLock(workdir, "prepare"):
         manifest = Manifest(workdir)
         try:
             check_workdir(cfg, source, workdir, manifest)
-            size, sha256 = scan(source.f)
+            size, sha256 = source.scan()
             record = build_and_install(cfg, source, workdir, manifest, size, sha256)
         except BaseException:
             if made.made:  # a workdir this prepare created: what it wrote there goes (its directories after)
@@ -373,6 +388,15 @@ def prepare(cfg: PrepareConfig) -> dict:
     record = {**record, "seconds": time.perf_counter() - started}
     print(summary(record, cfg.workdir))
     return record
+
+
+def open_input(cfg: PrepareConfig, workdir: Path) -> Source | Sources:
+    """One file, read as it always was, or several (a directory, a glob, a list) read as one corpus."""
+    files = input_files(cfg.input, cfg.glob, workdir) if cfg.input else None
+    if files is None:
+        return Source(cfg.input)
+    shown = cfg.input if isinstance(cfg.input, str) else " ".join(cfg.input)
+    return Sources(files, cfg.data.separator, shown)
 
 
 def summary(record: dict, workdir: str) -> str:
@@ -388,7 +412,9 @@ def summary(record: dict, workdir: str) -> str:
     )
 
 
-def build_and_install(cfg: PrepareConfig, source: Source, workdir: Path, manifest: Manifest, size, sha256) -> dict:
+def build_and_install(
+    cfg: PrepareConfig, source: Source | Sources, workdir: Path, manifest: Manifest, size, sha256
+) -> dict:
     """Build in a temporary directory inside the workdir, then install; the temporary goes either way."""
     manifest.remove_stale()
     for stale in workdir.glob(".prepare-*"):  # left by a prepare that was killed (kill -9) midway
@@ -409,7 +435,7 @@ def build_and_install(cfg: PrepareConfig, source: Source, workdir: Path, manifes
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def build(cfg: PrepareConfig, source: Source, tmp: Path, size: int, sha256: str) -> dict:
+def build(cfg: PrepareConfig, source: Source | Sources, tmp: Path, size: int, sha256: str) -> dict:
     """Every prepared file, in tmp: tokens and windows of each split, then tokenizer.json, rng_state.json
     and splits.json; returns the splits.json record."""
     data = cfg.data
@@ -421,7 +447,7 @@ def build(cfg: PrepareConfig, source: Source, tmp: Path, size: int, sha256: str)
         start, end = offsets[name]
         flat = tmp / f"{name}.tokens"
         with open(flat, "wb") as out:
-            n, digest = tokenize_split(source.f, start, end, tok, data.separator, data.normalize_nfkc, out, whole=whole)
+            n, digest = tokenize_range(source, start, end, tok, cfg, out, whole)
         if n < data.seq_len + 1:
             smallest = min(data.val_fraction, data.test_fraction, 1 - data.val_fraction - data.test_fraction)
             raise CarlosError(
@@ -436,7 +462,8 @@ def build(cfg: PrepareConfig, source: Source, tmp: Path, size: int, sha256: str)
     source.check_unchanged(sha256, whole.hexdigest())
     record = {
         "splits": splits,
-        "input": str(source.path.resolve()),
+        "input": str(source.path.resolve()) if isinstance(source, Source) else str(source.path),
+        **({"files": source.record()} if isinstance(source, Sources) else {}),
         "size": size,
         "sha256": sha256,
         "normalization": "NFKC" if data.normalize_nfkc else None,

@@ -496,7 +496,12 @@ CASES = [
     # -- prepare: the input
     Case("input-none", "no --input", ["prepare"], "no input corpus given"),
     Case("input-missing", "input does not exist", ["prepare", "--input", "missing.txt"], "does not exist"),
-    Case("input-directory", "input is a directory", ["prepare", "--input", "w"], "is a directory"),
+    Case(
+        "input-directory",
+        "input is a directory without text files",
+        ["prepare", "--input", "fresh"],
+        "input fresh holds no file matching '*.txt'",
+    ),
     Case("input-empty", "input is empty", ["prepare", "--input", "empty.txt"], "is empty", write("empty.txt", b"")),
     Case(
         "input-unreadable",

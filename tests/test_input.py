@@ -57,6 +57,7 @@ def test_inputs_that_are_not_regular_files_are_refused_without_blocking(here):
     os.symlink("loop", here / "loop")
     os.symlink("nowhere.txt", here / "dangling")
     (here / "file").write_text("x")
+    (here / "no_text").mkdir()
     cases = {
         "fifo": "is a FIFO (named pipe); save the text to a file",
         "sock": "is a socket",
@@ -65,7 +66,7 @@ def test_inputs_that_are_not_regular_files_are_refused_without_blocking(here):
         "loop": "is a symlink loop",
         "dangling": "is a symlink to nowhere.txt, which does not exist",
         "file/inside.txt": "a part of that path is a file",
-        ".": "is a directory",
+        "no_text": "holds no file matching '*.txt'",  # a directory is read for its text files
     }
     try:
         for path, expect in cases.items():

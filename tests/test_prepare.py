@@ -128,11 +128,11 @@ def test_bad_corpus_is_refused(tmp_path, content, message):
     assert not (tmp_path / "w" / "splits.json").exists()
 
 
-def test_missing_and_directory_inputs_are_refused(tmp_path):
+def test_a_missing_input_and_a_directory_without_text_files_are_refused(tmp_path):
     with pytest.raises(CarlosError, match="does not exist"):
         prepare_workdir(tmp_path / "nope.txt", tmp_path / "w")
-    with pytest.raises(CarlosError, match="is a directory"):
-        prepare_workdir(tmp_path, tmp_path / "w")
+    with pytest.raises(CarlosError, match=r"holds no file matching '\*.txt'; pass --glob PATTERN"):
+        prepare_workdir(tmp_path, tmp_path / "w")  # a directory is read for its *.txt files: it has none
     assert not (tmp_path / "w").exists()
 
 

@@ -1,0 +1,211 @@
+"""The input of `carlos prepare` when it is more than one file: several files, a directory (searched
+recursively for --glob, *.txt by default) or a glob pattern.
+
+The files, in sorted path order, are read as one corpus: each file is one document, and the files are
+joined with the separator, so `carlos prepare` splits, tokenizes and packs them exactly as it does one
+file (carlos/prepare.py), reading one file at a time in bounded memory. `scan`, the UTF-8 check of one
+file, lives here because both kinds of input use it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob as globbing
+import hashlib
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from carlos.errors import CarlosError
+from carlos.files import kind_of, open_regular, path_problem
+
+CHUNK = 16 << 20  # bytes read at a time: memory stays bounded whatever the corpus size
+MAGIC = set("*?[")
+
+
+def scan(src: BinaryIO, chunk: int = CHUNK, also=None) -> tuple[int, str]:
+    """(size, sha256) of a file, checking on the way that it is UTF-8: one pass, bounded memory. also, a
+    hashlib object, is fed the same bytes."""
+    name = getattr(src, "name", "the input")
+    digest = hashlib.sha256()
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    offset = 0
+    src.seek(0)
+    while block := src.read(chunk):
+        digest.update(block)
+        if also is not None:
+            also.update(block)
+        pending = decoder.getstate()[0]  # the start of a character cut by the previous block
+        try:
+            decoder.decode(block)
+        except UnicodeDecodeError as e:
+            raise CarlosError(
+                f"input {name} is not UTF-8: first bad byte 0x{(pending + block)[e.start]:02x} at offset "
+                f"{offset - len(pending) + e.start}; convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+            ) from None
+        offset += len(block)
+    pending = decoder.getstate()[0]
+    if pending:
+        raise CarlosError(
+            f"input {name} is not UTF-8: it ends inside a character at offset {offset - len(pending)}; "
+            "convert it to UTF-8"
+        )
+    return offset, digest.hexdigest()
+
+
+# ---------------------------------------------------------------- which files
+
+
+def input_files(spec: str | list[str], pattern: str, workdir: Path) -> list[Path] | None:
+    """The files of --input in sorted path order, or None for one plain file path (read as it always was).
+    A directory is searched recursively for pattern, hidden files and directories and the workdir left out."""
+    if isinstance(spec, str) and not (MAGIC & set(spec)) and not Path(spec).expanduser().is_dir():
+        return None
+    found: dict[str, Path] = {}
+    for item in [spec] if isinstance(spec, str) else spec:
+        for path in _expand(str(item), pattern, workdir):
+            found.setdefault(os.path.realpath(path), path)  # a file given twice is read once
+    shown = spec if isinstance(spec, str) else " ".join(spec)
+    if not found:
+        raise CarlosError(
+            f"input {shown} matches no file; check the path, or pass --glob PATTERN for the files to read"
+        )
+    return sorted(found.values(), key=lambda p: p.as_posix())
+
+
+def _expand(item: str, pattern: str, workdir: Path) -> list[Path]:
+    path = Path(item).expanduser()
+    if path.is_dir():
+        inside = sorted(p for p in path.rglob(pattern) if not _hidden(p, path) and not _under(p, workdir))
+        if not inside:
+            raise CarlosError(f"input {path} holds no file matching {pattern!r}; pass --glob PATTERN (e.g. '*.md')")
+        return [p for p in inside if not p.is_dir()]
+    if MAGIC & set(item) and not os.path.lexists(path):
+        matched = [Path(p) for p in globbing.glob(os.path.expanduser(item), recursive=True)]
+        return [p for p in matched if not p.is_dir() and not _under(p, workdir)]
+    return [path]  # a file; Sources refuses it when it is missing or not a regular file
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _under(path: Path, workdir: Path) -> bool:
+    """Inside the workdir: its samples and data are carlos's outputs, never its input."""
+    return Path(os.path.abspath(path)).is_relative_to(os.path.abspath(workdir))
+
+
+# ---------------------------------------------------------------- several files read as one
+
+
+class Sources:
+    """Several files read as one corpus: file 1, separator, file 2, separator, ... Offsets are in that
+    joined text. Each file is opened when it is read, and one that changed since it was listed (size,
+    modification time or, at the end, its bytes) is refused, like a single input that changes."""
+
+    def __init__(self, paths: list[Path], separator: str, shown: str) -> None:
+        self.path = Path(shown)  # the --input as given, for messages
+        self.sep = separator.encode("utf-8")
+        self.files = [(p, self._stat(p)) for p in paths]
+        self.files = [(p, st) for p, st in self.files if st.st_size > 0]  # an empty file adds no document
+        if not self.files:
+            raise CarlosError(f"input {shown}: every file is empty; give UTF-8 text files with some text in them")
+        self.starts, pos = [], 0
+        for _, st in self.files:
+            self.starts.append(pos)
+            pos += st.st_size + len(self.sep)
+        self.size = pos - len(self.sep)
+        self.hashes: list[str] = []
+
+    @staticmethod
+    def _stat(path: Path) -> os.stat_result:
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise CarlosError(f"input {path} {path_problem(path, e)}; check the paths given to --input") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise CarlosError(f"input {path} is {kind_of(st)}; --input reads regular files")
+        return st
+
+    def open(self, i: int) -> BinaryIO:
+        """File i, opened and checked to be the file that was listed."""
+        path, listed = self.files[i]
+        f = os.fdopen(open_regular(path, "check its permissions", label="input "), "rb")
+        f.raw.name = str(path)
+        now = os.fstat(f.fileno())
+        if (now.st_size, now.st_mtime_ns, now.st_ino) != (listed.st_size, listed.st_mtime_ns, listed.st_ino):
+            f.close()
+            raise self.changed(path)
+        return f
+
+    def changed(self, path: Path) -> CarlosError:
+        return CarlosError(f"input {path} changed while it was read; let whatever writes it finish, or prepare a copy")
+
+    def scan(self) -> tuple[int, str]:
+        """(size, sha256) of the joined corpus; each file checked to be UTF-8 (its path and the offset of
+        its first bad byte named) and hashed on its own."""
+        whole = hashlib.sha256()
+        self.hashes = []
+        for i in range(len(self.files)):
+            if i:
+                whole.update(self.sep)
+            with self.open(i) as f:
+                self.hashes.append(scan(f, also=whole)[1])
+        return self.size, whole.hexdigest()
+
+    def segments(self, start: int, end: int) -> Iterator[tuple[int | None, int, int]]:
+        """The parts of [start, end): (i, a, b) for bytes a..b of file i, (None, a, b) for bytes a..b of
+        a separator between two files."""
+        for i, first in enumerate(self.starts):
+            size = self.files[i][1].st_size
+            a, b = max(start, first), min(end, first + size)
+            if a < b:
+                yield i, a - first, b - first
+            if i + 1 < len(self.files):
+                a, b = max(start, first + size), min(end, self.starts[i + 1])
+                if a < b:
+                    yield None, a - first - size, b - first - size
+
+    def read_at(self, start: int, n: int) -> bytes:
+        parts = []
+        for i, a, b in self.segments(start, start + n):
+            if i is None:
+                parts.append(self.sep[a:b])
+                continue
+            with self.open(i) as f:
+                f.seek(a)
+                parts.append(f.read(b - a))
+        data = b"".join(parts)
+        if len(data) != n:
+            raise self.changed(self.path)
+        return data
+
+    def check_unchanged(self, sha256: str, digest_now: str) -> None:
+        for path, listed in self.files:
+            now = os.stat(path)
+            if (now.st_size, now.st_mtime_ns) != (listed.st_size, listed.st_mtime_ns):
+                raise self.changed(path)
+        if digest_now != sha256:
+            raise self.changed(self.path)
+
+    def same_file(self, other: os.stat_result) -> Path | None:
+        """The input file that is other, if one is."""
+        return next((p for p, st in self.files if os.path.samestat(st, other)), None)
+
+    def record(self) -> list[dict]:
+        """The files for splits.json: path, bytes and sha256, in the order they were read."""
+        return [
+            {"path": str(p.resolve()), "bytes": st.st_size, "sha256": h}
+            for (p, st), h in zip(self.files, self.hashes, strict=True)
+        ]
+
+    def close(self) -> None:
+        pass  # each file is closed once read
+
+    def __enter__(self) -> Sources:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

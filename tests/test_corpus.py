@@ -1,0 +1,143 @@
+"""Corpora of many files: several paths, a directory (recursive, --glob) or a glob pattern, read as one
+corpus in sorted path order with each file one document; a single file is prepared exactly as before."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from carlos.cli import main
+from carlos.corpus import Sources
+from carlos.errors import CarlosError
+
+A = "The first file.\n\nIts second paragraph.\n"
+B = "The second file: naïve café, 東京.\n" * 40
+C = "A third, in a subdirectory.\n" * 40
+
+
+def run(argv: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+        raise SystemExit(0)
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.fixture
+def texts(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "texts"
+    (root / "sub").mkdir(parents=True)
+    (root / ".git").mkdir()
+    (root / "b.txt").write_text(B, encoding="utf-8")
+    (root / "a.txt").write_text(A, encoding="utf-8")
+    (root / "sub" / "c.txt").write_text(C, encoding="utf-8")
+    (root / "notes.md").write_text("# not a .txt\n" * 50, encoding="utf-8")
+    (root / ".git" / "hidden.txt").write_text("hidden\n", encoding="utf-8")
+    (root / "empty.txt").write_text("", encoding="utf-8")
+    return root
+
+
+def tokens(workdir: Path) -> list[int]:
+    """Every token of the three splits in order, the overlap of each packed tail window dropped."""
+    info = json.loads((workdir / "splits.json").read_text())
+    out = []
+    for split in ("train", "val", "test"):
+        windows, n, length = np.load(workdir / "data" / f"{split}.npy"), info["tokens"][split], info["seq_len"]
+        flat = np.concatenate([windows[:-1, :length].reshape(-1), windows[-1]]) if len(windows) > 1 else windows[0]
+        keep = n - (len(windows) - 1) * length if len(windows) > 1 else n
+        out += np.concatenate([flat[: (len(windows) - 1) * length], windows[-1][-keep:]]).tolist()
+    return out
+
+
+def test_a_directory_is_read_recursively_in_sorted_order_each_file_one_document(texts, capsys):
+    argv = ["prepare", "--input", "texts", "--workdir", "w", "--seq_len", "16", "--add_bos", "--add_eos"]
+    assert run(argv, capsys)[0] == 0
+    info = json.loads(Path("w/splits.json").read_text())
+    order = [A, B, C]  # texts/a.txt, texts/b.txt, texts/sub/c.txt: the .md, the hidden and the empty file left out
+    assert [Path(f["path"]).name for f in info["files"]] == ["a.txt", "b.txt", "c.txt"]
+    assert [f["bytes"] for f in info["files"]] == [len(t.encode()) for t in order]
+    assert [f["sha256"] for f in info["files"]] == [hashlib.sha256(t.encode()).hexdigest() for t in order]
+    joined = "\n\n".join(order).encode()
+    assert info["size"] == len(joined) and info["sha256"] == hashlib.sha256(joined).hexdigest()
+    assert info["input"] == "texts"
+    # each file one document: BOS and EOS once per file, the blank line inside a.txt is text
+    expected = []
+    for i, text in enumerate(order):
+        expected += ([10, 10] if i else []) + [256, *text.encode(), 257]
+    got = tokens(Path("w"))
+    assert got.count(256) == 3 + 2  # one per file, and one where val and test begin mid-document
+    assert [t for t in got if t < 256] == [t for t in expected if t < 256]
+
+
+def test_several_paths_a_glob_and_one_joined_file_give_the_same_data(texts, capsys):
+    (texts / "joined.txt").write_text("\n\n".join([A, B]), encoding="utf-8")
+    common = ["--seq_len", "16"]
+    assert run(["prepare", "--input", "texts/a.txt", "texts/b.txt", "--workdir", "several", *common], capsys)[0] == 0
+    assert run(["prepare", "--input", "texts/[ab].txt", "--workdir", "globbed", *common], capsys)[0] == 0
+    assert run(["prepare", "--input", "texts/joined.txt", "--workdir", "one", *common], capsys)[0] == 0
+    for split in ("train", "val", "test"):
+        data = [np.load(Path(w) / "data" / f"{split}.npy") for w in ("several", "globbed", "one")]
+        assert np.array_equal(data[0], data[1]) and np.array_equal(data[0], data[2])
+    several, one = (json.loads((Path(w) / "splits.json").read_text()) for w in ("several", "one"))
+    assert several["sha256"] == one["sha256"] and several["splits"] == one["splits"]
+    assert "files" not in one and one["input"] == str((texts / "joined.txt").resolve())  # one file: as before
+    assert (
+        run(["prepare", "input=[texts/b.txt,texts/a.txt,texts/a.txt]", "--workdir", "listed", *common], capsys)[0] == 0
+    )
+    assert json.loads(Path("listed/splits.json").read_text())["sha256"] == one["sha256"]  # sorted, each once
+
+
+def test_glob_chooses_the_files_of_a_directory(texts, capsys):
+    assert run(["prepare", "--input", "texts", "--glob", "*.md", "--workdir", "md", "--seq_len", "16"], capsys)[0] == 0
+    info = json.loads(Path("md/splits.json").read_text())
+    assert [Path(f["path"]).name for f in info["files"]] == ["notes.md"]
+
+
+def test_a_file_that_is_not_utf8_is_named_with_its_path_and_offset(texts, capsys):
+    (texts / "sub" / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    code, err = run(["prepare", "--input", "texts", "--workdir", "w", "--seq_len", "16"], capsys)
+    assert code == 2
+    assert err.strip() == (
+        f"carlos: error: input {Path('texts/sub/latin1.txt')} is not UTF-8: first bad byte 0xe9 at offset 3; "
+        "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+    )
+    assert not Path("w").exists()
+
+
+def test_inputs_that_match_nothing_are_refused(texts, capsys):
+    code, err = run(["prepare", "--input", "texts", "--glob", "*.rst", "--workdir", "w"], capsys)
+    assert code == 2 and "input texts holds no file matching '*.rst'; pass --glob PATTERN" in err
+    code, err = run(["prepare", "--input", "nowhere/*.txt", "--workdir", "w"], capsys)
+    assert code == 2 and "input nowhere/*.txt matches no file" in err
+    code, err = run(["prepare", "--input", "texts/a.txt", "texts/missing.txt", "--workdir", "w"], capsys)
+    assert code == 2 and "missing.txt does not exist" in err
+    assert not Path("w").exists()
+
+
+def test_the_workdir_inside_the_input_directory_is_not_read(texts, capsys):
+    assert run(["prepare", "--input", "texts", "--workdir", "texts/w", "--seq_len", "16"], capsys)[0] == 0
+    assert run(["train", "--workdir", "texts/w", "--max_steps", "2", "--sample_tokens", "4"], capsys)[0] == 0
+    assert (
+        run(["prepare", "--input", "texts", "--workdir", "texts/w", "--seq_len", "16", "--overwrite"], capsys)[0] == 0
+    )
+    info = json.loads(Path("texts/w/splits.json").read_text())
+    assert [Path(f["path"]).name for f in info["files"]] == ["a.txt", "b.txt", "c.txt"]  # not its samples/*.txt
+
+
+def test_a_file_that_changes_after_it_was_listed_is_refused(texts):
+    sources = Sources([texts / "a.txt", texts / "b.txt"], "\n\n", "texts")
+    (texts / "b.txt").write_text(B + "more\n", encoding="utf-8")
+    with pytest.raises(CarlosError, match=r"b.txt changed while it was read"):
+        sources.scan()
+
+
+def test_segments_cover_the_joined_text_exactly(texts):
+    sources = Sources([texts / "a.txt", texts / "b.txt", texts / "sub" / "c.txt"], "<|>", "texts")
+    joined = "<|>".join([A, B, C]).encode()
+    assert sources.size == len(joined)
+    for start, n in [(0, len(joined)), (len(A.encode()) - 2, 7), (5, 1), (len(joined) - 4, 4)]:
+        assert sources.read_at(start, n) == joined[start : start + n]
