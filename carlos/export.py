@@ -40,7 +40,7 @@ def export(cfg: ExportConfig) -> Path:
     meta = {k: ckpt["carlos"].get(k) for k in ("step", "seq_len", "data_sha256", "val")}
     if cfg.format == "hf":
         files, diff = hf_files(model, tok, meta)
-        check = f"; transformers' logits agree with carlos's within {diff:.1e}"
+        check = f"; transformers' logits differ from carlos's by at most {diff:.1e}"
     else:
         files, check = safetensors_files(model, tok, meta), ""
     out = Path(cfg.out).expanduser()

@@ -53,7 +53,7 @@ def test_two_named_runs_of_different_models_share_one_workdir_and_report_togethe
         assert f"run: {model}" in (d / ".hydra" / "config.yaml").read_text()
     assert not (w / "checkpoints").exists() and not (w / "metrics.jsonl").exists()  # the workdir's own run: none
 
-    code, out, _ = run(["report", "w", "--output", "none"], capsys)
+    code, out, _ = run(["report", "w"], capsys)
     assert code == 0
     rows = [line for line in out.splitlines() if line.startswith("| runs/")]
     assert sorted(r.split(" | ")[0] for r in rows) == ["| runs/baseline", "| runs/modern"]
