@@ -113,7 +113,8 @@ def test_no_second_writer_while_a_run_trains_and_none_blocked_after_kill_9(tmp_p
         while not list((tmp_path / "w" / "checkpoints").glob("step_*.pt")):
             assert time.time() < deadline and trainer.poll() is None, trainer.stderr.read().decode()
             time.sleep(0.2)
-        names = sorted(p.name for p in (tmp_path / "w" / "checkpoints").iterdir())
+        # the checkpoints written so far (not the temporary file of one being written, which comes and goes)
+        names = sorted(p.name for p in (tmp_path / "w" / "checkpoints").iterdir() if not p.name.startswith("."))
         for second in (
             [*prep, "--overwrite"],
             ["train", "--workdir", "w", *tiny, "--overwrite"],
