@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import time
 import warnings
@@ -276,6 +277,9 @@ def fit(run: Run) -> tuple[CarlosLM, float]:
         # stopped by a signal after writing its checkpoint (Preemption); 128 + signal is the shell's code
         raise SystemExit(128 + int(run.preemption.signum or signal.SIGTERM)) from None
     except Exception as e:
+        if not run.opened:  # Lightning's CSV and TensorBoard loggers start writing before a resume is restored
+            for d in run.new_dirs:
+                shutil.rmtree(d, ignore_errors=True)
         if run.opened or not plan.resume or isinstance(e, CarlosError):
             raise
         raise CarlosError(

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from carlos.config import TrainConfig, parse
 from carlos.errors import CarlosError
@@ -106,3 +107,19 @@ def test_the_logger_group_composes_any_of_its_options():
     assert cfg.logger.wandb.log_model is False
     cfg = parse(compose("train", []), TrainConfig)
     assert (cfg.logger.csv, cfg.logger.tensorboard, cfg.logger.wandb) == (None, None, None)
+
+
+@pytest.mark.slow
+def test_a_resume_refused_while_lightning_restores_it_leaves_no_logger_files(workdir, monkeypatch):
+    """Lightning logs hyperparameters before it restores the training state; carlos gives them to the
+    loggers once the run is accepted, so a refused resume writes no csv/ or tensorboard/."""
+    pytest.importorskip("tensorboard")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    train(train_cfg(workdir))
+    last = workdir / "checkpoints" / "last.pt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["loops"] = {"fit_loop": 5}  # a training state that does not load
+    torch.save(checkpoint, last)
+    with pytest.raises(CarlosError, match="its training state does not load"):
+        train(train_cfg(workdir, "logger=[csv,tensorboard]", "resume=true", "trainer.max_steps=18"))
+    assert not (workdir / "csv").exists() and not (workdir / "tensorboard").exists()
