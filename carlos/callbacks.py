@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -348,7 +349,8 @@ class TimeBudget(StepCallback):
 
 class ProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar counting optimizer steps (Lightning counts micro-batches) and showing the
-    latest train loss, tokens/s and val bpb."""
+    latest train loss, tokens/s and val bpb: one bar for the whole run, which starts where a resumed run
+    left off. Only on a terminal: into a file or a pipe, loggers.LineLogger writes plain lines instead."""
 
     def __init__(self, metrics: TrainMetrics) -> None:
         super().__init__()
@@ -357,13 +359,22 @@ class ProgressBar(TQDMProgressBar):
     def init_validation_tqdm(self) -> Tqdm:
         return Tqdm(disable=True)  # validation takes a fraction of a second; its result shows on the train bar
 
+    def init_train_tqdm(self) -> Tqdm:
+        trainer = self.trainer
+        return Tqdm(
+            desc="train",
+            total=trainer.max_steps if trainer.max_steps > 0 else None,
+            initial=trainer.global_step,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            smoothing=0,
+            bar_format=self.BAR_FORMAT,
+        )
+
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
-        super().on_train_epoch_start(trainer)
-        bar = self.train_progress_bar
-        bar.reset()
-        bar.total = trainer.max_steps if trainer.max_steps > 0 else None  # reset(total=None) keeps the old one
-        bar.n = bar.initial = trainer.global_step
-        bar.set_description("train")
+        pass  # Lightning's resets the bar to count the epoch's micro-batches, under "Epoch N"
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         bar = self.train_progress_bar

@@ -135,6 +135,8 @@ TEXT_KEYS = {
     "format",
     "out",
 }
+# text keys whose values never hold a comma: in a sweep (-m), a flag's comma separates the values to sweep
+CHOICE_KEYS = {"trainer.precision", "trainer.max_time", "wandb.mode", "split", "device", "format"}
 RENAMED_KEYS = {"sample.prefix": "sample.prompt"}  # old name -> new name; the old one keeps working
 # Hydra's own command-line flags, passed through unchanged (True: takes a value)
 HYDRA_FLAGS = {
@@ -192,7 +194,9 @@ def hydra_quote(value: str) -> str:
 # ---------------------------------------------------------------- script-style flags -> overrides
 
 
-def _format(key: str, value: str, default: Any) -> str:
+def _format(key: str, value: str, default: Any, sweep: bool = False) -> str:
+    if sweep and key in CHOICE_KEYS and "," in value:  # -m --precision 32-true,bf16-mixed: one job per value
+        return f"{key}={','.join(hydra_quote(v.strip()) for v in value.split(','))}"
     if key in TEXT_KEYS or isinstance(default, str):
         return f"{key}={hydra_quote(value)}"
     if PLAIN_VALUE.match(value) or SWEEP_FUNCTION.match(value):
@@ -208,20 +212,34 @@ def translate(command: str, args: list[str], defaults: dict[str, Any]) -> tuple[
         leaves.setdefault(key.rsplit(".", 1)[-1], []).append(key)
     hydra_args: list[str] = []
     overrides: list[str] = []
+    sweep = any(a in ("-m", "--multirun") for a in args)
     i = 0
     while i < len(args):
         arg = args[i]
         i += 1
         if arg in HYDRA_FLAGS:
             i = _hydra_flag(arg, args, i, hydra_args)
+        elif not arg.startswith(("-", "~")) and "=" not in arg:
+            override, i = _lone_words(command, args, i - 1)
+            overrides.append(override)
         elif not arg.startswith("--"):
             overrides.append(_renamed(arg))  # key=value, group=option, +key=value: Hydra's grammar
         else:
             name, eq, inline = arg[2:].partition("=")
             key = _flag_key(command, name, defaults, leaves)
-            override, i = _flag_override(key, name, defaults.get(key), inline if eq else None, args, i)
+            override, i = _flag_override(key, name, defaults.get(key), inline if eq else None, args, i, sweep)
             overrides.append(override)
     return hydra_args, overrides
+
+
+def _lone_words(command: str, args: list[str], i: int) -> tuple[str, int]:
+    """Words that are neither flags nor key=value: `carlos prepare corpus.txt [more.txt ...]` names the
+    input; any other command refuses them. Returns the override and the next position."""
+    if command != "prepare":
+        raise CarlosError(
+            f"carlos {command} takes --flag value or key=value, not {args[i]!r}; see carlos {command} --help"
+        )
+    return _flag_override("input", "input", None, None, args, i)
 
 
 def _renamed(override: str) -> str:
@@ -260,7 +278,9 @@ def _flag_key(command: str, name: str, defaults: dict[str, Any], leaves: dict[st
     raise CarlosError(f"unknown flag --{name}{match}; see: carlos {command} --help")
 
 
-def _flag_override(key: str, name: str, default: Any, inline: str | None, args: list[str], i: int) -> tuple[str, int]:
+def _flag_override(
+    key: str, name: str, default: Any, inline: str | None, args: list[str], i: int, sweep: bool = False
+) -> tuple[str, int]:
     """The override for --name (its value inline, or the words after it from position i); returns it
     and the next position. Booleans take an optional word, lists every word up to the next flag."""
     boolean = isinstance(default, bool) or key == "resume"
@@ -293,7 +313,7 @@ def _flag_override(key: str, name: str, default: Any, inline: str | None, args: 
             raise CarlosError(f"--{name} needs a value")
         value, i = args[i], i + 1
     if not boolean:
-        return _format(key, value, default), i
+        return _format(key, value, default, sweep), i
     word = BOOL_WORDS.get(value.lower())
     if word is None or (word == "auto" and key != "resume"):
         choices = "true, false or auto" if key == "resume" else "true or false"
@@ -364,13 +384,6 @@ commands:
 `carlos <command> --help` lists the command's flags, config groups and keys."""
 
 
-def _flag_help(command: str) -> str:
-    lines = [f"carlos {command}: script-style flags (each maps onto a config key; key=value works too)"]
-    for flag, key in SCRIPT_FLAGS[command].items():
-        lines.append(f"  --{flag:<18} {key}")
-    return "\n".join(lines) + "\n"
-
-
 def _report(args: list[str]) -> None:
     """carlos report [DIR] [--output FILE.png]: not a Hydra app, it only reads what runs wrote."""
     from carlos.report import report as make_report
@@ -412,7 +425,10 @@ def main(argv: list[str] | None = None) -> None:
     """`carlos <command>`: everything under the failure policy, with SIGTERM turned into Stopped so that
     a stopped command cleans up after itself (train hands SIGTERM to Lightning once it trains)."""
     install_stop_handlers()
-    guarded(_main, list(sys.argv[1:] if argv is None else argv))
+    try:
+        guarded(_main, list(sys.argv[1:] if argv is None else argv))
+    finally:  # a reader that went away (carlos sample --help | head) is a quiet exit here, not a traceback at exit
+        guarded(sys.stdout.flush)
 
 
 def _main(argv: list[str]) -> None:
@@ -430,10 +446,19 @@ def _main(argv: list[str]) -> None:
         return
     defaults = config_keys(compose(command, []))
     hydra_args, overrides = translate(command, argv[1:], defaults)
+    one_run = [a for a in hydra_args if a in ("-c", "--cfg", "-i", "--info", "-r", "-sc", "--shell-completion")]
+    if one_run and any(a in ("-m", "--multirun") for a in hydra_args):
+        raise CarlosError(
+            f"{one_run[0]} shows one run and cannot be combined with -m; drop -m to see the first job's "
+            "(the same overrides with each swept key's first value)"
+        )
     made: list[Path] = []
     if any(a in ("-h", "--help") for a in hydra_args):
-        print(_flag_help(command))
-    elif not any(a in ("--hydra-help", "--version", "-i", "--info", "-sc", "--shell-completion") for a in hydra_args):
+        from carlos.help import help_text
+
+        print(help_text(command, SCRIPT_FLAGS[command]))
+        return
+    if not any(a in ("--hydra-help", "--version", "-i", "--info", "-sc", "--shell-completion") for a in hydra_args):
         multirun = any(a in ("-m", "--multirun") for a in hydra_args)
         made = validate(command, overrides + _search_path(hydra_args, overrides), list(defaults), multirun=multirun)
     try:

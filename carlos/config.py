@@ -158,11 +158,15 @@ PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16", "
 MAX_TIME = timedelta(days=3650)  # a budget beyond ten years is a mistake (inf, 1e308), not a plan
 
 
+DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
 def parse_max_time(value: str | None) -> timedelta | None:
-    """Seconds ('600', '90.5') or Lightning's 'DD:HH:MM:SS'."""
+    """Seconds ('600', '90.5'), units ('90s', '2m', '1h30m', '1d') or Lightning's 'DD:HH:MM:SS'."""
     if value is None or str(value).strip().lower() in ("", "none", "null"):
         return None
     text = str(value).strip()
+    units = DURATION.fullmatch(text.lower())
     try:
         if ":" in text:
             parts = [int(p) for p in text.split(":")]
@@ -170,11 +174,15 @@ def parse_max_time(value: str | None) -> timedelta | None:
                 raise ValueError
             d, h, m, s = parts
             delta = timedelta(days=d, hours=h, minutes=m, seconds=s)
+        elif units and any(units.groups()):
+            d, h, m, s = (float(g or 0) for g in units.groups())
+            delta = timedelta(days=d, hours=h, minutes=m, seconds=s)
         else:
             delta = timedelta(seconds=float(text))
     except ValueError:
         raise CarlosError(
-            f"trainer.max_time={text!r} is not a duration; give seconds (600) or DD:HH:MM:SS (00:00:10:00)"
+            f"trainer.max_time={text!r} is not a duration; give seconds (600), units (90s, 10m, 1h30m) or "
+            "DD:HH:MM:SS (00:00:10:00)"
         ) from None
     except OverflowError:  # inf, 1e308: beyond what a timedelta holds
         delta = timedelta.max

@@ -77,8 +77,8 @@ def evaluate(cfg: EvalConfig) -> dict:
             f"checkpoint {path} gives a loss of {metrics['loss']} (its weights overflow); use another checkpoint"
         )
     step = ckpt["carlos"].get("step")
-    print(f"checkpoint: {path} (step {step})")
-    print(f"split: {cfg.split} ({metrics['tokens']} tokens, {metrics['bytes']} bytes)")
+    print(f"checkpoint: {path} (step {step:,})" if isinstance(step, int) else f"checkpoint: {path}")
+    print(f"split: {cfg.split} ({metrics['tokens']:,} tokens, {metrics['bytes']:,} bytes)")
     print(f"loss: {metrics['loss']:.4f} nats/token")
     print(f"perplexity: {metrics['ppl']:.4f}")
     print(f"bits-per-byte: {metrics['bpb']:.4f}")

@@ -68,6 +68,39 @@ class JsonlLogger(Logger):
             raise write_error(self.path, e) from None
 
 
+class LineLogger(Logger):
+    """One plain line a record on stdout, when stdout is a file or a pipe (`> log.txt`, a SLURM job's
+    output): there a progress bar is hundreds of carriage-return redraws on one line, which grep cannot
+    read. A terminal gets the bar instead (callbacks.ProgressBar)."""
+
+    def __init__(self, max_steps: int | None) -> None:
+        super().__init__()
+        self.of = f"/{max_steps:,}" if max_steps and max_steps > 0 else ""
+
+    @property
+    def name(self) -> str:
+        return "lines"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        at = f"step {step:,}{self.of}"
+        if "val_bpb" in metrics:
+            print(f"{at}: val loss {metrics['val_loss']:.4f}, val bpb {metrics['val_bpb']:.4f}", flush=True)
+        elif "train_loss" in metrics:
+            loss = metrics["train_loss"]
+            shown = f"{loss:.4f}" if loss is not None else "-"
+            rate = f"{metrics['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in metrics else ""
+            print(f"{at}: loss {shown}, lr {metrics.get('lr', 0.0):.2e}, {rate}".rstrip(", "), flush=True)
+
+
 def lightning_loggers(plan: RunPlan) -> list[Logger]:
     """The loggers the logger group selects, writing into the run directory. A resumed run's TensorBoard
     hides the events past the checkpoint (purge_step); its CSV is written again from metrics.jsonl

@@ -42,4 +42,12 @@ def resolve_precision(asked: str, device: str, d_model: int, stored: str | None 
         raise CarlosError(
             f"trainer.precision={asked} needs a CUDA GPU and this run is on the CPU; use bf16-mixed, 32-true or auto"
         )
+    if device == "cpu" and asked.startswith("bf16") and not cpu_has_bf16():
+        # emulated bf16 runs several times slower than fp32; auto would not choose it
+        return (
+            asked,
+            "asked for; warning: this CPU has no bf16 instructions, expect it several times slower than 32-true",
+        )
+    if device == "cpu" and asked.startswith("bf16") and d_model < CPU_BF16_MIN_WIDTH:
+        return asked, f"asked for; warning: CPU bf16 autocast is slower than 32-true below d_model={CPU_BF16_MIN_WIDTH}"
     return asked, "asked for"

@@ -214,10 +214,23 @@ def differing(runs: list[Run]) -> list[str]:
 
 
 def _cell(run: Run, key: str) -> str:
-    if not run.settings:
+    """A setting as the table and the legend show it: "-" for unset (None) or unknown."""
+    value = run.settings.get(key) if run.settings else None
+    if value is None:
         return "-"
-    value = run.settings.get(key)
     return json.dumps(value, default=str) if isinstance(value, (list, dict)) else str(value)
+
+
+def _label(run: Run, keys: list[str]) -> str:
+    """The run's name and its differing settings (by their last key part when that is unambiguous),
+    wrapped so that a legend of many settings stays narrow."""
+    import textwrap
+
+    short = {k: k.rsplit(".", 1)[-1] for k in keys}
+    if len(set(short.values())) < len(keys):
+        short = {k: k for k in keys}
+    settings = ", ".join(f"{short[k]}={_cell(run, k)}" for k in keys)
+    return "\n".join(textwrap.wrap(f"{run.name} ({settings})" if keys else run.name, 70))
 
 
 def _job_line(f: Path) -> str | None:
@@ -273,8 +286,7 @@ def _figure(runs: list[Run]):
         val = [v for v in r.val if "tokens" in v]
         if not val:
             continue
-        label = r.name + ("" if not keys else " (" + ", ".join(f"{k}={r.settings.get(k)}" for k in keys) + ")")
-        (line,) = ax.plot([v["tokens"] for v in val], [v["val_bpb"] for v in val], marker=".", label=label)
+        (line,) = ax.plot([v["tokens"] for v in val], [v["val_bpb"] for v in val], marker=".", label=_label(r, keys))
         train = [t for t in r.records if "tokens" in t and _finite(t.get("train_loss"))]
         if train:  # nats per token -> bits per token, which is bits per byte for byte tokens
             bits = [t["train_loss"] / math.log(2) for t in train]
@@ -283,8 +295,8 @@ def _figure(runs: list[Run]):
     ax.set_ylabel("bits per byte: validation (dots), train (faint)")
     ax.set_title("carlos runs")
     ax.grid(True, alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize="small")
+    if ax.lines:  # below the plot, where no number of runs or settings can cover the curves
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(0, -0.12), frameon=False)
     fig.tight_layout()
     return fig
 
@@ -297,7 +309,7 @@ def _save(fig, path: Path, fmt: str) -> None:
     record = Manifest(path.parent, where="--output")
     if os.path.lexists(path) and record.entries.get(record.rel(path)) != "plot":
         raise CarlosError(f"{path} exists and carlos report did not write it; pass another --output")
-    record.write(path, lambda f: fig.savefig(f, format=fmt, dpi=120), kind="plot")
+    record.write(path, lambda f: fig.savefig(f, format=fmt, dpi=120, bbox_inches="tight"), kind="plot")
 
 
 def _why(e: Exception, path: Path) -> str:

@@ -128,7 +128,8 @@ class SweepSummary(HydraCallback):
         dirs = sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
         jobs = [self.refused.get(int(d.name), _read_job(d)) for d in dirs]
         failed = [j for j in jobs if j["status"] != "ok"]
-        print(f"sweep {sweep}: {len(jobs)} jobs, {len(jobs) - len(failed)} finished, {len(failed)} failed")
+        count = f"{len(jobs)} job{'' if len(jobs) == 1 else 's'}"
+        print(f"sweep {sweep}: {count}, {len(jobs) - len(failed)} finished, {len(failed)} failed")
         _print_jobs(jobs)
         if failed:
             sys.exit(1)

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -98,7 +99,7 @@ def build_run(plan: RunPlan) -> Run:
     import lightning as L
 
     from carlos.callbacks import BeforeFirstStep, Checkpoints, Preemption, ProgressBar, TrainMetrics
-    from carlos.loggers import JsonlLogger, lightning_loggers, logger_dirs
+    from carlos.loggers import JsonlLogger, LineLogger, lightning_loggers, logger_dirs
 
     config, run_dir = plan.config, plan.run_dir
     metrics = TrainMetrics(config.log_interval, plan.data.seq_len * config.data.micro_batch_size)
@@ -112,7 +113,11 @@ def build_run(plan: RunPlan) -> Run:
     # first: opening the run directory waits until Lightning has set up and restored the run, so a
     # checkpoint whose training state does not load is refused before anything is written
     first = BeforeFirstStep(lambda: open_run_dir(run))
-    callbacks = [first, metrics, _sample_text(plan), checkpoints, preemption, ProgressBar(metrics)]
+    bar = ProgressBar(metrics)
+    if not sys.stdout.isatty():  # a log file or a pipe: plain lines (LineLogger), not a bar's redraws
+        bar.disable()
+        loggers.append(LineLogger(config.trainer.max_steps))
+    callbacks = [first, metrics, _sample_text(plan), checkpoints, preemption, bar]
     if config.trainer.max_time_delta is not None:
         from carlos.callbacks import TimeBudget
 
@@ -299,6 +304,7 @@ def _record(plan: RunPlan) -> dict:
         "workdir": str(plan.data.workdir),
         "data_sha256": plan.data.info["sha256"],
         "init_from": str(plan.config.init_from) if plan.init is not None else None,
+        "max_steps": plan.config.trainer.max_steps,  # -1: bounded by max_time only
         "config": to_plain(plan.composed),
     }
 
@@ -314,9 +320,37 @@ def _print_start(run: Run, module: CarlosLM) -> None:
     per_step = batch * run.trainer.world_size
     print(f"precision: {plan.precision} ({plan.precision_reason}); {per_step:,} tokens per optimizer step")
     if plan.resume:
-        print(f"resuming from {plan.resume} at step {plan.resumed['step']}")
+        print(f"resuming from {plan.resume} at step {plan.resumed['step']:,}")
+        note = schedule_change(plan)
+        if note:
+            print(note)
     if plan.init is not None:
         print(f"fine-tuning from {plan.config.init_from}: its weights; the optimizer, step and schedule start anew")
+
+
+def shown_path(path: Path) -> str:
+    """A path as the user would type it: relative to the current directory when it is under it (a sweep
+    job's directory comes from Hydra as an absolute path, a single run's as given), else absolute."""
+    absolute = Path(os.path.abspath(path))
+    try:
+        return str(absolute.relative_to(Path.cwd()))
+    except ValueError:
+        return str(absolute)
+
+
+def schedule_change(plan: RunPlan) -> str | None:
+    """What a resume with another max_steps does to the lr: the schedule is a function of the step and the
+    run's length, so a longer run stretches it (the lr goes back up from where the shorter run had it)."""
+    from carlos.optimization import build_schedule
+
+    before, now, step = plan.resumed.get("max_steps"), plan.config.trainer.max_steps, plan.resumed["step"]
+    if not isinstance(before, int) or before <= 0 or now <= 0 or before == now:
+        return None
+    lr_at = build_schedule(plan.schedule, plan.optimizer["lr"])
+    return (
+        f"schedule: max_steps {before:,} -> {now:,}, so the lr schedule is stretched over {now:,} steps: at "
+        f"step {step:,} the lr is now {lr_at(step, now):.2e} (it was {lr_at(step, before):.2e})"
+    )
 
 
 def summarize(run: Run, module: CarlosLM, seconds: float) -> float:
@@ -325,9 +359,9 @@ def summarize(run: Run, module: CarlosLM, seconds: float) -> float:
     if trainer.is_global_zero:
         step = trainer.global_step
         print(
-            f"done: {step} steps, {step * run.metrics.tokens_per_step:,} tokens, {seconds:.1f} s this session "
+            f"done: {step:,} steps, {step * run.metrics.tokens_per_step:,} tokens, {seconds:.1f} s this session "
             f"({module.eval_seconds / max(seconds, 1e-9):.1%} of it validating, sampling and checkpointing); "
             f"best val_loss {checkpoints.best:.4f} (bpb {checkpoints.best_bpb:.4f}) at step "
-            f"{checkpoints.best_step}; checkpoints in {run.plan.checkpoint_dir}"
+            f"{checkpoints.best_step:,}; checkpoints in {shown_path(run.plan.checkpoint_dir)}"
         )
     return checkpoints.best_bpb

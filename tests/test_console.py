@@ -1,0 +1,138 @@
+"""What a new user meets in the console: logs a file can hold, help that helps, no traceback, the user's
+spelling (a lone path, units of time, a sweep over a flag), consistent numbers and paths."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from carlos.cli import main
+from carlos.config import parse_max_time
+
+from .conftest import make_corpus
+
+CARLOS = str(Path(sys.executable).parent / "carlos")
+TINY = ["model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.d_ff=64", "--micro_batch_size", "4"]
+TINY += ["--sample_tokens", "4", "--warmup_steps", "1"]
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+@pytest.fixture
+def w(tmp_path, monkeypatch, capsys) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    make_corpus(tmp_path / "corpus.txt")
+    assert run(["prepare", "corpus.txt", "--workdir", "w", "--seq_len", "32"], capsys)[0] == 0  # a lone path
+    return tmp_path / "w"
+
+
+@pytest.mark.slow
+def test_a_log_file_gets_one_plain_line_per_record_and_no_bar(tmp_path):
+    make_corpus(tmp_path / "corpus.txt")
+    subprocess.run([CARLOS, "prepare", "corpus.txt", "--workdir", "w", "--seq_len", "32"], cwd=tmp_path, check=True)
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:  # stdout redirected to a file, as `carlos train ... > log.txt` and SLURM do
+        argv = [CARLOS, "train", "--workdir", "w", *TINY, "--max_steps", "20", "--eval_interval", "10"]
+        subprocess.run([*argv, "--log_interval", "5"], cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT, check=True)
+    text = log.read_text()
+    assert "\r" not in text and "\x1b" not in text  # no redraws, no colour codes
+    assert "Training:" not in text and "Epoch 0" not in text and "srun" not in text
+    lines = text.splitlines()
+    train = [line for line in lines if line.startswith("step ") and ": loss " in line]
+    val = [line for line in lines if line.startswith("step ") and ": val loss " in line]
+    assert [line.split(":")[0] for line in train] == ["step 5/20", "step 10/20", "step 15/20", "step 20/20"]
+    assert [line.split(":")[0] for line in val] == ["step 10/20", "step 20/20"]
+    assert all(", lr " in line and line.endswith(" tokens/s") for line in train)
+    assert all(", val bpb " in line for line in val)
+    assert lines[-1].startswith("done: 20 steps, ") and "checkpoints in w/checkpoints" in lines[-1]
+
+
+def test_help_lists_the_flags_with_meaning_and_default_and_only_the_commands_groups(tmp_path):
+    p = subprocess.run([CARLOS, "train", "--help"], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert "--overwrite         delete an earlier run's outputs (never the prepared data) and start over " in p.stdout
+    assert "(default false)" in p.stdout and "--eval_interval" in p.stdout and "(default 250)" in p.stdout
+    assert "  model: baseline (default), medium, modern" in p.stdout
+    assert "  logger: csv, tensorboard, wandb  (none by default)" in p.stdout
+    p = subprocess.run([CARLOS, "sample", "--help"], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert "--temperature       0 is greedy (default 0.8)" in p.stdout
+    assert "model:" not in p.stdout and "config groups" not in p.stdout  # sample has none
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_does_not_import_lightning_or_torch():
+    code = "import sys; from carlos.cli import main\ntry:\n    main(['train', '--help'])\nfinally:\n"
+    code += "    print('torch' in sys.modules, 'lightning' in sys.modules, file=sys.stderr)"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.stderr.strip().splitlines()[-1] == "False False", p.stderr
+
+
+def test_help_into_a_closed_pipe_and_cfg_in_a_sweep_end_without_a_traceback(tmp_path):
+    p = subprocess.Popen([CARLOS, "sample", "--help"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader went away: carlos sample --help | head -0
+    err = p.stderr.read().decode()
+    assert p.wait() == 141 and err == ""
+    p = subprocess.run(
+        [CARLOS, "train", "-m", "seed=1,2", "--cfg", "job"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert p.returncode == 2 and p.stderr.strip() == (
+        "carlos: error: --cfg shows one run and cannot be combined with -m; drop -m to see the first job's "
+        "(the same overrides with each swept key's first value)"
+    )
+
+
+def test_a_lone_word_is_the_input_of_prepare_and_refused_elsewhere(w, capsys):
+    assert (w / "splits.json").is_file()
+    code, _, err = run(["eval", "w"], capsys)
+    assert (
+        code == 2
+        and err.strip() == "carlos: error: carlos eval takes --flag value or key=value, not 'w'; see carlos eval --help"
+    )
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("90s", 90), ("2m", 120), ("1h30m", 5400), ("1.5h", 5400), ("1d", 86400), ("600", 600), ("00:00:10:00", 600)],
+)
+def test_max_time_takes_units(text, seconds):
+    assert parse_max_time(text).total_seconds() == seconds
+
+
+@pytest.mark.slow
+def test_a_sweep_over_a_text_flag_runs_one_job_per_value(w, capsys):
+    argv = ["train", "-m", "--workdir", "w", *TINY, "--max_steps", "2", "--precision", "32-true,bf16-mixed"]
+    code, out, _ = run([*argv, "hydra.sweep.dir=w/sweeps/precision"], capsys)
+    assert code == 0 and "sweep w/sweeps/precision: 2 jobs, 2 finished, 0 failed" in out
+    done = [line for line in out.splitlines() if line.startswith("done: ")]
+    assert [line.split("checkpoints in ")[1] for line in done] == [
+        str(Path("w/sweeps/precision/0/checkpoints")),
+        str(Path("w/sweeps/precision/1/checkpoints")),
+    ]  # the same form as a single run's, not Hydra's absolute path
+
+
+@pytest.mark.slow
+def test_eval_prints_thousands_separators_and_resume_says_what_the_schedule_does(w, capsys):
+    assert run(["train", "--workdir", "w", *TINY, "--max_steps", "4"], capsys)[0] == 0
+    code, out, _ = run(["eval", "--workdir", "w", "--split", "train"], capsys)
+    tokens = next(line for line in out.splitlines() if line.startswith("split: "))
+    assert code == 0 and tokens.startswith("split: train (16,") and " bytes)" in tokens
+    code, out, _ = run(["train", "--workdir", "w", *TINY, "--max_steps", "8", "--resume"], capsys)
+    assert code == 0
+    assert "schedule: max_steps 4 -> 8, so the lr schedule is stretched over 8 steps: at step 4 the lr is now " in out
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_is_named_in_the_precision_line(monkeypatch):
+    from carlos import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    _, why = precision.resolve_precision("bf16-mixed", "cpu", 256)
+    assert why == "asked for; warning: this CPU has no bf16 instructions, expect it several times slower than 32-true"
