@@ -122,7 +122,10 @@ def lightning_loggers(plan: RunPlan) -> list[Logger]:
     if plan.wandb is not None:
         from lightning.pytorch.loggers import WandbLogger
 
-        loggers.append(WandbLogger(**plan.wandb))
+        wandb = WandbLogger(**plan.wandb)
+        # Lightning passes anonymous=None, which wandb >= 0.19 answers with a deprecation warning on every run
+        getattr(wandb, "_wandb_init", {}).pop("anonymous", None)
+        loggers.append(wandb)
     return loggers
 
 

@@ -57,6 +57,7 @@ class Run:
     jsonl: JsonlLogger
     loggers: list[Logger]  # Lightning's, as the logger group and W&B's settings select
     new_dirs: list[Path]  # the loggers' directories this run makes: recorded as carlos's, whole
+    made_dir: Path | None  # a named run's directory, made before the run opens (for W&B)
     opened: bool = False  # open_run_dir has run: the run has started writing
 
 
@@ -108,6 +109,11 @@ def build_run(plan: RunPlan) -> Run:
     jsonl = JsonlLogger(run_dir / "metrics.jsonl", plan.manifest, plan.resumed["step"] if plan.resumed else None)
     # the loggers' directories are made before the run opens (W&B's at once), so they are seen now
     new_dirs = [d for d in logger_dirs(plan) if not os.path.lexists(d)]
+    made = None
+    if plan.wandb is not None and not os.path.lexists(run_dir):
+        # W&B looks for the git repository (the commit it records) from its directory as it starts
+        Manifest(plan.data.workdir).claim_dir(run_dir)
+        made = run_dir
     loggers = lightning_loggers(plan)
     _quiet_lightning()
     # first: opening the run directory waits until Lightning has set up and restored the run, so a
@@ -126,7 +132,7 @@ def build_run(plan: RunPlan) -> Run:
         trainer = L.Trainer(**_trainer_arguments(plan), logger=[jsonl, *loggers], callbacks=callbacks)
     except Exception as e:  # noqa: BLE001 - Lightning refuses settings with several exception types
         raise CarlosError(f"Lightning refused the trainer settings: {first_line(e)}") from None
-    run = Run(plan, trainer, metrics, checkpoints, preemption, jsonl, loggers, new_dirs)
+    run = Run(plan, trainer, metrics, checkpoints, preemption, jsonl, loggers, new_dirs, made)
     return run  # open_run_dir(run), above, runs once Lightning has restored the run
 
 
@@ -197,6 +203,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")  # carlos logs by itself
     # a resumed run's metrics.csv: CSVLogger starts it over, and carlos writes its history back (replay_history)
     warnings.filterwarnings("ignore", message=".*Previous log files in this directory will be deleted.*")
+    # carlos runs where it is started: under SLURM, srun starts the tasks (docs/SCALING_OUT.md)
+    warnings.filterwarnings("ignore", message=".*The .srun. command is available on your system but is not used.*")
     # validation sums are reduced across ranks by CarlosLM itself before they are logged
     warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
@@ -283,7 +291,7 @@ def fit(run: Run) -> tuple[CarlosLM, float]:
         raise SystemExit(128 + int(run.preemption.signum or signal.SIGTERM)) from None
     except Exception as e:
         if not run.opened:  # Lightning's CSV and TensorBoard loggers start writing before a resume is restored
-            for d in run.new_dirs:
+            for d in [*run.new_dirs, *([run.made_dir] if run.made_dir else [])]:
                 shutil.rmtree(d, ignore_errors=True)
         if run.opened or not plan.resume or isinstance(e, CarlosError):
             raise
@@ -353,10 +361,21 @@ def schedule_change(plan: RunPlan) -> str | None:
     )
 
 
+def _finish_wandb(run: Run) -> None:
+    """End the W&B run now, before carlos's last line: left to its exit handler, W&B prints its closing
+    lines after it, with colour codes even into a file."""
+    if run.plan.wandb is not None:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
 def summarize(run: Run, module: CarlosLM, seconds: float) -> float:
     """Say how the run went (rank 0); returns its best validation bits-per-byte."""
     checkpoints, trainer = run.checkpoints, run.trainer
     if trainer.is_global_zero:
+        _finish_wandb(run)
         step = trainer.global_step
         print(
             f"done: {step:,} steps, {step * run.metrics.tokens_per_step:,} tokens, {seconds:.1f} s this session "

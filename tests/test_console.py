@@ -3,6 +3,7 @@ spelling (a lone path, units of time, a sweep over a flag), consistent numbers a
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,13 +41,22 @@ def w(tmp_path, monkeypatch, capsys) -> Path:
 def test_a_log_file_gets_one_plain_line_per_record_and_no_bar(tmp_path):
     make_corpus(tmp_path / "corpus.txt")
     subprocess.run([CARLOS, "prepare", "corpus.txt", "--workdir", "w", "--seq_len", "32"], cwd=tmp_path, check=True)
+    # a machine with SLURM installed (an srun on PATH) and W&B logging offline
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "WANDB_MODE": "offline"}
     log = tmp_path / "log.txt"
     with open(log, "w") as f:  # stdout redirected to a file, as `carlos train ... > log.txt` and SLURM do
         argv = [CARLOS, "train", "--workdir", "w", *TINY, "--max_steps", "20", "--eval_interval", "10"]
-        subprocess.run([*argv, "--log_interval", "5"], cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT, check=True)
+        argv += ["--log_interval", "5", "--run", "logged", "--wandb_project", "carlos-test"]
+        subprocess.run(
+            argv, cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, check=True
+        )
     text = log.read_text()
     assert "\r" not in text and "\x1b" not in text  # no redraws, no colour codes
     assert "Training:" not in text and "Epoch 0" not in text and "srun" not in text
+    assert "anonymous" not in text and "git root" not in text and "WARNING" not in text
     lines = text.splitlines()
     train = [line for line in lines if line.startswith("step ") and ": loss " in line]
     val = [line for line in lines if line.startswith("step ") and ": val loss " in line]
@@ -54,7 +64,9 @@ def test_a_log_file_gets_one_plain_line_per_record_and_no_bar(tmp_path):
     assert [line.split(":")[0] for line in val] == ["step 10/20", "step 20/20"]
     assert all(", lr " in line and line.endswith(" tokens/s") for line in train)
     assert all(", val bpb " in line for line in val)
-    assert lines[-1].startswith("done: 20 steps, ") and "checkpoints in w/checkpoints" in lines[-1]
+    assert lines[-1].startswith("done: 20 steps, ") and lines[-1].endswith(
+        f"checkpoints in {Path('w/runs/logged/checkpoints')}"
+    )
 
 
 def test_help_lists_the_flags_with_meaning_and_default_and_only_the_commands_groups(tmp_path):
