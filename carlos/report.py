@@ -29,6 +29,7 @@ from carlos.manifest import Manifest
 
 NUMBERS = ("step", "tokens", "val_bpb", "tokens_per_s")  # the fields the table and the plot read
 NAMING = {"run"}  # settings that only name the run, which the table's first column already shows
+UNSHOWN = ("logger.",)  # settings that change where records go, never the run's numbers
 
 
 class Unreadable(Exception):
@@ -209,7 +210,7 @@ def differing(runs: list[Run]) -> list[str]:
     """Settings whose values differ between the runs (all of them... none for a single run). Runs without
     settings are left out: their unknown values differ from nothing."""
     known = [r for r in runs if r.settings]
-    keys = sorted({k for r in known for k in r.settings} - NAMING)
+    keys = sorted({k for r in known for k in r.settings if not k.startswith(UNSHOWN)} - NAMING)
     return [k for k in keys if len({_same(r.settings.get(k)) for r in known}) > 1]
 
 
@@ -281,12 +282,18 @@ def _figure(runs: list[Run]):
     import matplotlib.pyplot as plt
 
     keys = differing(runs)
-    fig, ax = plt.subplots(figsize=(8, 5))
+    labels = {r.name: _label(r, keys) for r in runs}
+    legend_lines = sum(label.count("\n") + 1 for label in labels.values())
+    # the legend gets an area of its own below the plot, as tall as its lines: it never covers a curve
+    fig, (ax, below) = plt.subplots(
+        2, 1, figsize=(8, 5 + 0.17 * legend_lines), height_ratios=[5, 0.17 * legend_lines + 0.01]
+    )
+    below.axis("off")
     for r in runs:
         val = [v for v in r.val if "tokens" in v]
         if not val:
             continue
-        (line,) = ax.plot([v["tokens"] for v in val], [v["val_bpb"] for v in val], marker=".", label=_label(r, keys))
+        (line,) = ax.plot([v["tokens"] for v in val], [v["val_bpb"] for v in val], marker=".", label=labels[r.name])
         train = [t for t in r.records if "tokens" in t and _finite(t.get("train_loss"))]
         if train:  # nats per token -> bits per token, which is bits per byte for byte tokens
             bits = [t["train_loss"] / math.log(2) for t in train]
@@ -295,8 +302,8 @@ def _figure(runs: list[Run]):
     ax.set_ylabel("bits per byte: validation (dots), train (faint)")
     ax.set_title("carlos runs")
     ax.grid(True, alpha=0.3)
-    if ax.lines:  # below the plot, where no number of runs or settings can cover the curves
-        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(0, -0.12), frameon=False)
+    if ax.lines:
+        below.legend(*ax.get_legend_handles_labels(), fontsize="small", loc="upper left", frameon=False)
     fig.tight_layout()
     return fig
 

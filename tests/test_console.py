@@ -148,3 +148,23 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_named_in_the_precision_line(
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
     _, why = precision.resolve_precision("bf16-mixed", "cpu", 256)
     assert why == "asked for; warning: this CPU has no bf16 instructions, expect it several times slower than 32-true"
+
+
+def test_report_shows_unset_settings_as_a_dash_and_keeps_the_legend_off_the_curves():
+    pytest.importorskip("matplotlib")
+    from carlos.report import Run, _figure, table
+
+    records = [{"step": 10, "tokens": 1000, "val_bpb": 3.0, "train_loss": 2.0}]
+    runs = [
+        Run(Path("a"), "runs/a", {"init_from": None, "optimizer.lr": 0.003, "logger.csv.x": 1}, list(records)),
+        Run(Path("b"), "runs/b", {"init_from": "x.pt", "optimizer.lr": 0.001}, list(records)),
+    ]
+    text = table(runs)
+    assert text.splitlines()[0] == "| run | init_from | optimizer.lr | steps | tokens | best val bpb | tokens/s |"
+    assert "| runs/a | - | 0.003 |" in text and "None" not in text and "logger" not in text
+    fig = _figure(runs)
+    plot, below = fig.axes
+    assert plot.get_legend() is None and [t.get_text() for t in below.get_legend().get_texts()] == [
+        "runs/a (init_from=-, lr=0.003)",
+        "runs/b (init_from=x.pt, lr=0.001)",
+    ]
