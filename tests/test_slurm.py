@@ -1,0 +1,71 @@
+"""carlos's cluster path on a real SLURM controller (slurmctld and slurmd, not a simulation): start one on
+this machine with `scripts/local_slurm.sh up`. Without `sbatch` on PATH these tests skip."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import make_corpus
+
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("sbatch") is None, reason="no SLURM here (scripts/local_slurm.sh up starts one)"),
+]
+CARLOS = str(Path(sys.executable).parent / "carlos")
+TINY = ["model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.d_ff=64", "--micro_batch_size", "4"]
+TINY += ["--sample_tokens", "4", "--warmup_steps", "1", "--eval_interval", "5"]
+# what a job may ask of this one node: no GPU, one CPU, a little memory, minutes
+LOCAL = ["hydra/launcher=submitit_slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1"]
+LOCAL += ["hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=5"]
+
+
+def squeue_names() -> list[str]:
+    p = subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True)
+    return p.stdout.split()
+
+
+def test_a_sweep_runs_as_slurm_jobs_and_report_tables_them(tmp_path):
+    if subprocess.run(["sinfo"], capture_output=True).returncode != 0:
+        pytest.skip("sbatch is here but no controller answers (scripts/local_slurm.sh up)")
+    make_corpus(tmp_path / "corpus.txt")
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    subprocess.run(
+        [CARLOS, "prepare", "corpus.txt", "--workdir", "w", "--seq_len", "32"], cwd=tmp_path, env=env, check=True
+    )
+    argv = [CARLOS, "train", "-m", *LOCAL, "--workdir", "w", *TINY, "--max_steps", "10", "seed=1,2"]
+    sweep = subprocess.Popen(
+        [*argv, "hydra.sweep.dir=w/sweeps/slurm"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen: set[str] = set()
+    while sweep.poll() is None:  # the launcher waits for its jobs; squeue shows them meanwhile
+        seen.update(squeue_names())
+        time.sleep(0.2)
+    out, err = sweep.communicate()
+    assert sweep.returncode == 0, err
+    assert "train" in seen  # the jobs' name is the command's (hydra.job.name)
+    assert "sweep w/sweeps/slurm: 2 jobs, 2 finished, 0 failed" in out
+    for job in ("0", "1"):
+        d = tmp_path / "w" / "sweeps" / "slurm" / job
+        assert json.loads((d / "job.json").read_text())["status"] == "ok"
+        steps = [json.loads(line)["step"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+        assert steps[-1] == 10 and (d / "checkpoints" / "last.pt").is_file()
+    assert any((tmp_path / "w" / "sweeps" / "slurm" / ".submitit").rglob("*_log.out"))  # SLURM's own logs
+    report = subprocess.run(
+        [CARLOS, "report", "w/sweeps/slurm"], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    rows = [line for line in report.stdout.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
+    assert len(rows) == 2 and all("| 10 |" in row for row in rows)
