@@ -170,7 +170,7 @@ def test_carlos_debug_shows_the_traceback(tmp_path):
 def test_help_and_cfg_job(tmp_path):
     assert "prepare" in run([CARLOS, "--help"], tmp_path).stdout
     h = run([CARLOS, "train", "--help"], tmp_path).stdout
-    assert "--grad_accum_steps" in h and "model: baseline, medium" in h
+    assert "--grad_accum_steps" in h and "model: baseline (default), medium, modern" in h
     cfg = run(
         [
             sys.executable,
