@@ -24,7 +24,7 @@ demo: install
 	$(BIN)/carlos train --workdir $(DEMO)/run --overwrite --max_steps 2000 --warmup_steps 200 \
 		--eval_interval 250 --ckpt_interval 500
 	$(BIN)/carlos eval --workdir $(DEMO)/run --checkpoint best --split test
-	$(BIN)/carlos sample --workdir $(DEMO)/run --prompt "def " --max_new_tokens 300
+	$(BIN)/carlos sample --workdir $(DEMO)/run --prompt "import " --max_new_tokens 200 --temperature 0.9 --top_p 0.95
 
 test: install
 	$(BIN)/ruff check .
