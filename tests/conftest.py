@@ -109,3 +109,14 @@ def gpt_config(**settings) -> GPTConfig:
     """conf/model/baseline.yaml's model with vocabulary 256 and context 256, with settings changed."""
     baseline = OmegaConf.to_container(OmegaConf.load(conf_dir() / "model" / "baseline.yaml"))
     return GPTConfig(**{**baseline, "vocab_size": 256, "block_size": 256, **settings})
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """carlos.cli.main in this process, as the console script calls it: (exit code, stdout, stderr)."""
+    from carlos.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    return e.value.code, out, err

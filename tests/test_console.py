@@ -10,22 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from carlos.cli import main
 from carlos.config import parse_max_time
 
 from .conftest import make_corpus
+from .conftest import run_cli as run
 
 CARLOS = str(Path(sys.executable).parent / "carlos")
 TINY = ["model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.d_ff=64", "--micro_batch_size", "4"]
 TINY += ["--sample_tokens", "4", "--warmup_steps", "1"]
-
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
 
 
 @pytest.fixture

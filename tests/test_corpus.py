@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from carlos.cli import main
 from carlos.corpus import Sources
 from carlos.errors import CarlosError
+
+from .conftest import run_cli
 
 A = "The first file.\n\nIts second paragraph.\n"
 B = "The second file: naïve café, 東京.\n" * 40
@@ -20,10 +21,8 @@ C = "A third, in a subdirectory.\n" * 40
 
 
 def run(argv: list[str], capsys) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-        raise SystemExit(0)
-    return e.value.code, capsys.readouterr().err
+    code, _, err = run_cli(argv, capsys)
+    return code, err
 
 
 @pytest.fixture

@@ -9,21 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from carlos.cli import main
 from carlos.lock import LOCK, DirLock
 
 from .conftest import make_corpus
+from .conftest import run_cli as run
 
 TINY = ["--max_steps", "4", "--micro_batch_size", "4", "--eval_interval", "2", "--ckpt_interval", "2"]
 TINY += ["--sample_tokens", "4", "--warmup_steps", "1", "--log_interval", "2"]
-
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ def squeue_names() -> list[str]:
     return p.stdout.split()
 
 
-def test_a_sweep_runs_as_slurm_jobs_and_report_tables_them(tmp_path):
+def _prepared(tmp_path: Path) -> dict[str, str]:
     if subprocess.run(["sinfo"], capture_output=True).returncode != 0:
         pytest.skip("sbatch is here but no controller answers (scripts/local_slurm.sh up)")
     make_corpus(tmp_path / "corpus.txt")
@@ -45,6 +45,11 @@ def test_a_sweep_runs_as_slurm_jobs_and_report_tables_them(tmp_path):
     subprocess.run(
         [CARLOS, "prepare", "corpus.txt", "--workdir", "w", "--seq_len", "32"], cwd=tmp_path, env=env, check=True
     )
+    return env
+
+
+def test_a_sweep_runs_as_slurm_jobs_and_report_tables_them(tmp_path):
+    env = _prepared(tmp_path)
     argv = [CARLOS, "train", "-m", *LOCAL, "--workdir", "w", *TINY, "--max_steps", "10", "seed=1,2"]
     sweep = subprocess.Popen(
         [*argv, "hydra.sweep.dir=w/sweeps/slurm"],
@@ -73,17 +78,6 @@ def test_a_sweep_runs_as_slurm_jobs_and_report_tables_them(tmp_path):
     )
     rows = [line for line in report.stdout.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
     assert len(rows) == 2 and all("| 10 |" in row for row in rows)
-
-
-def _prepared(tmp_path: Path) -> dict[str, str]:
-    if subprocess.run(["sinfo"], capture_output=True).returncode != 0:
-        pytest.skip("sbatch is here but no controller answers (scripts/local_slurm.sh up)")
-    make_corpus(tmp_path / "corpus.txt")
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    subprocess.run(
-        [CARLOS, "prepare", "corpus.txt", "--workdir", "w", "--seq_len", "32"], cwd=tmp_path, env=env, check=True
-    )
-    return env
 
 
 def _wait_for(condition, seconds: float, what: str) -> None:
