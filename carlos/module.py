@@ -103,7 +103,8 @@ class CarlosLM(L.LightningModule):
     def pop_train_loss(self) -> float | None:
         if not self.loss_count:
             return None
-        value = (self.loss_sum / self.loss_count).item()
+        # the mean over every rank's batches (under DDP each rank summed only its own)
+        value = self.trainer.strategy.reduce(self.loss_sum / self.loss_count, reduce_op="mean").item()
         self.loss_sum.zero_()
         self.loss_count = 0
         return value

@@ -15,11 +15,14 @@ NODE=$(hostname -s)
 die() { echo "local_slurm: $*" >&2; exit 2; }
 
 install() {
-    command -v slurmctld >/dev/null && command -v munged >/dev/null && command -v sbatch >/dev/null && return
+    command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
+        && command -v sbatch >/dev/null && return
     [ "$(id -u)" = 0 ] || die "slurm-wlm and munge are not installed, and installing them needs root: run as root, or: sudo apt-get install slurm-wlm munge"
     command -v apt-get >/dev/null || die "slurm-wlm and munge are not installed and there is no apt-get here; install SLURM with this system's package manager"
     apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
+    # the daemons and the client only: slurm-wlm's recommends add some 40 plugin and -dev packages
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        slurmctld slurmd slurm-client munge >/dev/null
 }
 
 write_config() {
@@ -27,13 +30,15 @@ write_config() {
     local cpus mem
     cpus=$(nproc)
     mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 512 ))
-    cat >"$CONF" <<EOF
+    cat >"$CONF.new" <<EOF
 # written by carlos's scripts/local_slurm.sh: one node, no accounting, no cgroups
 ClusterName=carlos
-SlurmctldHost=$NODE
+SlurmctldHost=$NODE(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# a requeued job waits cred_expire seconds before it may start again: 120 by default, 10 on this test node
+AuthInfo=cred_expire=10
 StateSaveLocation=$STATE/state
 SlurmdSpoolDir=$STATE/spool
 SlurmctldPidFile=$STATE/slurmctld.pid
@@ -45,14 +50,21 @@ TaskPlugin=task/none
 JobRequeue=1
 ReturnToService=2
 SchedulerType=sched/backfill
+# look for startable jobs every 2 s rather than every 30-60 s: a job requeued here starts within seconds
+SchedulerParameters=sched_interval=2,bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 MpiDefault=none
 KillWait=10
 MinJobAge=60
-NodeName=$NODE CPUs=$cpus RealMemory=$mem State=UNKNOWN
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
+    if cmp -s "$CONF.new" "$CONF"; then rm "$CONF.new"; else
+        # a changed config (another machine size, a newer version of this script) needs fresh daemons
+        running "$STATE/slurmctld.pid" && down >/dev/null && sleep 1
+        mv "$CONF.new" "$CONF"
+    fi
     [ -s /etc/munge/munge.key ] || { dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null; }
     chown -R munge:munge /etc/munge /run/munge /var/log/munge 2>/dev/null || true
     chmod 400 /etc/munge/munge.key

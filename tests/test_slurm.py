@@ -15,14 +15,10 @@ import pytest
 
 from .conftest import make_corpus
 
-pytestmark = [
-    pytest.mark.slurm,
-    pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("sbatch") is None, reason="no SLURM here (scripts/local_slurm.sh up starts one)"),
-]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 CARLOS = str(Path(sys.executable).parent / "carlos")
-TINY = ["model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.d_ff=64", "--micro_batch_size", "4"]
-TINY += ["--sample_tokens", "4", "--warmup_steps", "1", "--eval_interval", "5"]
+MODEL = ["model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.d_ff=64", "--sample_tokens", "4"]
+TINY = [*MODEL, "--micro_batch_size", "4", "--warmup_steps", "1", "--eval_interval", "5"]
 # what a job may ask of this one node: no GPU, one CPU, a little memory, minutes
 LOCAL = ["hydra/launcher=submitit_slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1"]
 LOCAL += ["hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=5"]
@@ -37,9 +33,20 @@ def squeue_names() -> list[str]:
     return p.stdout.split()
 
 
-def _prepared(tmp_path: Path) -> dict[str, str]:
+def _no_cluster() -> str | None:
+    if shutil.which("sbatch") is None:
+        return "no SLURM here (scripts/local_slurm.sh up starts one)"
     if subprocess.run(["sinfo"], capture_output=True).returncode != 0:
-        pytest.skip("sbatch is here but no controller answers (scripts/local_slurm.sh up)")
+        return "sbatch is here but no controller answers (scripts/local_slurm.sh up starts one)"
+    return None
+
+
+def _prepared(tmp_path: Path) -> dict[str, str]:
+    why = _no_cluster()
+    if why and os.environ.get("CI") == "true":  # .ci/run starts the cluster: there, a missing one is a failure
+        pytest.fail(f"CI=true and {why}")
+    if why:
+        pytest.skip(why)
     make_corpus(tmp_path / "corpus.txt")
     env = {**os.environ, "WANDB_MODE": "disabled"}
     subprocess.run(
@@ -131,3 +138,131 @@ def test_a_second_job_on_a_training_workdir_is_refused_by_its_lock(tmp_path):
     lines = (tmp_path / "second.log").read_text().strip().splitlines()
     assert lines[-1].startswith("carlos: error: w is in use by carlos train (pid "), lines
     assert "wait for it to finish or stop it, or use another --workdir, or train beside it with --run NAME" in lines[-1]
+
+
+def _job_logs(sweep: Path, suffix: str) -> str:
+    return "".join(p.read_text() for p in sorted((sweep / ".submitit").rglob(f"*{suffix}")))
+
+
+def _weights(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def test_a_time_limit_requeues_the_job_and_it_resumes_to_the_uninterrupted_weights(tmp_path):
+    env = {**_prepared(tmp_path), "OMP_NUM_THREADS": "1"}  # the same threads, so the same float sums, on both sides
+    work = ["--workdir", "w", *MODEL, "--micro_batch_size", "4", "--eval_interval", "1000", "--max_steps", "14000"]
+    work += ["seed=1"]  # about 35 s of training on one core: longer than the 10-40 s before SLURM's signal
+    # a 1-minute limit; SLURM signals (USR2) 50 s before it, checking every 30 s, so 10-40 s into the job
+    limit = ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=50", "hydra.launcher.max_num_timeout=10"]
+    sweep = subprocess.Popen(
+        [CARLOS, "train", "-m", *LOCAL, *limit, *work, "hydra.sweep.dir=w/sweeps/requeue"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    plain = subprocess.run(  # meanwhile, the same run without interruption
+        [CARLOS, "train", *work, "--run", "plain"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    out, err = sweep.communicate(timeout=600)
+    assert plain.returncode == 0, plain.stderr
+    assert sweep.returncode == 0, err
+    assert "sweep w/sweeps/requeue: 1 job, 1 finished, 0 failed" in out
+    sweep_dir = tmp_path / "w" / "sweeps" / "requeue"
+    log, errors = _job_logs(sweep_dir, "_log.out"), _job_logs(sweep_dir, "_log.err")
+    assert "stopped by SIGUSR2 at step" in log and "Caught signal SIGUSR2" in errors  # carlos's, then submitit's
+    assert "DUE TO JOB REQUEUE" in errors and "resuming from" in log and "in use" not in log + errors
+    records = [json.loads(line) for line in (sweep_dir / "0" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "train_loss" in r]
+    assert steps == list(range(10, 14001, 10))  # every step once, across the requeues
+    job, uninterrupted = (
+        _weights(sweep_dir / "0" / "checkpoints" / "last.pt"),
+        _weights(tmp_path / "w" / "runs" / "plain" / "checkpoints" / "last.pt"),
+    )
+    assert job.keys() == uninterrupted.keys()
+    assert max((job[k] - uninterrupted[k]).abs().max().item() for k in job) <= 1e-6
+
+
+def test_ddp_over_two_slurm_tasks_matches_one_process_with_the_same_global_batch(tmp_path):
+    env = _prepared(tmp_path)
+    ddp = ["hydra.launcher.tasks_per_node=2", "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
+    common = ["--workdir", "w", *MODEL, "--warmup_steps", "1", "--eval_interval", "5", "--max_steps", "10", "seed=1"]
+    p = subprocess.run(
+        [CARLOS, "train", "-m", *LOCAL, *ddp, *common, "--micro_batch_size", "4", "hydra.sweep.dir=w/sweeps/ddp"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    subprocess.run(  # one process, both ranks' windows in each batch: the same global batch
+        [CARLOS, "train", *common, "--micro_batch_size", "8", "--run", "one"], cwd=tmp_path, env=env, check=True
+    )
+    sweep = tmp_path / "w" / "sweeps" / "ddp"
+    log = _job_logs(sweep, "_log.out")
+    assert "global_rank=0(2)" in log and "global_rank=1(2)" in log  # two SLURM tasks of one job
+    assert log.count("256 tokens per optimizer step") == 1 and log.count("done: 10 steps, 2,560 tokens") == 1
+    assert "in use" not in log + _job_logs(sweep, "_log.err")  # rank 1 is not refused by its own job's lock
+    assert sorted(p.name for p in (sweep / "0").iterdir()) == [
+        ".carlos-files",
+        ".hydra",
+        "checkpoints",
+        "job.json",
+        "metrics.jsonl",
+        "samples",
+    ]
+
+    def losses(metrics: Path) -> list[tuple[int, str, float]]:
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        return [(r["step"], k, r[k]) for r in records for k in ("train_loss", "val_loss") if k in r]
+
+    ddp_losses, one_losses = (
+        losses(sweep / "0" / "metrics.jsonl"),
+        losses(tmp_path / "w" / "runs" / "one" / "metrics.jsonl"),
+    )
+    assert (
+        [x[:2] for x in ddp_losses]
+        == [x[:2] for x in one_losses]
+        == [(5, "val_loss"), (10, "train_loss"), (10, "val_loss")]
+    )
+    assert all(
+        abs(a[2] - b[2]) <= 1e-5 for a, b in zip(ddp_losses, one_losses, strict=True)
+    )  # float sums in another order
+
+
+def test_optuna_trials_run_as_slurm_jobs_and_a_second_invocation_continues_the_study(tmp_path):
+    import optuna
+
+    env = _prepared(tmp_path)
+    # the default search space (lr, warmup, micro-batch): those keys are not given here
+    args = [CARLOS, "train", "-m", "hydra/sweeper=optuna", *LOCAL, "hydra.sweeper.sampler.seed=0", "--workdir", "w"]
+    args += [*MODEL, "--eval_interval", "5", "--max_steps", "10"]
+    first = subprocess.run(
+        [*args, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra.sweep.dir=w/sweeps/optuna1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert first.returncode == 0, first.stderr
+    assert "2 jobs, 2 finished, 0 failed" in first.stdout
+    logs = sorted(p.name for p in (tmp_path / "w" / "sweeps" / "optuna1" / ".submitit").rglob("*_log.out"))
+    assert len(logs) == 2 and len({name.split("_")[0] for name in logs}) == 1  # one SLURM array, one task a trial
+    storage = f"sqlite:///{tmp_path / 'w' / 'optuna.db'}"
+    assert len(optuna.load_study(study_name="carlos-train", storage=storage).trials) == 2
+    second = subprocess.run(
+        [*args, "hydra.sweeper.n_trials=1", "hydra.sweep.dir=w/sweeps/optuna2"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert second.returncode == 0, second.stderr
+    study = optuna.load_study(study_name="carlos-train", storage=storage)
+    assert [t.number for t in study.trials] == [0, 1, 2] and all(t.value is not None for t in study.trials)
