@@ -4,6 +4,7 @@ this machine with `scripts/local_slurm.sh up`. Without `sbatch` on PATH these te
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -150,12 +151,24 @@ def _weights(path: Path) -> dict:
     return torch.load(path, weights_only=True)["state_dict"]
 
 
+def _steps_in(seconds: float, work: list[str], cwd: Path, env: dict[str, str]) -> int:
+    """How many optimizer steps of `work` this machine makes in `seconds` (a short run measures it)."""
+    p = subprocess.run(
+        [CARLOS, "train", *work, "--max_steps", "1000", "--run", "speed"], cwd=cwd, env=env, capture_output=True
+    )
+    done = p.stdout.decode().splitlines()[-1]  # done: 1,000 steps, 128,000 tokens, 2.5 s this session (...
+    per_step = float(done.split(" s this session")[0].rsplit(" ", 1)[1]) / 1000
+    return max(10_000, math.ceil(seconds / per_step / 1000) * 1000)
+
+
 def test_a_time_limit_requeues_the_job_and_it_resumes_to_the_uninterrupted_weights(tmp_path):
     env = {**_prepared(tmp_path), "OMP_NUM_THREADS": "1"}  # the same threads, so the same float sums, on both sides
-    work = ["--workdir", "w", *MODEL, "--micro_batch_size", "4", "--eval_interval", "1000", "--max_steps", "14000"]
-    work += ["seed=1"]  # about 35 s of training on one core: longer than the 10-40 s before SLURM's signal
-    # a 1-minute limit; SLURM signals (USR2) 50 s before it, checking every 30 s, so 10-40 s into the job
-    limit = ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=50", "hydra.launcher.max_num_timeout=10"]
+    work = ["--workdir", "w", *MODEL, "--micro_batch_size", "4", "--eval_interval", "1000", "seed=1"]
+    # a 1-minute limit, the signal (USR2) asked for 10 s before it. SLURM checks every 30 s and signals at the
+    # first check within 30 s + 10 s of the limit: 20-50 s into each attempt. 55 s of training is cut at least once
+    max_steps = _steps_in(55, work, tmp_path, env)
+    work += ["--max_steps", str(max_steps)]
+    limit = ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=10", "hydra.launcher.max_num_timeout=10"]
     sweep = subprocess.Popen(
         [CARLOS, "train", "-m", *LOCAL, *limit, *work, "hydra.sweep.dir=w/sweeps/requeue"],
         cwd=tmp_path,
@@ -177,7 +190,7 @@ def test_a_time_limit_requeues_the_job_and_it_resumes_to_the_uninterrupted_weigh
     assert "DUE TO JOB REQUEUE" in errors and "resuming from" in log and "in use" not in log + errors
     records = [json.loads(line) for line in (sweep_dir / "0" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "train_loss" in r]
-    assert steps == list(range(10, 14001, 10))  # every step once, across the requeues
+    assert steps == list(range(10, max_steps + 1, 10))  # every step once, across the requeues
     job, uninterrupted = (
         _weights(sweep_dir / "0" / "checkpoints" / "last.pt"),
         _weights(tmp_path / "w" / "runs" / "plain" / "checkpoints" / "last.pt"),
