@@ -176,9 +176,12 @@ def _type_problem(name: str, value, want: type) -> str | None:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     elif want is int:
         ok = _is_int(value)
+    elif want == float | None:
+        ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
     else:
         ok = isinstance(value, want)
-    return None if ok else f"model.{name} is {_short(value)} ({type(value).__name__}), not {want.__name__}"
+    kind = "a number or None" if want == float | None else want.__name__
+    return None if ok else f"model.{name} is {_short(value)} ({type(value).__name__}), not {kind}"
 
 
 def _same_keys(what: str, after: str, want: list, have: list, odd: str, limit: int | None = None) -> None:
@@ -192,11 +195,17 @@ def _same_keys(what: str, after: str, want: list, have: list, odd: str, limit: i
         raise ValueError(f"{what} {' and '.join(parts)}{after}")
 
 
+# model settings added after checkpoints were first written, with the value that computes what those did
+ADDED_MODEL_SETTINGS = {"qk_norm": False, "logit_softcap": None, "zero_init": False}
+
+
 def _model_config(meta: dict) -> GPTConfig:
-    """GPTConfig from the checkpoint's model settings; raises ValueError saying what is wrong."""
+    """GPTConfig from the checkpoint's model settings; raises ValueError saying what is wrong. An older
+    checkpoint's settings get the ones added since (in meta itself, so resume compares like with like)."""
     model = meta.get("model")
     if not isinstance(model, dict):
         raise ValueError(f"its model settings are {'missing' if model is None else type(model).__name__}, not a dict")
+    model = meta["model"] = {**model, **{k: v for k, v in ADDED_MODEL_SETTINGS.items() if k not in model}}
     want = typing.get_type_hints(GPTConfig)  # the fields' types (their annotations are text here)
     _same_keys("its model settings", "", list(want), list(model), "unknown")
     for name, kind in want.items():

@@ -75,6 +75,7 @@ SCRIPT_FLAGS: dict[str, dict[str, str]] = {
         "split": "split",
         "json": "json",
         "batch_size": "batch_size",
+        "stride": "stride",
         "device": "device",
     },
     "export": {

@@ -134,9 +134,12 @@ class ModelConfig:
     dropout: float  # on attention and MLP outputs; 0 turns it off
     bias: bool  # biases in the linear layers and norms
     norm: str  # layernorm or rmsnorm
-    mlp: str  # gelu or swiglu
+    mlp: str  # gelu, swiglu or relu2 (ReLU squared)
     pos: str  # learned (a position table) or rope (rotary positions)
     rope_base: float  # the rotary positions' base (pos=rope)
+    qk_norm: bool  # RMS-normalize each head's queries and keys before attention
+    logit_softcap: float | None  # logits = cap * tanh(logits / cap); None: off
+    zero_init: bool  # the blocks' output projections start at zero (each block starts as the identity)
 
 
 @dataclass
@@ -331,6 +334,7 @@ class TrainConfig:
     eval_interval: int
     ckpt_interval: int
     log_interval: int
+    ema_decay: float | None
     model: ModelConfig
     optimizer: dict[str, Any]
     schedule: dict[str, Any]
@@ -349,6 +353,8 @@ class TrainConfig:
         check_seed("seed (--seed)", self.seed)
         for name in ("eval_interval", "ckpt_interval", "log_interval"):
             _positive(name, getattr(self, name))
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise CarlosError(f"ema_decay must be between 0 and 1 (or null: off), got {self.ema_decay}")
         lr = self.optimizer.get("lr")
         if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
             raise CarlosError(f"optimizer.lr (--peak_lr) must be a number > 0, got {lr!r}")
@@ -394,6 +400,7 @@ class EvalConfig:
     split: str
     json: bool
     batch_size: int
+    stride: int | None
     device: str
 
     def __post_init__(self) -> None:
@@ -401,6 +408,8 @@ class EvalConfig:
         if self.split not in SPLITS:
             raise CarlosError(f"unknown split {self.split!r}{nearest(self.split, SPLITS)}; choose train, val or test")
         _positive("batch_size", self.batch_size)
+        if self.stride is not None:
+            _positive("stride", self.stride)
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import torch
 
 from carlos.config import EvalConfig
@@ -44,6 +45,39 @@ def score_split(model: GPT, dataset, batch_size: int, device: torch.device) -> d
     return summarize(*sums.tolist())
 
 
+def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int]]:
+    """(start, first scored target) of the windows of `context` tokens that score each of the n_tokens - 1
+    targets once: a window starts every `stride` tokens, the last one right-aligned on the end, and each
+    scores only the targets after the previous window's, so all but the first have context - stride or
+    more tokens before them."""
+    context = min(context, n_tokens - 1)
+    last = n_tokens - 1 - context  # the start of a window that ends on the last target
+    starts = [*range(0, last, stride), last]
+    scored_to = 0  # targets 0 .. scored_to - 1 (relative to the stream's second token) are done
+    windows = []
+    for start in starts:
+        windows.append((start, scored_to - start))
+        scored_to = start + context
+    return windows
+
+
+@torch.inference_mode()
+def score_sliding(model: GPT, tokens, context: int, stride: int, batch_size: int, device: torch.device) -> dict:
+    """`carlos eval --stride N`: every target once, with up to `context` tokens before it (HF's perplexity
+    recipe); the model runs on about context / stride times as many tokens as the standard pass."""
+    windows = sliding_windows(len(tokens), context, stride)
+    context = min(context, len(tokens) - 1)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i : i + batch_size]
+        rows = torch.from_numpy(np.stack([tokens[s : s + context + 1] for s, _ in batch]).astype(np.int64))
+        x, y = rows[:, :-1], rows[:, 1:].clone()  # (B, context) each
+        for row, (_, first) in enumerate(batch):
+            y[row, :first] = -1  # scored by an earlier window
+        sums += score_batch(model, x.to(device), y.to(device))
+    return summarize(*sums.tolist())
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     """`carlos eval`: prints loss, perplexity and bpb of a checkpoint on a split; returns them."""
     from carlos.checkpoint import build_model, check_checkpoint, load_checkpoint, pick_device, resolve_checkpoint
@@ -66,6 +100,9 @@ def evaluate(cfg: EvalConfig) -> dict:
             f"{cfg.workdir} is prepared with seq_len={data.seq_len}, beyond the model's context of "
             f"{model_cfg.block_size}; prepare with --seq_len {model_cfg.block_size} or less"
         )
+    context = model_cfg.block_size
+    if cfg.stride is not None and cfg.stride > context:
+        raise CarlosError(f"--stride {cfg.stride} is beyond the model's context of {context}; use {context} or less")
     windows = data.windows(cfg.split)
     batch = min(cfg.batch_size, len(windows))
     what = f"evaluating checkpoint {path} ({num_params(model_cfg):,} parameters) in batches of {batch} x {data.seq_len}"
@@ -82,6 +119,14 @@ def evaluate(cfg: EvalConfig) -> dict:
     print(f"loss: {metrics['loss']:.4f} nats/token")
     print(f"perplexity: {metrics['ppl']:.4f}")
     print(f"bits-per-byte: {metrics['bpb']:.4f}")
+    sliding = None
+    if cfg.stride is not None:
+        sliding = score_sliding(model, windows.stream(), context, cfg.stride, batch, device)
+        sliding = {"stride": cfg.stride, "context": context, "loss": sliding["loss"], "bpb": sliding["bpb"]}
+        print(
+            f"sliding windows (stride {cfg.stride}, up to {context} tokens of context): "
+            f"loss {sliding['loss']:.4f} nats/token, bits-per-byte {sliding['bpb']:.4f}"
+        )
     result = {
         "split": cfg.split,
         "loss": metrics["loss"],
@@ -91,6 +136,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         "bytes": metrics["bytes"],
         "checkpoint": str(path),
         "step": step,
+        "sliding": sliding,
     }
     if cfg.json:
         print(json.dumps(result))

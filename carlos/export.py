@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from carlos.checkpoint import build_model, check_checkpoint, load_checkpoint, resolve_checkpoint
+from carlos.checkpoint import ADDED_MODEL_SETTINGS, build_model, check_checkpoint, load_checkpoint, resolve_checkpoint
 from carlos.config import ExportConfig
 from carlos.errors import CarlosError
 from carlos.manifest import RECORD, Manifest
@@ -82,7 +82,7 @@ def load_safetensors(directory: str | Path) -> tuple[GPT, ByteTokenizer]:
 
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    model = GPT(GPTConfig(**config["model"]))
+    model = GPT(GPTConfig(**{**ADDED_MODEL_SETTINGS, **config["model"]}))  # an earlier export lacks the newer ones
     state = load_file(directory / "model.safetensors")
     model.load_state_dict({**state, "head.weight": state["tok_emb.weight"]})
     return model.eval(), ByteTokenizer.from_dict(config["tokenizer"])
@@ -93,6 +93,11 @@ def load_safetensors(directory: str | Path) -> tuple[GPT, ByteTokenizer]:
 
 def hf_family(cfg: GPTConfig) -> str:
     """gpt2 or llama: the transformers architecture that computes exactly what this model does."""
+    if cfg.qk_norm or cfg.logit_softcap is not None:
+        raise CarlosError(
+            "a model with model.qk_norm or model.logit_softcap has no Hugging Face equivalent among GPT-2 and "
+            "Llama; export it with --format safetensors"
+        )
     if (cfg.pos, cfg.norm, cfg.mlp) == ("learned", "layernorm", "gelu"):
         return "gpt2"
     if (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "swiglu"):

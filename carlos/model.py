@@ -48,9 +48,15 @@ class GPTConfig(ModelConfig):
             raise ModelConfigError(f"model.rope_base must be a positive number, got {self.rope_base!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ModelConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        cap = self.logit_softcap
+        if cap is not None and not (isinstance(cap, (int, float)) and not isinstance(cap, bool) and 1 <= cap <= 1000):
+            # below 1 every logit is squeezed towards 0; far above, float32 overflows on the way back
+            raise ModelConfigError(
+                f"model.logit_softcap must be a number from 1 to 1000 (e.g. 30) or null, got {cap!r}"
+            )
         for name, choices in (
             ("norm", ("layernorm", "rmsnorm")),
-            ("mlp", ("gelu", "swiglu")),
+            ("mlp", ("gelu", "swiglu", "relu2")),
             ("pos", ("learned", "rope")),
         ):
             if getattr(self, name) not in choices:
@@ -95,6 +101,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.proj.residual_init = True  # scaled at init, GPT-2 style
         self.dropout = cfg.dropout
+        self.qk_norm = cfg.qk_norm
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rope=None) -> torch.Tensor:
         B, T, C = x.shape
@@ -103,6 +110,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:  # no gain: the attention logits' scale is what the norm fixes
+            q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         if rope is not None:  # keys are cached rotated: their positions are absolute
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is None:
@@ -124,11 +133,13 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GELU: proj(gelu(fc(x))). SwiGLU: proj(silu(gate(x)) * up(x)), gate and up as one matmul."""
+    """GELU: proj(gelu(fc(x))). ReLU^2: proj(relu(fc(x))^2). SwiGLU: proj(silu(gate(x)) * up(x)), gate
+    and up as one matmul."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
+        self.relu2 = cfg.mlp == "relu2"
         self.fc = nn.Linear(cfg.d_model, (2 if self.swiglu else 1) * cfg.d_ff, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.proj.residual_init = True
@@ -137,6 +148,8 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = self.fc(x).chunk(2, dim=-1)  # 2 x (B, T, d_ff)
             return self.proj(F.silu(gate) * up)
+        if self.relu2:
+            return self.proj(F.relu(self.fc(x)).square())
         return self.proj(F.gelu(self.fc(x)))
 
 
@@ -178,7 +191,7 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear):
             std = 0.02
             if getattr(module, "residual_init", False):
-                std /= math.sqrt(2 * self.cfg.n_layers)
+                std = 0.0 if self.cfg.zero_init else std / math.sqrt(2 * self.cfg.n_layers)
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -206,7 +219,10 @@ class GPT(nn.Module):
             x = block(x, cache, i, rope)
         if cache is not None:
             cache.length += T
-        return self.head(self.ln_f(x))
+        logits = self.head(self.ln_f(x))  # (B, T, vocab)
+        if self.cfg.logit_softcap is not None:
+            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
+        return logits
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy in nats; targets of -1 (overlap of the packed tail window) are not scored."""
@@ -215,11 +231,14 @@ class GPT(nn.Module):
             logits.view(-1, logits.size(-1)).float(), targets.reshape(-1).long(), ignore_index=-1, reduction=reduction
         )
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: decay matrices and embeddings (dim >= 2), never biases or norm gains."""
-        decay = [p for p in self.parameters() if p.dim() >= 2]
+    def param_groups(self, weight_decay: float, muon: bool = False) -> list[dict]:
+        """AdamW groups: decay matrices and embeddings (dim >= 2), never biases or norm gains. With muon,
+        the blocks' weight matrices come first, as a group of their own marked for Muon."""
+        matrices = [p for p in self.blocks.parameters() if p.dim() == 2] if muon else []
+        decay = [p for p in self.parameters() if p.dim() >= 2 and all(p is not m for m in matrices)]
         no_decay = [p for p in self.parameters() if p.dim() < 2]
         return [
+            *([{"params": matrices, "weight_decay": weight_decay, "muon": True}] if muon else []),
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]

@@ -142,7 +142,8 @@ class CarlosLM(L.LightningModule):
     # -- optimizer and schedule
     def configure_optimizers(self):
         hp = self.hparams
-        groups = self.model.param_groups(hp.optimizer.get("weight_decay", 0.0))
+        muon = str(hp.optimizer.get("_target_", "")).endswith("MuonWithAdamW")
+        groups = self.model.param_groups(hp.optimizer.get("weight_decay", 0.0), muon=muon)
         optimizer = build_optimizer(hp.optimizer, groups)
         peak = hp.optimizer["lr"]
         lr_at = build_schedule(hp.schedule, peak)

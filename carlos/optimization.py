@@ -67,6 +67,71 @@ def warmup_constant(step: int, *, total_steps: float, peak_lr: float, warmup_ste
     return peak_lr if lr is None else lr
 
 
+# ---------------------------------------------------------------- Muon
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """torch.optim.Muon for the groups marked `muon` (the blocks' weight matrices), AdamW for the rest
+    (embeddings, norm gains, biases), stepped as one optimizer. Written here because torch's Muon refuses
+    anything but 2-D weights, while Lightning's automatic optimization, the lr schedule and the
+    checkpoint each expect a single optimizer. The two share this object's param_groups and state, so
+    the schedule sets both lrs and the state dict is the standard one.
+
+    adjust_lr_fn="match_rms_adamw" scales Muon's orthogonalized update to AdamW's RMS, so one peak lr,
+    weight decay and schedule serve both (Moonshot's "Muon is Scalable for LLM Training")."""
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        adjust_lr_fn: str = "match_rms_adamw",
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+    ) -> None:
+        params = list(params)
+        if params and not isinstance(params[0], dict):  # a plain list of tensors: one group, all on AdamW
+            params = [{"params": params}]
+        groups = [{"muon": False, **group, "params": list(group["params"])} for group in params]
+        muon = [g for g in groups if g["muon"]]
+        rest = [g for g in groups if not g["muon"]]
+        self.muon = torch.optim.Muon(
+            muon or [torch.zeros(1, 1)],
+            lr,
+            weight_decay,
+            momentum,
+            nesterov,
+            ns_steps=ns_steps,
+            adjust_lr_fn=adjust_lr_fn,
+        )
+        self.adamw = torch.optim.AdamW(rest, lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(muon + rest, {"lr": lr, "weight_decay": weight_decay})
+        self._share()
+
+    def _share(self) -> None:
+        n = sum(1 for g in self.param_groups if g["muon"])
+        self.muon.param_groups, self.adamw.param_groups = self.param_groups[:n], self.param_groups[n:]
+        self.muon.state = self.adamw.state = self.state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)  # makes new group dicts and state: share them again
+        self._share()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.muon.param_groups:
+            self.muon.step()
+        self.adamw.step()
+        return loss
+
+
 # ---------------------------------------------------------------- building from config
 
 

@@ -187,12 +187,13 @@ def _check_optimizer_state(states, model: GPTConfig) -> None:
     one, and a fused step over a wrong shape reads out of bounds (a segmentation fault, not an error)."""
     from carlos.model import GPT
 
-    with torch.device("meta"):
-        groups = GPT(model).param_groups(0.0)
-    shapes = [tuple(p.shape) for g in groups for p in g["params"]]
     if not isinstance(states, list) or len(states) != 1 or not isinstance(states[0], dict):
         raise ValueError("optimizer_states is not one optimizer's state")
     state, param_groups = states[0]["state"], states[0]["param_groups"]
+    muon = bool(param_groups) and param_groups[0].get("muon") is True  # optimizer=muon orders its groups so
+    with torch.device("meta"):
+        groups = GPT(model).param_groups(0.0, muon=muon)
+    shapes = [tuple(p.shape) for g in groups for p in g["params"]]
     indices = [i for g in param_groups for i in g["params"]]
     if sorted(indices) != list(range(len(shapes))):
         raise ValueError(f"its optimizer holds {len(indices)} parameters, the model {len(shapes)}")

@@ -124,6 +124,8 @@ def build_run(plan: RunPlan) -> Run:
         bar.disable()
         loggers.append(LineLogger(config.trainer.max_steps))
     callbacks = [first, metrics, _sample_text(plan), checkpoints, preemption, bar]
+    if config.ema_decay is not None:  # Lightning's: validation, checkpoints' state_dict and the end use the average
+        callbacks.insert(1, L.pytorch.callbacks.EMAWeightAveraging(decay=config.ema_decay))
     if config.trainer.max_time_delta is not None:
         from carlos.callbacks import TimeBudget
 

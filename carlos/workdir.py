@@ -146,6 +146,15 @@ class WindowDataset(Dataset):
     def __len__(self) -> int:
         return len(self.windows)
 
+    def stream(self) -> np.ndarray:
+        """The split's tokens in order, as one array (the windows without their overlaps)."""
+        n, L = len(self.windows), self.seq_len
+        n_tokens = n * L + 1 - max(self.tail_overlap, 0)
+        tokens = np.empty(n_tokens, dtype=self.windows.dtype)
+        tokens[: (n - 1) * L] = np.asarray(self.windows[: n - 1, :L]).reshape(-1)
+        tokens[n_tokens - (L + 1) :] = self.windows[n - 1]  # the last window, right-aligned on the end
+        return tokens
+
     def __getitem__(self, items: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         L = self.seq_len
         if self.shifted:

@@ -93,6 +93,21 @@ def test_prepare_train_eval_sample_end_to_end(trained):
     )
     assert json.loads(ev2.stdout.strip().splitlines()[-1]) == result
 
+    # --stride: sliding windows beside the standard pass, which stays as it was
+    evaluate = [CARLOS, "eval", "--workdir", "w", "--checkpoint", "best", "--split", "test", "--json"]
+    same = json.loads(run([*evaluate, "--stride", "32"], cwd).stdout.strip().splitlines()[-1])
+    assert {k: v for k, v in same.items() if k != "sliding"} == {k: v for k, v in result.items() if k != "sliding"}
+    # a window every seq_len tokens is the standard pass itself
+    assert same["sliding"] == {"stride": 32, "context": 32, "loss": result["loss"], "bpb": result["bpb"]}
+    dense = run([*evaluate, "--stride", "4"], cwd)
+    sliding = json.loads(dense.stdout.strip().splitlines()[-1])["sliding"]
+    assert sliding["stride"] == 4 and sliding["bpb"] != result["bpb"]
+    assert f"sliding windows (stride 4, up to 32 tokens of context): loss {sliding['loss']:.4f}" in dense.stdout
+    refused = subprocess.run([*evaluate, "--stride", "33"], cwd=cwd, capture_output=True, text=True)
+    assert refused.returncode == 2 and refused.stderr == (
+        "carlos: error: --stride 33 is beyond the model's context of 32; use 32 or less\n"
+    )
+
     prompt = "It's a, b ${x} C:\\dir\\"
     s1 = run(
         [CARLOS, "sample", "--workdir", "w", "--prompt", prompt, "--max_new_tokens", "20", "--temperature", "0"], cwd

@@ -17,7 +17,7 @@ GROUPS = {
 def test_groups_have_real_choices():
     assert GROUPS == {
         "model": ["baseline", "medium", "modern"],
-        "optimizer": ["adamw", "sgd"],
+        "optimizer": ["adamw", "muon", "sgd"],
         "schedule": ["constant", "cosine", "wsd"],
         "precision": ["auto", "bf16", "fp16", "fp32"],
         "experiment": ["cpu_10min", "gpu"],

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -174,3 +175,73 @@ def test_rope_depends_on_relative_position_only():
 
     assert torch.allclose(score(5, 2), score(40, 37), atol=1e-5)
     assert not torch.allclose(score(5, 2), score(5, 4), atol=1e-3)
+
+
+# ---------------------------------------------------------------- options from the speed-run literature
+
+
+def test_relu2_mlp_is_relu_squared():
+    model = small(mlp="relu2")
+    mlp = model.blocks[0].mlp
+    x = torch.randn(2, 5, 64)
+    assert torch.allclose(mlp(x), mlp.proj(torch.relu(mlp.fc(x)) ** 2))
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
+    model = small(qk_norm=True, bias=False).eval()
+    x = torch.randint(0, 256, (2, 16))
+    before = model(x)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight[: 2 * 64] *= 5.0  # the query and key rows
+    assert torch.allclose(model(x), before, atol=1e-5)
+    plain = small(bias=False).eval()
+    assert not torch.allclose(plain(x), small(qk_norm=True, bias=False).eval()(x), atol=1e-3)
+
+
+def test_logit_softcap_bounds_the_logits_and_keeps_their_order():
+    capped, plain = small(logit_softcap=2.0).eval(), small().eval()
+    with torch.no_grad():
+        for m in (capped, plain):
+            m.tok_emb.weight *= 40  # logits far beyond the cap
+    x = torch.randint(0, 256, (1, 8))
+    logits, raw = capped(x), plain(x)
+    assert logits.abs().max() <= 2.0 < raw.abs().max()
+    assert torch.allclose(logits, 2.0 * torch.tanh(raw / 2.0))  # the same model, its logits capped
+    for bad in (0.0, 0.5, 1e308, True):
+        with pytest.raises(ModelConfigError, match="logit_softcap must be a number from 1 to 1000"):
+            small(logit_softcap=bad)
+
+
+def test_zero_init_starts_every_block_as_the_identity():
+    model = small(zero_init=True, dropout=0.0)
+    x = torch.randn(2, 7, 64)
+    for block in model.blocks:
+        assert torch.equal(block(x), x)
+    assert small().blocks[0].attn.proj.weight.abs().sum() > 0  # the default is GPT-2's init
+
+
+def test_muon_steps_the_block_matrices_and_adamw_the_rest():
+    from carlos.optimization import MuonWithAdamW
+
+    model = small()
+    groups = model.param_groups(0.1, muon=True)
+    opt = MuonWithAdamW(groups, lr=1e-3)
+    matrices = {id(p) for p in groups[0]["params"]}
+    assert groups[0]["muon"] and len(matrices) == 8  # qkv, proj, fc, proj of 2 blocks
+    assert id(model.tok_emb.weight) not in matrices  # embeddings stay on AdamW
+    x = torch.randint(0, 256, (2, 16))
+    model.loss(x, x).backward()
+    opt.step()
+    for p in model.parameters():
+        assert set(opt.state[p]) == ({"momentum_buffer"} if id(p) in matrices else {"step", "exp_avg", "exp_avg_sq"})
+    # the state dict round-trips: a fresh optimizer loaded from it takes the same next step
+    twin = small()
+    twin.load_state_dict(model.state_dict())
+    twin_opt = MuonWithAdamW(twin.param_groups(0.1, muon=True), lr=1e-3)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # as from a file: torch would share the tensors
+    for m, o in ((model, opt), (twin, twin_opt)):
+        o.zero_grad()
+        m.loss(x, x).backward()
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True))

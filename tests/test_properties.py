@@ -20,11 +20,12 @@ from hypothesis import strategies as st
 from carlos.compose import compose
 from carlos.config import PrepareConfig, parse
 from carlos.errors import CarlosError
-from carlos.evaluate import score_split
+from carlos.evaluate import score_split, sliding_windows
 from carlos.generate import filter_logits, generate
 from carlos.model import GPT
 from carlos.prepare import prepare, tokenize, tokenize_split
 from carlos.tokenizer import BOS_ID, EOS_ID, ByteTokenizer
+from carlos.workdir import WindowDataset
 from tests.conftest import gpt_config
 
 from .test_prepare import unpack
@@ -91,6 +92,8 @@ def test_prepare_refuses_clearly_or_round_trips(raw, seq_len, nfkc, bos, eos, se
             if nfkc:
                 split_text = unicodedata.normalize("NFKC", split_text)
             stream = unpack(np.load(d / "w" / "data" / f"{name}.npy"), info["tokens"][name])
+            windows = WindowDataset(np.load(d / "w" / "data" / f"{name}.npy"), n_tokens=info["tokens"][name])
+            assert np.array_equal(windows.stream(), stream)  # what carlos eval --stride scores
             assert stream.max() < tok.vocab_size
             assert tok.decode_bytes(stream) == split_text.encode("utf-8")
             docs = [doc for doc in split_text.split(sep) if doc] if (bos or eos) else []
@@ -194,3 +197,17 @@ def test_eval_is_deterministic(seed, n, batch, other) -> None:
     regrouped = score_split(model, windows, other, torch.device("cpu"))
     assert regrouped["tokens"] == first["tokens"] == n * 16 and regrouped["bytes"] == first["bytes"]
     assert regrouped["loss"] == pytest.approx(first["loss"], rel=1e-5)
+
+
+@SETTINGS
+@given(n_tokens=st.integers(2, 400), context=st.integers(1, 64), stride=st.integers(1, 64))
+def test_sliding_windows_score_every_target_once_with_the_context_promised(n_tokens, context, stride) -> None:
+    assume(stride <= context)
+    windows = sliding_windows(n_tokens, context, stride)
+    width = min(context, n_tokens - 1)
+    scored = [t for start, first in windows for t in range(start + first, start + width)]
+    assert scored == list(range(n_tokens - 1))  # target t is token t + 1: each once, in order
+    for i, (start, first) in enumerate(windows):
+        assert start >= 0 and start + width <= n_tokens - 1  # inside the stream
+        if i:  # every target after the first window's sees at least width - stride tokens before it
+            assert first >= width - stride
