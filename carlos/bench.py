@@ -44,6 +44,7 @@ SECTIONS = {
     "throughput": ("<!-- bench:start -->", "<!-- bench:end -->", "Throughput: `carlos bench`"),
     "quality": ("<!-- quality:start -->", "<!-- quality:end -->", "Quality at equal time: `carlos bench budgets=...`"),
     "scale": ("<!-- scale:start -->", "<!-- scale:end -->", "Scale of data: `carlos bench prepare_gb=...`"),
+    "suite": ("<!-- suite:start -->", "<!-- suite:end -->", "Corpora of several kinds: `carlos bench suite=...`"),
 }
 
 # The plain loop's recipe, fixed here rather than taken from carlos's config so that tuning carlos's
@@ -250,9 +251,9 @@ def _carlos(py: list[str], root: Path, data: Path, overrides: list[str]) -> tupl
     return [json.loads(line) for line in (data / "metrics.jsonl").read_text().splitlines()], rss
 
 
-def _eval(py: list[str], root: Path, data: Path) -> dict:
+def _eval(py: list[str], root: Path, data: Path, *overrides: str) -> dict:
     p = subprocess.run(
-        [*py, "eval", f"workdir={data}", "split=test", "checkpoint=best", "json=true"],
+        [*py, "eval", f"workdir={data}", "split=test", "checkpoint=best", "json=true", *overrides],
         cwd=root,
         capture_output=True,
         text=True,
@@ -260,6 +261,22 @@ def _eval(py: list[str], root: Path, data: Path) -> dict:
     if p.returncode != 0:
         raise _failed("carlos eval", p)
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _suite_train(py: list[str], root: Path, workdir: Path, overrides: list[str]) -> dict:
+    """One run of the suite (overrides name it with run=...): its test bpb, best val bpb and epochs."""
+    p, _ = _isolated([*py, "train", f"workdir={workdir}", "overwrite=true", *overrides], root)
+    if p.returncode != 0:
+        raise _failed("carlos train", p)
+    run = next(o.split("=", 1)[1] for o in overrides if o.startswith("run="))
+    records = [json.loads(line) for line in (workdir / "runs" / run / "metrics.jsonl").read_text().splitlines()]
+    train_tokens = json.loads((workdir / "splits.json").read_text())["tokens"]["train"]
+    return {
+        "test_bpb": _eval(py, root, workdir, f"run={run}")["bpb"],
+        "val_bpb": min(r["val_bpb"] for r in records if "val_bpb" in r),
+        "tokens": records[-1]["tokens"],
+        "epochs": records[-1]["tokens"] / train_tokens,
+    }
 
 
 def _prepare(py: list[str], corpus: str, workdir: Path, *overrides: str) -> dict:
@@ -350,6 +367,12 @@ def _bench(cfg: BenchConfig, root: Path) -> dict:
     if cfg.budgets:
         out["quality"] = _quality(cfg, py, root, same, defaults, spec)
         _emit(cfg, "quality", render_quality(header, out["quality"]))
+    if cfg.suite:
+        from carlos.suite import render_suite, suite_runs
+
+        train = lambda workdir, overrides: _suite_train(py, root, workdir, overrides)  # noqa: E731
+        out["suite"] = suite_runs(cfg, train, lambda corpus, w: _prepare(py, str(corpus), w), root)
+        _emit(cfg, "suite", render_suite(_head(header), cfg.against, out["suite"]))
     if cfg.prepare_gb:
         out["scale"] = _scale(cfg, py, root, corpus)
         _emit(cfg, "scale", render_scale(header, out["scale"]))

@@ -390,6 +390,7 @@ class TrainConfig:
 # ---------------------------------------------------------------- eval and sample
 
 SPLITS = ("train", "val", "test")
+SUITE_CORPORA = ("input", "python", "docs", "translations")  # input: --input; the rest: carlos/suite.py
 
 
 @dataclass
@@ -469,6 +470,11 @@ class BenchConfig:
     kv_context: int
     train: list[str]
     budgets: list[float]
+    suite: list[str]
+    suite_bytes: int
+    suite_budgets: list[float]
+    seeds: int
+    against: list[str]
     prepare_gb: float
     output: str | None
 
@@ -477,8 +483,16 @@ class BenchConfig:
             _positive(name, getattr(self, name))
         _positive("rounds", self.rounds, allow_zero=True)
         _positive("prepare_gb", self.prepare_gb, allow_zero=True)
-        for b in self.budgets:
+        for b in [*self.budgets, *self.suite_budgets]:
             _positive("budgets (seconds)", b)
+        _positive("seeds", self.seeds)
+        _positive("suite_bytes", self.suite_bytes)
+        for name in self.suite:
+            if name not in SUITE_CORPORA:
+                raise CarlosError(
+                    f"unknown suite corpus {name!r}{nearest(name, SUITE_CORPORA)}; "
+                    f"choose among {', '.join(SUITE_CORPORA)}"
+                )
         if self.rounds and self.steps < 3 * self.log_interval:
             raise CarlosError(
                 f"steps must be at least 3 x log_interval ({3 * self.log_interval}) for steady-state rates"

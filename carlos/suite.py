@@ -10,6 +10,8 @@ Each is deterministic for a given machine: files in sorted order, cut at the fir
 from __future__ import annotations
 
 import gzip
+import json
+import statistics
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,12 +49,13 @@ def mo_messages(data: bytes) -> list[str]:
     Python's gettext gives a catalog to look messages up in, not the list of them."""
     magic = struct.unpack("<I", data[:4])[0]
     order = "<" if magic == 0x950412DE else ">"
-    count, _, translations = struct.unpack(order + "3I", data[8:20])
+    count, originals, translations = struct.unpack(order + "3I", data[8:20])
     messages = []
     for i in range(count):
+        msgid_length = struct.unpack(order + "I", data[originals + 8 * i : originals + 8 * i + 4])[0]
         length, offset = struct.unpack(order + "2I", data[translations + 8 * i : translations + 8 * i + 8])
-        text = data[offset : offset + length].decode("utf-8", errors="strict")
-        if text and not text.startswith("Project-Id-Version"):
+        if msgid_length:  # the empty msgid is the header (translators, charset), not a message
+            text = data[offset : offset + length].decode("utf-8", errors="strict")
             messages.extend(part for part in text.split("\x00") if part)  # plural forms
     return messages
 
@@ -81,3 +84,83 @@ CORPORA: dict[str, Callable[[int], str]] = {
     "docs": docs_corpus,
     "translations": translations_corpus,
 }
+
+
+# ---------------------------------------------------------------- the suite: the defaults against other settings
+
+
+def suite_corpus(name: str, root: Path, corpus: str | None, size: int) -> Path | None:
+    """The corpus file of one suite entry, built once under root; None when this machine lacks its source."""
+    if name == "input":
+        return Path(corpus) if corpus is not None else None
+    path = root / "suite" / name / "corpus.txt"
+    if not path.exists():
+        text = CORPORA[name](size)
+        if not text:
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def suite_runs(cfg, train: Callable[[Path, list[str]], dict], prepare: Callable[[Path, Path], dict], root: Path):
+    """Each corpus x budget x seed, `against` and the defaults alternating which goes first; every finished
+    run is appended to suite/results.jsonl at once, and a run already there is not repeated (a suite of
+    600 s runs takes hours: it can be stopped and continued)."""
+    results = root / "suite" / "results.jsonl"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if results.exists():
+        for line in results.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["corpus"], r["budget_s"], r["seed"], r["side"])] = r
+    for name in cfg.suite:
+        corpus = suite_corpus(name, root, cfg.input, cfg.suite_bytes)
+        if corpus is None:
+            print(f"suite: no {name} corpus on this machine, skipped", flush=True)
+            continue
+        workdir = root / "suite" / name / "w"
+        info = prepare(corpus, workdir)
+        for budget in cfg.suite_budgets:
+            for seed in range(1, cfg.seeds + 1):
+                sides = [("against", list(cfg.against)), ("defaults", [])]
+                for side, overrides in sides if seed % 2 else sides[::-1]:
+                    key = (name, budget, seed, side)
+                    if key not in done:
+                        run = f"{side}-{budget:g}s-seed{seed}"
+                        args = [f"run={run}", f"trainer.max_time={budget}", f"seed={seed}", *overrides]
+                        r = {"corpus": name, "budget_s": budget, "seed": seed, "side": side, **train(workdir, args)}
+                        r["train_bytes"] = info["splits"]["train"]["end"] - info["splits"]["train"]["start"]
+                        with results.open("a") as f:
+                            f.write(json.dumps(r) + "\n")
+                        done[key] = r
+                        print(f"suite {name} {budget:g} s seed {seed} {side}: test bpb {r['test_bpb']:.4f}", flush=True)
+    return [done[k] for k in done if k[0] in cfg.suite]
+
+
+def render_suite(head: list[str], against: list[str], rows: list[dict]) -> str:
+    """One line per corpus and budget: medians over seeds of each side, and how many seeds the defaults won."""
+    lines = [
+        *head,
+        f"Each cell: the median over seeds of `carlos train --max_time B` then `carlos eval --split test` of its best "
+        f'checkpoint. "against": the defaults plus `{" ".join(against) or "(nothing)"}`.',
+        "",
+        "| corpus | train bytes | budget | against: test bpb | defaults: test bpb | better by | seeds won "
+        "| val bpb against / defaults | epochs (defaults) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    cells: dict[tuple, dict[str, list[dict]]] = {}
+    for r in rows:
+        cells.setdefault((r["corpus"], r["budget_s"]), {}).setdefault(r["side"], []).append(r)
+    for (name, budget), sides in cells.items():
+        if len(sides) < 2:
+            continue
+        a, d = sorted(sides["against"], key=lambda r: r["seed"]), sorted(sides["defaults"], key=lambda r: r["seed"])
+        med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
+        won = sum(x["test_bpb"] < y["test_bpb"] for x, y in zip(d, a, strict=False))
+        lines.append(
+            f"| {name} | {d[0]['train_bytes']:,} | {budget:g} s | {med(a, 'test_bpb'):.4f} | {med(d, 'test_bpb'):.4f} "
+            f"| {med(a, 'test_bpb') - med(d, 'test_bpb'):+.4f} | {won} of {min(len(a), len(d))} "
+            f"| {med(a, 'val_bpb'):.4f} / {med(d, 'val_bpb'):.4f} | {med(d, 'epochs'):.1f} |"
+        )
+    return "\n".join(lines)
