@@ -87,6 +87,7 @@ def plan_run(composed: DictConfig, config: TrainConfig, data: PreparedData, run_
     manifest = Manifest(run_dir, writable=leader)
     resume = _resume_from(config, run_dir, manifest, leader)
     resumed = _resume_state(resume) if resume else None
+    _check_same_optimizer(config, resumed)
     model = _model_config(config, data, resumed)
     device = device_type(config.trainer.accelerator)
     stored = resumed.get("precision") if resumed else None
@@ -179,7 +180,24 @@ def _resume_state(path: Path) -> dict:
             f"cannot resume from {path}: its training state is damaged ({e}); resume from another checkpoint, "
             "or start over with --overwrite"
         ) from None
-    return checkpoint["carlos"]
+    optimizer = (checkpoint.get("hyper_parameters") or {}).get("optimizer") or {}
+    return {**checkpoint["carlos"], "optimizer_target": optimizer.get("_target_")}
+
+
+def _check_same_optimizer(config: TrainConfig, resumed: dict | None) -> None:
+    """A run continues with the optimizer whose state it saved (the default may have changed since)."""
+    before, now = (resumed or {}).get("optimizer_target"), config.optimizer.get("_target_")
+    if before and now and before != now:
+        from omegaconf import OmegaConf
+
+        from carlos.compose import conf_dir
+
+        options = {OmegaConf.load(p).get("_target_"): p.stem for p in (conf_dir() / "optimizer").glob("*.yaml")}
+        name = options.get(before, "<the one you trained with>")
+        raise CarlosError(
+            f"cannot resume: the checkpoint was trained with {before}, this run would use {now}; "
+            f"pass optimizer={name} to continue it, or start over with --overwrite"
+        )
 
 
 def _check_optimizer_state(states, model: GPTConfig) -> None:

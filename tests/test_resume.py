@@ -70,10 +70,10 @@ def _final_val(workdir: Path) -> tuple[int, float]:
     return val[-1]["step"], val[-1]["val_loss"]
 
 
-def _interrupt(workdir: Path, until, sig: int) -> subprocess.CompletedProcess:
+def _interrupt(workdir: Path, until, sig: int, *extra: str) -> subprocess.CompletedProcess:
     """Start a run, wait until until() holds, send sig, and wait for the process to end."""
     p = subprocess.Popen(
-        [CARLOS, "train", "--workdir", str(workdir), *RUN],
+        [CARLOS, "train", "--workdir", str(workdir), *RUN, *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -141,3 +141,19 @@ def test_ctrl_c_stops_with_a_checkpoint(tmp_path):
 
     step = torch.load(workdir / "checkpoints" / "last.pt", weights_only=True)["carlos"]["step"]
     assert 10 <= step < 240 and step == _logged_step(workdir)
+
+
+def test_a_muon_run_resumes_exactly_and_only_with_muon(tmp_path):
+    whole, split = _prepare(tmp_path, "whole"), _prepare(tmp_path, "split")
+    tiny = ["model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.d_ff=64", "optimizer=muon"]
+    assert _train(whole, *tiny).returncode == 0
+    stopped = _interrupt(split, lambda: _logged_step(split) >= 100, signal.SIGTERM, *tiny)
+    assert stopped.returncode == 143, stopped.stderr
+    other = _train(split, *tiny[:-1], "--resume")
+    assert other.returncode == 2 and other.stderr == (
+        "carlos: error: cannot resume: the checkpoint was trained with carlos.optimization.MuonWithAdamW, this run "
+        "would use torch.optim.AdamW; pass optimizer=muon to continue it, or start over with --overwrite\n"
+    )
+    resumed = _train(split, *tiny, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _final_val(split) == pytest.approx(_final_val(whole), abs=1e-6)
