@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 import statistics
 import struct
 from collections.abc import Callable, Iterator
@@ -61,14 +62,17 @@ def mo_messages(data: bytes) -> list[str]:
 
 
 def _translations(root: Path) -> Iterator[str]:
-    # one message catalog in every language before the next: each cut of the corpus has all the scripts
-    for path in sorted(root.glob("*/LC_MESSAGES/*.mo"), key=lambda p: (p.name, p.parts[-3])):
+    # runs of 16 messages from every catalog, in a fixed shuffled order: any stretch of the corpus, the
+    # val and test splits at its end included, mixes programs and languages like the whole
+    blocks = []
+    for path in sorted(root.glob("*/LC_MESSAGES/*.mo")):
         try:
             messages = mo_messages(path.read_bytes())
         except (OSError, struct.error, UnicodeDecodeError):
             continue
-        if messages:
-            yield "\n".join(messages) + "\n"
+        blocks += ["\n".join(messages[i : i + 16]) + "\n" for i in range(0, len(messages), 16)]
+    random.Random(0).shuffle(blocks)
+    yield from blocks
 
 
 def docs_corpus(max_bytes: int) -> str:
