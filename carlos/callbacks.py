@@ -315,6 +315,49 @@ class Preemption(StepCallback):
             previous(self.signum, None)  # submitit's handler: requeues the job (on rank 0) and exits
 
 
+class WeightDecayByEpochs(StepCallback):
+    """optimizer.weight_decay=auto: sets the weight decay of the decayed groups from the epochs the run
+    will see, and says so. A run bounded by steps knows them at its start; under --max_time they are
+    estimated from the pace of the first `after` steps of this session (till then the rule's first value)."""
+
+    def __init__(self, train_tokens: int, tokens_per_batch: int, rule: Any, timed: bool) -> None:
+        self.train_tokens, self.tokens_per_batch = train_tokens, tokens_per_batch
+        self.points, self.values = rule.epochs, rule.weight_decay
+        self.timed = timed
+        self.decide_at: int | None = None
+        self.after = 50
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.decide_at = trainer.global_step + self.after if self.timed else None
+        if not self.timed:
+            self._decide(trainer, pl_module, trainer.global_step, "")
+
+    def on_step_end(self, trainer: L.Trainer, pl_module, step: int) -> None:
+        if step == self.decide_at:
+            self._decide(trainer, pl_module, step, " at the pace so far")
+
+    def _decide(self, trainer: L.Trainer, pl_module, step: int, how: str) -> None:
+        from carlos.optimization import weight_decay_for
+
+        tokens_per_step = self.tokens_per_batch * trainer.accumulate_grad_batches * trainer.world_size
+        steps = pl_module.total_steps(step)
+        if not math.isfinite(steps):
+            return  # unbounded: nothing to go by
+        epochs = steps * tokens_per_step / self.train_tokens
+        decay = weight_decay_for(epochs, self.points, self.values)
+        for group in trainer.optimizers[0].param_groups:
+            if any(p.dim() >= 2 for p in group["params"]):  # matrices and embeddings (GPT.param_groups)
+                group["weight_decay"] = decay
+        if trainer.is_global_zero:
+            print(
+                f"weight decay {decay:.2f}: about {epochs:,.1f} epochs in this budget{how} ({steps:,.0f} steps of "
+                f"{tokens_per_step:,} tokens, {self.train_tokens:,} train tokens); optimizer.weight_decay=auto, "
+                "--weight_decay N to choose",
+                flush=True,
+            )
+
+
 class TimeBudget(StepCallback):
     """--max_time: stops training early enough that the final validation, sample and checkpoints also
     finish by the deadline, and gives CarlosLM the deadline its lr schedule aims at.

@@ -324,6 +324,23 @@ class LoggerConfig:
 
 
 @dataclass
+class RegularizationConfig:
+    """optimizer.weight_decay=auto: the weight decay for the epochs (passes over the train split) that the
+    run's budget will see, interpolated in log(epochs) between the points, held beyond the ends."""
+
+    epochs: list[float]  # ascending
+    weight_decay: list[float]  # one for each point of epochs
+
+    def __post_init__(self) -> None:
+        if not self.epochs or len(self.epochs) != len(self.weight_decay):
+            raise CarlosError("regularization.epochs and regularization.weight_decay need one value each, same length")
+        if any(e <= 0 for e in self.epochs) or list(self.epochs) != sorted(set(self.epochs)):
+            raise CarlosError(f"regularization.epochs must be positive and ascending, got {list(self.epochs)}")
+        if any(not 0 <= w < 10 for w in self.weight_decay):
+            raise CarlosError(f"regularization.weight_decay values must be in [0, 10), got {list(self.weight_decay)}")
+
+
+@dataclass
 class TrainConfig:
     workdir: str
     run: str | None
@@ -335,6 +352,7 @@ class TrainConfig:
     ckpt_interval: int
     log_interval: int
     ema_decay: float | None
+    regularization: RegularizationConfig
     model: ModelConfig
     optimizer: dict[str, Any]
     schedule: dict[str, Any]
@@ -364,6 +382,10 @@ class TrainConfig:
                 "(the weights become NaN in a few steps); use a rate like 6e-3"
             )
         decay = self.optimizer.get("weight_decay", 0.0)
+        if decay == "auto":
+            decay = max(self.regularization.weight_decay)
+        elif isinstance(decay, str):
+            raise CarlosError(f"optimizer.weight_decay (--weight_decay) must be a number or auto, got {decay!r}")
         if isinstance(decay, (int, float)) and not isinstance(decay, bool) and lr * decay >= 1:
             raise CarlosError(
                 f"optimizer.weight_decay={decay} with optimizer.lr={lr}: each step would scale the weights by "

@@ -67,6 +67,18 @@ def warmup_constant(step: int, *, total_steps: float, peak_lr: float, warmup_ste
     return peak_lr if lr is None else lr
 
 
+def weight_decay_for(epochs: float, points: list[float], values: list[float]) -> float:
+    """optimizer.weight_decay=auto: the decay for a run that will see the train split `epochs` times,
+    linear in log(epochs) between the points of the rule (conf/train.yaml), held beyond its ends."""
+    if epochs <= points[0]:
+        return values[0]
+    for i in range(1, len(points)):
+        if epochs <= points[i]:
+            e0, e1, w0, w1 = points[i - 1], points[i], values[i - 1], values[i]
+            return w0 + (w1 - w0) * math.log(epochs / e0) / math.log(e1 / e0)
+    return values[-1]
+
+
 # ---------------------------------------------------------------- Muon
 
 

@@ -94,6 +94,8 @@ def plan_run(composed: DictConfig, config: TrainConfig, data: PreparedData, run_
     precision, reason = resolve_precision(config.trainer.precision, device, model.d_model, stored)
     _check_machine(config, model, device, int(data.info["windows"]["val"]))
     optimizer, schedule = dict(config.optimizer), dict(config.schedule)
+    if optimizer.get("weight_decay") == "auto":  # the optimizer starts with the rule's first value; the
+        optimizer["weight_decay"] = config.regularization.weight_decay[0]  # WeightDecayByEpochs sets it
     if precision in ("16-mixed", "16") and optimizer.get("fused"):
         # fp16's GradScaler must unscale the gradients before clipping, which a fused step does too late
         optimizer["fused"] = False

@@ -124,6 +124,11 @@ def build_run(plan: RunPlan) -> Run:
         bar.disable()
         loggers.append(LineLogger(config.trainer.max_steps))
     callbacks = [first, metrics, _sample_text(plan), checkpoints, preemption, bar]
+    if config.optimizer.get("weight_decay") == "auto":
+        from carlos.callbacks import WeightDecayByEpochs
+
+        tokens, timed = int(plan.data.info["tokens"]["train"]), config.trainer.max_time_delta is not None
+        callbacks.append(WeightDecayByEpochs(tokens, metrics.tokens_per_batch, config.regularization, timed))
     if config.ema_decay is not None:  # Lightning's: validation, checkpoints' state_dict and the end use the average
         callbacks.insert(1, L.pytorch.callbacks.EMAWeightAveraging(decay=config.ema_decay))
     if config.trainer.max_time_delta is not None:

@@ -27,7 +27,10 @@ def test_groups_have_real_choices():
 @pytest.mark.parametrize("group, option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_option_composes_and_validates(group, option):
     tc = parse(compose("train", [f"{group}={option}"]), TrainConfig)
-    opt = build_optimizer(tc.optimizer, [__import__("torch").zeros(1, requires_grad=True)])
+    optimizer = {**tc.optimizer}
+    if optimizer.get("weight_decay") == "auto":  # the run sets it from regularization: (test_train)
+        optimizer["weight_decay"] = tc.regularization.weight_decay[0]
+    opt = build_optimizer(optimizer, [__import__("torch").zeros(1, requires_grad=True)])
     lr_at = build_schedule(tc.schedule, tc.optimizer["lr"])
     assert opt.param_groups[0]["lr"] == tc.optimizer["lr"]
     assert 0 < lr_at(0, 100) <= tc.optimizer["lr"]

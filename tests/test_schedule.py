@@ -53,3 +53,14 @@ def test_warmup_stable_decay_values():
 def test_constant_values():
     assert warmup_constant(0, total_steps=100, peak_lr=PEAK, warmup_steps=4) == pytest.approx(PEAK / 4)
     assert warmup_constant(50, total_steps=100, peak_lr=PEAK, warmup_steps=4) == PEAK
+
+
+def test_weight_decay_follows_the_epochs_in_log_scale_and_holds_beyond_the_rule():
+    from carlos.optimization import weight_decay_for
+
+    points, values = [4.0, 16.0, 64.0], [0.1, 0.5, 0.5]
+    assert weight_decay_for(1.0, points, values) == 0.1  # before the first point: held
+    assert weight_decay_for(4.0, points, values) == 0.1
+    assert weight_decay_for(8.0, points, values) == pytest.approx(0.3)  # halfway in log(epochs)
+    assert weight_decay_for(16.0, points, values) == pytest.approx(0.5)
+    assert weight_decay_for(1000.0, points, values) == 0.5

@@ -306,3 +306,19 @@ def test_lightning_still_reads_the_sigterm_flag_that_preemption_sets():
     assert trainer.received_sigterm is False
     connector.received_sigterm = True
     assert trainer.received_sigterm is True, moved
+
+
+def test_weight_decay_auto_follows_the_epochs_of_the_budget(workdir, capsys):
+    train(train_cfg(workdir, "regularization.epochs=[0.01,100]", "regularization.weight_decay=[0.0,0.9]"))
+    train_tokens = json.loads((workdir / "splits.json").read_text())["tokens"]["train"]
+    epochs = 12 * TOKENS_PER_STEP / train_tokens
+    decay = 0.9 * math.log(epochs / 0.01) / math.log(100 / 0.01)
+    out = capsys.readouterr().out
+    assert f"weight decay {decay:.2f}: about {epochs:,.1f} epochs in this budget (12 steps of 256 tokens" in out
+    groups = torch.load(workdir / "checkpoints" / "last.pt", weights_only=True)["optimizer_states"][0]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [pytest.approx(decay), 0.0]  # the matrices' group, then the rest
+    # a number is kept as given, and nothing is said
+    train(train_cfg(workdir, "optimizer.weight_decay=0.05", "overwrite=true"))
+    assert "weight decay" not in capsys.readouterr().out
+    groups = torch.load(workdir / "checkpoints" / "last.pt", weights_only=True)["optimizer_states"][0]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
