@@ -78,6 +78,16 @@ def score_sliding(model: GPT, tokens, context: int, stride: int, batch_size: int
     return summarize(*sums.tolist())
 
 
+def _sliding(model: GPT, windows, context: int, stride: int, batch: int, device: torch.device) -> dict:
+    """--stride: the sliding-window score, printed on its own line beside the standard one."""
+    scores = score_sliding(model, windows.stream(), context, stride, batch, device)
+    print(
+        f"sliding windows (stride {stride}, up to {context} tokens of context): "
+        f"loss {scores['loss']:.4f} nats/token, bits-per-byte {scores['bpb']:.4f}"
+    )
+    return {"stride": stride, "context": context, "loss": scores["loss"], "bpb": scores["bpb"]}
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     """`carlos eval`: prints loss, perplexity and bpb of a checkpoint on a split; returns them."""
     from carlos.checkpoint import build_model, check_checkpoint, load_checkpoint, pick_device, resolve_checkpoint
@@ -119,14 +129,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     print(f"loss: {metrics['loss']:.4f} nats/token")
     print(f"perplexity: {metrics['ppl']:.4f}")
     print(f"bits-per-byte: {metrics['bpb']:.4f}")
-    sliding = None
-    if cfg.stride is not None:
-        sliding = score_sliding(model, windows.stream(), context, cfg.stride, batch, device)
-        sliding = {"stride": cfg.stride, "context": context, "loss": sliding["loss"], "bpb": sliding["bpb"]}
-        print(
-            f"sliding windows (stride {cfg.stride}, up to {context} tokens of context): "
-            f"loss {sliding['loss']:.4f} nats/token, bits-per-byte {sliding['bpb']:.4f}"
-        )
+    sliding = _sliding(model, windows, context, cfg.stride, batch, device) if cfg.stride is not None else None
     result = {
         "split": cfg.split,
         "loss": metrics["loss"],

@@ -179,13 +179,17 @@ def build_optimizer(cfg: dict, params) -> torch.optim.Optimizer:
 def check_optimization(optimizer: dict, schedule: dict, max_steps: int) -> None:
     """Build the optimizer and take one step with it on a stand-in weight, and compute the schedule's first
     lr: a setting that torch only rejects when it steps (betas='') is refused before the run writes."""
-    weight = torch.zeros(2, requires_grad=True)
-    opt = build_optimizer(optimizer, [{"params": [weight], "weight_decay": optimizer.get("weight_decay", 0.0)}])
-    weight.grad = torch.ones(2)
+    matrix, vector = torch.ones(2, 2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    decay = optimizer.get("weight_decay", 0.0)  # a matrix marked for Muon too: other optimizers ignore the mark
+    groups = [{"params": [matrix], "weight_decay": decay, "muon": True}, {"params": [vector], "weight_decay": 0.0}]
+    opt = build_optimizer(optimizer, groups)
+    matrix.grad, vector.grad = torch.eye(2), torch.ones(2)
     try:
         opt.step()
     except Exception as e:  # noqa: BLE001 - torch checks some settings only here, with several exception types
         raise CarlosError(f"optimizer config is invalid: {first_line(e)}") from None
+    if not (torch.isfinite(matrix).all() and torch.isfinite(vector).all()):
+        raise CarlosError("optimizer config is invalid: one step with it makes the weights NaN or inf")
     lr_at = build_schedule(schedule, optimizer["lr"])
     try:
         lr_at(0, max_steps if max_steps > 0 else math.inf)

@@ -45,7 +45,7 @@ def test_a_new_run_starts_from_the_weights_with_a_fresh_optimizer_and_step_0(sou
     assert tuned["global_step"] == 3 and tuned["carlos"]["step"] == 3  # counted from 0, not from 12
     assert all(torch.allclose(tuned["state_dict"][k], v, atol=1e-9) for k, v in start.items())
     adam = tuned["optimizer_states"][0]["state"]
-    assert {int(s["step"]) for s in adam.values()} == {3}  # AdamW's moments began at this run
+    assert {int(s["step"]) for s in adam.values() if "step" in s} == {3}  # AdamW's moments began at this run
     assert tuned["carlos"]["init_from"] == str(source)
     steps = [json.loads(line)["step"] for line in (w2 / "metrics.jsonl").read_text().splitlines()]
     assert steps == [3, 3]  # its train record and its last validation, at its own step 3: none of the source
@@ -112,4 +112,4 @@ def test_dropout_may_change_and_a_resumed_run_keeps_its_own_weights(source, tmp_
     train(train_cfg(w2, *tuned, "resume=true", "trainer.max_steps=3"))
     resumed = load_checkpoint(w2 / "checkpoints" / "last.pt")
     assert resumed["carlos"]["step"] == 3 and resumed["carlos"]["init_from"] is None
-    assert {int(s["step"]) for s in resumed["optimizer_states"][0]["state"].values()} == {3}
+    assert {int(s["step"]) for s in resumed["optimizer_states"][0]["state"].values() if "step" in s} == {3}

@@ -149,7 +149,7 @@ def test_a_muon_run_resumes_exactly_and_only_with_muon(tmp_path):
     assert _train(whole, *tiny).returncode == 0
     stopped = _interrupt(split, lambda: _logged_step(split) >= 100, signal.SIGTERM, *tiny)
     assert stopped.returncode == 143, stopped.stderr
-    other = _train(split, *tiny[:-1], "--resume")
+    other = _train(split, *tiny[:-1], "optimizer=adamw", "--resume")
     assert other.returncode == 2 and other.stderr == (
         "carlos: error: cannot resume: the checkpoint was trained with carlos.optimization.MuonWithAdamW, this run "
         "would use torch.optim.AdamW; pass optimizer=muon to continue it, or start over with --overwrite\n"

@@ -190,7 +190,8 @@ def test_cpu_bf16_detection_reads_the_cpu_features():
 
 
 def test_bf16_mixed_on_the_cpu_trains_with_clipping_and_the_fused_optimizer(workdir):
-    train(train_cfg(workdir, "trainer.precision=bf16-mixed", "trainer.max_steps=4", "trainer.gradient_clip_val=0.5"))
+    bf16 = ["trainer.precision=bf16-mixed", "trainer.max_steps=4", "trainer.gradient_clip_val=0.5"]
+    train(train_cfg(workdir, *bf16, "optimizer=adamw"))
     meta = torch.load(workdir / "checkpoints" / "last.pt", weights_only=True)
     assert meta["carlos"]["precision"] == "bf16-mixed" and meta["carlos"]["step"] == 4
     assert meta["carlos"]["config"]["optimizer"]["fused"] is True
@@ -316,9 +317,10 @@ def test_weight_decay_auto_follows_the_epochs_of_the_budget(workdir, capsys):
     out = capsys.readouterr().out
     assert f"weight decay {decay:.2f}: about {epochs:,.1f} epochs in this budget (12 steps of 256 tokens" in out
     groups = torch.load(workdir / "checkpoints" / "last.pt", weights_only=True)["optimizer_states"][0]["param_groups"]
-    assert [g["weight_decay"] for g in groups] == [pytest.approx(decay), 0.0]  # the matrices' group, then the rest
+    # Muon's matrices, AdamW's matrices and embeddings, then biases and gains
+    assert [g["weight_decay"] for g in groups] == [pytest.approx(decay), pytest.approx(decay), 0.0]
     # a number is kept as given, and nothing is said
     train(train_cfg(workdir, "optimizer.weight_decay=0.05", "overwrite=true"))
     assert "weight decay" not in capsys.readouterr().out
     groups = torch.load(workdir / "checkpoints" / "last.pt", weights_only=True)["optimizer_states"][0]["param_groups"]
-    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.05, 0.0]
