@@ -34,6 +34,11 @@ def squeue_names() -> list[str]:
     return p.stdout.split()
 
 
+def _carlos(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """carlos ARGS in cwd, its output captured as text, five minutes at most."""
+    return subprocess.run([CARLOS, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
 def _no_cluster() -> str | None:
     if shutil.which("sbatch") is None:
         return "no SLURM here (scripts/local_slurm.sh up starts one)"
@@ -81,9 +86,8 @@ def test_a_sweep_runs_as_slurm_jobs_and_report_tables_them(tmp_path):
         steps = [json.loads(line)["step"] for line in (d / "metrics.jsonl").read_text().splitlines()]
         assert steps[-1] == 10 and (d / "checkpoints" / "last.pt").is_file()
     assert any((tmp_path / "w" / "sweeps" / "slurm" / ".submitit").rglob("*_log.out"))  # SLURM's own logs
-    report = subprocess.run(
-        [CARLOS, "report", "w/sweeps/slurm"], cwd=tmp_path, capture_output=True, text=True, check=True
-    )
+    report = _carlos(["report", "w/sweeps/slurm"], tmp_path, env)
+    assert report.returncode == 0, report.stderr
     rows = [line for line in report.stdout.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
     assert len(rows) == 2 and all("| 10 |" in row for row in rows)
 
@@ -177,9 +181,7 @@ def test_a_time_limit_requeues_the_job_and_it_resumes_to_the_uninterrupted_weigh
         stderr=subprocess.PIPE,
         text=True,
     )
-    plain = subprocess.run(  # meanwhile, the same run without interruption
-        [CARLOS, "train", *work, "--run", "plain"], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
+    plain = _carlos(["train", *work, "--run", "plain"], tmp_path, env)  # meanwhile, the same run uninterrupted
     out, err = sweep.communicate(timeout=600)
     assert plain.returncode == 0, plain.stderr
     assert sweep.returncode == 0, err
@@ -203,13 +205,8 @@ def test_ddp_over_two_slurm_tasks_matches_one_process_with_the_same_global_batch
     env = _prepared(tmp_path)
     ddp = ["hydra.launcher.tasks_per_node=2", "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
     common = ["--workdir", "w", *MODEL, "--warmup_steps", "1", "--eval_interval", "5", "--max_steps", "10", "seed=1"]
-    p = subprocess.run(
-        [CARLOS, "train", "-m", *LOCAL, *ddp, *common, "--micro_batch_size", "4", "hydra.sweep.dir=w/sweeps/ddp"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    p = _carlos(
+        ["train", "-m", *LOCAL, *ddp, *common, "--micro_batch_size", "4", "hydra.sweep.dir=w/sweeps/ddp"], tmp_path, env
     )
     assert p.returncode == 0, p.stderr
     subprocess.run(  # one process, both ranks' windows in each batch: the same global batch
@@ -252,15 +249,10 @@ def test_optuna_trials_run_as_slurm_jobs_and_a_second_invocation_continues_the_s
 
     env = _prepared(tmp_path)
     # the default search space (lr, warmup, micro-batch): those keys are not given here
-    args = [CARLOS, "train", "-m", "hydra/sweeper=optuna", *LOCAL, "hydra.sweeper.sampler.seed=0", "--workdir", "w"]
+    args = ["train", "-m", "hydra/sweeper=optuna", *LOCAL, "hydra.sweeper.sampler.seed=0", "--workdir", "w"]
     args += [*MODEL, "--eval_interval", "5", "--max_steps", "10"]
-    first = subprocess.run(
-        [*args, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra.sweep.dir=w/sweeps/optuna1"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    first = _carlos(
+        [*args, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra.sweep.dir=w/sweeps/optuna1"], tmp_path, env
     )
     assert first.returncode == 0, first.stderr
     assert "2 jobs, 2 finished, 0 failed" in first.stdout
@@ -268,14 +260,7 @@ def test_optuna_trials_run_as_slurm_jobs_and_a_second_invocation_continues_the_s
     assert len(logs) == 2 and len({name.split("_")[0] for name in logs}) == 1  # one SLURM array, one task a trial
     storage = f"sqlite:///{tmp_path / 'w' / 'optuna.db'}"
     assert len(optuna.load_study(study_name="carlos-train", storage=storage).trials) == 2
-    second = subprocess.run(
-        [*args, "hydra.sweeper.n_trials=1", "hydra.sweep.dir=w/sweeps/optuna2"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    second = _carlos([*args, "hydra.sweeper.n_trials=1", "hydra.sweep.dir=w/sweeps/optuna2"], tmp_path, env)
     assert second.returncode == 0, second.stderr
     study = optuna.load_study(study_name="carlos-train", storage=storage)
     assert [t.number for t in study.trials] == [0, 1, 2] and all(t.value is not None for t in study.trials)
