@@ -338,6 +338,7 @@ class WeightDecayByEpochs(StepCallback):
             self._decide(trainer, pl_module, step, " at the pace so far")
 
     def _decide(self, trainer: L.Trainer, pl_module, step: int, how: str) -> None:
+        from carlos.model import decays
         from carlos.optimization import weight_decay_for
 
         tokens_per_step = self.tokens_per_batch * trainer.accumulate_grad_batches * trainer.world_size
@@ -347,7 +348,7 @@ class WeightDecayByEpochs(StepCallback):
         epochs = steps * tokens_per_step / self.train_tokens
         decay = weight_decay_for(epochs, self.points, self.values)
         for group in trainer.optimizers[0].param_groups:
-            if any(p.dim() >= 2 for p in group["params"]):  # matrices and embeddings (GPT.param_groups)
+            if any(decays(p) for p in group["params"]):
                 group["weight_decay"] = decay
         if trainer.is_global_zero:
             print(

@@ -4,7 +4,8 @@
                            tokenizer, the data's hash): loadable without pickle (load_safetensors)
     --format hf            a directory Hugging Face transformers loads with AutoModelForCausalLM and
                            AutoTokenizer: GPT-2 for the learned-position / LayerNorm / GELU family,
-                           Llama for RoPE / RMSNorm / SwiGLU; byte-level tokens with carlos's ids
+                           GPT-NeoX for RoPE / LayerNorm / GELU, Llama for RoPE / RMSNorm / SwiGLU;
+                           byte-level tokens with carlos's ids
 
 The Hugging Face model is built with transformers itself (its config classes and save_pretrained), and its
 logits are checked against carlos's on a probe text before anything is written. Imports no Lightning.
@@ -92,7 +93,7 @@ def load_safetensors(directory: str | Path) -> tuple[GPT, ByteTokenizer]:
 
 
 def hf_family(cfg: GPTConfig) -> str:
-    """gpt2 or llama: the transformers architecture that computes exactly what this model does."""
+    """gpt2, gpt_neox or llama: the transformers architecture that computes exactly what this model does."""
     if cfg.qk_norm or cfg.logit_softcap is not None:
         raise CarlosError(
             "a model with model.qk_norm or model.logit_softcap has no Hugging Face equivalent among GPT-2 and "
@@ -102,10 +103,12 @@ def hf_family(cfg: GPTConfig) -> str:
         return "gpt2"
     if (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "swiglu"):
         return "llama"
+    if (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "layernorm", "gelu"):
+        return "gpt_neox"
     raise CarlosError(
         f"a model with pos={cfg.pos}, norm={cfg.norm} and mlp={cfg.mlp} has no Hugging Face equivalent: GPT-2 "
-        "needs learned positions, LayerNorm and GELU, Llama rotary positions, RMSNorm and SwiGLU; export it "
-        "with --format safetensors"
+        "needs learned positions, LayerNorm and GELU, GPT-NeoX rotary positions, LayerNorm and GELU, Llama "
+        "rotary positions, RMSNorm and SwiGLU; export it with --format safetensors"
     )
 
 
@@ -120,7 +123,7 @@ def hf_files(model: GPT, tok: ByteTokenizer, meta: dict[str, Any]) -> tuple[dict
         ) from None
     transformers.utils.logging.disable_progress_bar()  # its bars for writing and loading one small file
     family = hf_family(model.cfg)
-    hf = (_gpt2 if family == "gpt2" else _llama)(model, tok, transformers)
+    hf = {"gpt2": _gpt2, "gpt_neox": _neox, "llama": _llama}[family](model, tok, transformers)
     diff = _largest_difference(model, hf, tok)
     if not diff <= TOLERANCE:  # a conversion that computes something else is never written
         raise CarlosError(f"the exported {family} model's logits differ from carlos's by {diff:.2e}; report this")
@@ -159,6 +162,43 @@ def _gpt2(model: GPT, tok: ByteTokenizer, transformers) -> torch.nn.Module:
             state[f"transformer.h.{i}.{hf_name}.bias"] = bias if bias is not None else torch.zeros(size)
     state["transformer.ln_f.weight"] = ours["ln_f.weight"]
     state["transformer.ln_f.bias"] = ours.get("ln_f.bias", torch.zeros(c.d_model))
+    _load(hf, state)
+    return hf
+
+
+def _neox(model: GPT, tok: ByteTokenizer, transformers) -> torch.nn.Module:
+    """GPTNeoXForCausalLM with sequential residuals: pre-LayerNorm blocks, exact GELU, rotary positions on
+    the two halves of every head's whole width, tied head. Its fused qkv holds each head's q, k and v
+    together; carlos's holds all queries, then all keys, then all values."""
+    c = model.cfg
+    config = transformers.GPTNeoXConfig(
+        vocab_size=c.vocab_size, hidden_size=c.d_model, num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
+        intermediate_size=c.d_ff, hidden_act="gelu", max_position_embeddings=c.block_size, layer_norm_eps=1e-5,
+        rotary_pct=1.0, rotary_emb_base=float(c.rope_base), use_parallel_residual=False, attention_bias=True,
+        attention_dropout=c.dropout, hidden_dropout=c.dropout, tie_word_embeddings=True, **_special_ids(tok),
+    )  # fmt: skip
+    hf = transformers.GPTNeoXForCausalLM(config).eval()
+    ours, heads = model.state_dict(), c.n_heads
+
+    def per_head(qkv: torch.Tensor) -> torch.Tensor:  # (3d, ...) as [q; k; v] -> as [q_h, k_h, v_h] per head
+        return qkv.view(3, heads, -1, *qkv.shape[1:]).transpose(0, 1).reshape(qkv.shape)
+
+    def or_zeros(name: str, size: int) -> torch.Tensor:
+        return ours.get(name, torch.zeros(size))
+
+    state = {"gpt_neox.embed_in.weight": ours["tok_emb.weight"]}
+    state["gpt_neox.final_layer_norm.weight"] = ours["ln_f.weight"]
+    state["gpt_neox.final_layer_norm.bias"] = or_zeros("ln_f.bias", c.d_model)
+    names = {"ln1": "input_layernorm", "ln2": "post_attention_layernorm", "attn.proj": "attention.dense"}
+    names |= {"mlp.fc": "mlp.dense_h_to_4h", "mlp.proj": "mlp.dense_4h_to_h"}
+    for i in range(c.n_layers):
+        b, h = f"blocks.{i}.", f"gpt_neox.layers.{i}."
+        for our_name, hf_name in names.items():
+            weight = ours[f"{b}{our_name}.weight"]
+            state[f"{h}{hf_name}.weight"] = weight
+            state[f"{h}{hf_name}.bias"] = or_zeros(f"{b}{our_name}.bias", weight.shape[0])
+        state[h + "attention.query_key_value.weight"] = per_head(ours[b + "attn.qkv.weight"])
+        state[h + "attention.query_key_value.bias"] = per_head(or_zeros(b + "attn.qkv.bias", 3 * c.d_model))
     _load(hf, state)
     return hf
 

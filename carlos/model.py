@@ -232,16 +232,21 @@ class GPT(nn.Module):
         )
 
     def param_groups(self, weight_decay: float, muon: bool = False) -> list[dict]:
-        """AdamW groups: decay matrices and embeddings (dim >= 2), never biases or norm gains. With muon,
+        """AdamW groups: decay matrices and embeddings, never biases or norm gains (decays). With muon,
         the blocks' weight matrices come first, as a group of their own marked for Muon."""
         matrices = [p for p in self.blocks.parameters() if p.dim() == 2] if muon else []
-        decay = [p for p in self.parameters() if p.dim() >= 2 and all(p is not m for m in matrices)]
-        no_decay = [p for p in self.parameters() if p.dim() < 2]
+        decay = [p for p in self.parameters() if decays(p) and all(p is not m for m in matrices)]
+        no_decay = [p for p in self.parameters() if not decays(p)]
         return [
             *([{"params": matrices, "weight_decay": weight_decay, "muon": True}] if muon else []),
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
+
+
+def decays(p: torch.Tensor) -> bool:
+    """Weight decay applies to matrices and embeddings (dim >= 2), never to biases or norm gains."""
+    return p.dim() >= 2
 
 
 class KVCache:

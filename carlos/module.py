@@ -16,7 +16,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from carlos.errors import CarlosError
 from carlos.evaluate import score_batch, summarize
 from carlos.model import GPT, GPTConfig
-from carlos.optimization import build_optimizer, build_schedule
+from carlos.optimization import build_optimizer, build_schedule, wants_muon_group
 
 # ---------------------------------------------------------------- divergence
 
@@ -142,8 +142,7 @@ class CarlosLM(L.LightningModule):
     # -- optimizer and schedule
     def configure_optimizers(self):
         hp = self.hparams
-        muon = str(hp.optimizer.get("_target_", "")).endswith("MuonWithAdamW")
-        groups = self.model.param_groups(hp.optimizer.get("weight_decay", 0.0), muon=muon)
+        groups = self.model.param_groups(hp.optimizer.get("weight_decay", 0.0), muon=wants_muon_group(hp.optimizer))
         optimizer = build_optimizer(hp.optimizer, groups)
         peak = hp.optimizer["lr"]
         lr_at = build_schedule(hp.schedule, peak)

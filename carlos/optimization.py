@@ -92,6 +92,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
     adjust_lr_fn="match_rms_adamw" scales Muon's orthogonalized update to AdamW's RMS, so one peak lr,
     weight decay and schedule serve both (Moonshot's "Muon is Scalable for LLM Training")."""
 
+    wants_muon_group = True  # GPT.param_groups(muon=True): the blocks' matrices in a group marked `muon`
+
     def __init__(
         self,
         params,
@@ -165,6 +167,12 @@ def _check_kwargs(fn: Callable, cfg: dict, what: str, supplied: tuple[str, ...] 
     for key in cfg:
         if not key.startswith("_") and key not in params:
             raise CarlosError(f"unknown key '{what}.{key}'{nearest(key, [p for p in params if p not in supplied])}")
+
+
+def wants_muon_group(cfg: dict) -> bool:
+    """Whether the optimizer cfg names takes the blocks' matrices as a group of their own (MuonWithAdamW)."""
+    partial = _instantiate(cfg, "optimizer")
+    return getattr(getattr(partial, "func", partial), "wants_muon_group", False)
 
 
 def build_optimizer(cfg: dict, params) -> torch.optim.Optimizer:

@@ -41,10 +41,13 @@ def bos_eos_workdir(tmp_path: Path) -> Path:
 @pytest.mark.parametrize(
     "model, architecture, specials",
     [
-        ("baseline", "GPT2LMHeadModel", False),
+        ("baseline", "GPTNeoXForCausalLM", False),
+        ("baseline model.pos=learned", "GPT2LMHeadModel", False),
+        ("baseline model.pos=rope model.bias=false", "GPTNeoXForCausalLM", False),
         ("medium", "GPT2LMHeadModel", False),
         ("modern", "LlamaForCausalLM", False),
-        ("baseline", "GPT2LMHeadModel", True),
+        ("baseline", "GPTNeoXForCausalLM", True),
+        ("baseline model.pos=learned", "GPT2LMHeadModel", True),
         ("modern", "LlamaForCausalLM", True),
     ],
 )
@@ -54,7 +57,7 @@ def test_transformers_loads_the_export_computes_the_same_logits_and_generates(
     transformers = pytest.importorskip("transformers")
     monkeypatch.setenv("WANDB_MODE", "disabled")
     w = bos_eos_workdir if specials else workdir
-    checkpoint = trained(w, model)
+    checkpoint = trained(w, *model.split())
     out = tmp_path / "hf"
     export(ExportConfig(str(w), None, "best", "hf", str(out)))
 
@@ -115,12 +118,13 @@ def test_safetensors_export_loads_without_pickle_into_the_same_model(workdir, tm
 def test_a_model_without_a_hugging_face_equivalent_is_refused_and_nothing_is_written(workdir, tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    trained(workdir, "baseline", "model.pos=rope")
+    trained(workdir, "baseline", "model.pos=rope", "model.mlp=swiglu")
     with pytest.raises(CarlosError) as refused:
         export(ExportConfig(str(workdir), None, "best", "hf", str(tmp_path / "hf")))
     assert str(refused.value) == (
-        "a model with pos=rope, norm=layernorm and mlp=gelu has no Hugging Face equivalent: GPT-2 needs learned "
-        "positions, LayerNorm and GELU, Llama rotary positions, RMSNorm and SwiGLU; export it with --format safetensors"
+        "a model with pos=rope, norm=layernorm and mlp=swiglu has no Hugging Face equivalent: GPT-2 needs learned "
+        "positions, LayerNorm and GELU, GPT-NeoX rotary positions, LayerNorm and GELU, Llama rotary positions, "
+        "RMSNorm and SwiGLU; export it with --format safetensors"
     )
     assert not (tmp_path / "hf").exists()
 
