@@ -278,7 +278,7 @@ def initial_weights(config: TrainConfig, data: PreparedData, model: GPTConfig) -
         raise CarlosError(
             f"--init_from {path} learned positions for {theirs.block_size} tokens, and {data.workdir} is prepared "
             f"with seq_len={data.seq_len}: positions {theirs.block_size} on were never trained; prepare it "
-            f"with --seq_len {theirs.block_size} or less (rotary positions, model=modern, have no such limit)"
+            f"with --seq_len {theirs.block_size} or less (rotary positions, model.pos=rope, have no such limit)"
         )
     if theirs.pos == "learned":  # the positions this context uses, all of them trained
         weights["pos_emb.weight"] = weights["pos_emb.weight"][: data.seq_len].clone()

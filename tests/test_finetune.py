@@ -60,19 +60,23 @@ def test_fine_tuning_lowers_the_loss_of_the_new_data_faster_than_a_new_model(sou
     assert tuned < scratch  # best val bpb: the same corpus family, so the source's weights help
 
 
-def test_learned_positions_fine_tune_on_a_shorter_context_and_refuse_a_longer_one(source, tmp_path):
+def test_learned_positions_fine_tune_on_a_shorter_context_and_refuse_a_longer_one(workdir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    learned = "model.pos=learned"
+    train(train_cfg(workdir, learned, "sample.tokens=0"))
+    source = workdir / "checkpoints" / "last.pt"
     short = second(tmp_path, "data.seq_len=16")
-    train(train_cfg(short, f"init_from={source}", "trainer.max_steps=2", *STILL, "sample.tokens=0"))
+    train(train_cfg(short, learned, f"init_from={source}", "trainer.max_steps=2", *STILL, "sample.tokens=0"))
     tuned = weights(short / "checkpoints" / "last.pt")["model.pos_emb.weight"]
     assert tuned.shape[0] == 16 and torch.allclose(tuned, weights(source)["model.pos_emb.weight"][:16], atol=1e-9)
 
     long = second(tmp_path, "data.seq_len=64")
     with pytest.raises(CarlosError) as refused:
-        train(train_cfg(long, f"init_from={source}"))
+        train(train_cfg(long, learned, f"init_from={source}"))
     assert str(refused.value) == (
         f"--init_from {source} learned positions for 32 tokens, and {long} is prepared with seq_len=64: "
         "positions 32 on were never trained; prepare it with --seq_len 32 or less (rotary positions, "
-        "model=modern, have no such limit)"
+        "model.pos=rope, have no such limit)"
     )
     assert not (long / "checkpoints").exists()
 
@@ -92,8 +96,8 @@ def test_another_model_or_vocabulary_is_refused_naming_both(source, tmp_path):
         train(train_cfg(w2, "model=modern", f"init_from={source}"))
     assert str(refused.value).startswith(
         f"--init_from {source} holds another model than this run's (d_ff: 192 there, 176 here; bias: True there, "
-        "False here; norm: layernorm there, rmsnorm here; mlp: gelu there, swiglu here; pos: learned there, rope "
-        "here); pass model=baseline to train the checkpoint's model"
+        "False here; norm: layernorm there, rmsnorm here; mlp: gelu there, swiglu here); pass model=baseline to "
+        "train the checkpoint's model"
     )
     with_bos = second(tmp_path, "data.add_bos=true")
     with pytest.raises(CarlosError, match=r"has vocabulary 256 \(add_bos=False, add_eos=False\) but .* is prepared "):
