@@ -44,8 +44,9 @@ class GPTConfig(ModelConfig):
                 f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}; "
                 f"pick n_heads among {[h for h in range(1, self.d_model + 1) if self.d_model % h == 0]}"
             )
-        if not (isinstance(self.rope_base, (int, float)) and 0 < self.rope_base < math.inf):  # NaN fails too
-            raise ModelConfigError(f"model.rope_base must be a positive number, got {self.rope_base!r}")
+        # the rotary frequencies are powers of 1 / base: a base below 1 makes them grow to inf (NaN fails too)
+        if not (isinstance(self.rope_base, (int, float)) and 1 < self.rope_base < math.inf):
+            raise ModelConfigError(f"model.rope_base must be a number above 1 (10000 is usual), got {self.rope_base!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ModelConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         cap = self.logit_softcap

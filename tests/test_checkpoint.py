@@ -183,8 +183,8 @@ DAMAGED = {
     "d_model-zero": (setting("d_model", 0), "model.d_model must be a positive integer"),
     "norm-unknown": (setting("norm", "batchnorm"), "model.norm must be one of"),
     "dropout-nan": (setting("dropout", float("nan")), "model.dropout must be in [0, 1)"),
-    "rope_base-negative": (setting("rope_base", -1.0), "model.rope_base must be a positive number"),
-    "rope_base-inf": (setting("rope_base", float("inf")), "model.rope_base must be a positive number"),
+    "rope_base-negative": (setting("rope_base", -1.0), "model.rope_base must be a number above 1"),
+    "rope_base-inf": (setting("rope_base", float("inf")), "model.rope_base must be a number above 1"),
     # the tokenizer
     "tokenizer-missing": (pop("carlos", "tokenizer"), "tokenizer is missing"),
     "tokenizer-list": (lambda c: c["carlos"].__setitem__("tokenizer", []), "tokenizer is list, not a dict"),
