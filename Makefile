@@ -1,4 +1,4 @@
-# make demo: set up .venv, prepare a built-in corpus, train about 90 seconds on CPU, evaluate, sample
+# make demo: set up .venv, prepare a built-in corpus, train about 100 seconds on CPU, evaluate, sample
 # make test: set up .venv, lint, run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
