@@ -383,12 +383,24 @@ class TimeBudget(StepCallback):
         if trainer.sanity_checking:
             return
         self.longest_val = max(self.longest_val, pl_module.validation_seconds())  # last callback: all of it
-        self.reserve = 1.5 * self.longest_val + 0.5
-        pl_module.deadline_s = self._deadline()
+        self.reserve = 1.5 * self.longest_val + 0.5  # pl_module sees the new deadline at the next step's end
 
     def on_step_end(self, trainer: L.Trainer, pl_module, step: int) -> None:
-        if pl_module.elapsed_s() >= self._deadline():  # only between optimizer steps, never mid-accumulation
+        seconds, deadline = _agreed(trainer, pl_module.elapsed_s(), self._deadline())
+        pl_module.pace, pl_module.deadline_s = (step, seconds), deadline
+        if seconds >= deadline:  # only between optimizer steps, never mid-accumulation
             trainer.should_stop = True  # Lightning validates now; Checkpoints saves the final state
+
+
+def _agreed(trainer: L.Trainer, seconds: float, deadline: float) -> tuple[float, float]:
+    """The slowest rank's clock and the earliest deadline, the same on every rank. Each DDP rank keeps its
+    own clock: if they each decided, one would stop and validate while another trains on, and both would
+    wait for each other forever; their lr schedules, and so their weights, would drift apart."""
+    if trainer.world_size == 1:
+        return seconds, deadline
+    both = torch.tensor([seconds, -deadline], dtype=torch.float64, device=trainer.strategy.root_device)
+    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+    return both[0].item(), -both[1].item()
 
 
 class ProgressBar(TQDMProgressBar):

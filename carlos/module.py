@@ -69,17 +69,19 @@ class CarlosLM(L.LightningModule):
         self.elapsed_before = 0.0  # training seconds of earlier sessions of a resumed run
         self.val_metrics: dict[str, float] = {}
         self.deadline_s: float | None = None  # set by the TimeBudget callback under --max_time
+        self.pace: tuple[int, float] | None = None  # (step, training seconds) at a step's end, as TimeBudget saw it
         self.eval_seconds = 0.0  # this session's validations, with their samples and checkpoints
 
     def total_steps(self, step: int) -> float:
         """The run's length in optimizer steps, as the lr schedule sees it: max_steps, or under a time
         budget the steps the run will reach by its deadline at the pace so far, whichever is smaller.
-        So warmup and decay complete by the deadline; a run bounded by steps alone stays deterministic."""
+        So warmup and decay complete by the deadline; a run bounded by steps alone stays deterministic.
+        The pace is TimeBudget's, never this rank's own clock: under DDP every rank must use the same lr."""
         total = self.hparams.max_steps if self.hparams.max_steps > 0 else math.inf
-        if self.deadline_s is not None and step > 0:
-            elapsed = self.elapsed_s()
-            if elapsed > 0:
-                total = min(total, step * self.deadline_s / elapsed)
+        if self.deadline_s is not None and self.pace is not None:
+            steps, seconds = self.pace
+            if steps > 0 and seconds > 0:
+                total = min(total, steps * self.deadline_s / seconds)
         return total
 
     # -- training
@@ -175,5 +177,6 @@ class CarlosLM(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         extra = checkpoint.get("carlos", {})
         self.elapsed_before = float(extra.get("elapsed_s", 0.0))
+        self.pace = (int(extra.get("step", 0)), self.elapsed_before)  # a resumed run keeps its schedule
         if "rng" in extra:
             _set_rng_state(extra["rng"])

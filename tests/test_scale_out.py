@@ -292,3 +292,16 @@ def test_ddp_two_cpu_processes(prepared):
     assert sorted(x.name for x in prepared.iterdir()) == ["W", "corpus.txt"]
     assert not list(workdir.rglob(".pl_hydra*")) and not (workdir / "outputs").exists()
     assert sorted(x.name for x in (workdir / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="DDP test uses POSIX process handling")
+def test_ddp_under_a_time_budget_stops_every_rank_at_the_same_step(prepared):
+    # each rank keeps its own clock: unless they agree, one stops (and validates) while the other trains
+    # on, and both wait for each other forever
+    args = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "--max_time", "6"]
+    quiet = ["eval_interval=100000", "ckpt_interval=100000", "log_interval=5", "sample.tokens=0"]
+    p = run([CARLOS, "train", "--workdir", "W", *args, *quiet, "data.micro_batch_size=4"], prepared, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("done: ") == 1
+    records = [json.loads(x) for x in (prepared / "W" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] > 20 and "val_loss" in records[-1]

@@ -248,10 +248,12 @@ def test_schedule_horizon_follows_elapsed_time(workdir):
     m = CarlosLM(gpt_config(block_size=32).to_dict(), {"lr": 1e-3}, {}, max_steps=-1, run={})
     assert m.total_steps(10) == math.inf  # no budget: unbounded
     m.deadline_s = 100.0
-    m.elapsed_s = lambda: 25.0  # a quarter of the budget used by step 10
-    assert m.total_steps(10) == pytest.approx(40.0)
+    assert m.total_steps(10) == math.inf  # no pace yet
+    m.pace = (10, 25.0)  # a quarter of the budget used by step 10 (TimeBudget's clock, the same on every rank)
+    m.elapsed_s = lambda: 99.0  # this rank's own clock is not what the schedule follows
+    assert m.total_steps(11) == pytest.approx(40.0)
     m.hparams.max_steps = 30  # whichever limit comes first
-    assert m.total_steps(10) == 30
+    assert m.total_steps(11) == 30
 
 
 def test_lightning_slurm_requeue_is_off_under_slurm(monkeypatch, tmp_path):
