@@ -4,7 +4,8 @@ Sections, each written to stdout and between its markers in docs/PERFORMANCE.md:
 
 - throughput (rounds > 0): carlos train and the plain loop train the same model at the same batch and
   seq_len on the same prepared corpus, alternately (A B C A B C ...) in fresh processes so that both see
-  the same machine state; a third contender is carlos with all its defaults (its own seq_len and batch).
+  the same machine state; a third contender is carlos with all its defaults (its own seq_len and batch),
+  a fourth the same as DDP over ddp_processes CPU processes with one thread each, at the same tokens a step.
   tokens/s is the median over steady-state logging windows (the first window, with start-up, is left
   out). Also: FLOP utilization against a matmul peak measured here, peak RSS of each process, KV-cache
   generation against recomputing the context, and `carlos sample` latency against `import torch`.
@@ -51,6 +52,9 @@ SECTIONS = {
 # defaults never moves the baseline: what a careful hand-written script does (nanoGPT's choices).
 PLAIN = {"lr": 3e-3, "betas": [0.9, 0.95], "weight_decay": 0.1, "warmup": 100, "clip": 1.0, "seed": 1337}
 SAME_OPTIMIZER = ["optimizer=adamw", f"optimizer.weight_decay={PLAIN['weight_decay']}"]
+# carlos's model sizes in the plain loop's architecture (GPT-2: learned positions, LayerNorm, GELU)
+GPT2 = {"dropout": 0.0, "bias": True, "norm": "layernorm", "mlp": "gelu", "pos": "learned"}
+SAME_MODEL = [f"model.{k}={v}" for k, v in GPT2.items()]
 
 
 # ---------------------------------------------------------------- measurements
@@ -157,7 +161,7 @@ class PlainGPT(torch.nn.Module):
 
 def plain_loop(workdir: str, spec: dict) -> dict:
     """The 'write it yourself' baseline: random windows from the train array in memory, one forward and
-    backward of the whole batch, torch'scores default AdamW with decay on matrices, clipping, a linear warmup
+    backward of the whole batch, torch's default AdamW with decay on matrices, clipping, a linear warmup
     and a cosine to zero over spec["steps"] steps or, with spec["seconds"], over that many seconds of
     training (a schedule fitted to the time budget). Returns tokens/scores per logging window; with seconds,
     also the test split'scores loss and bits-per-byte, scored by the same code as `carlos eval`."""
@@ -347,9 +351,7 @@ def _bench(cfg: BenchConfig, root: Path) -> dict:
 
     train_config = parse(compose("train", [f"workdir={same}", *cfg.train]), TrainConfig)
     vocab = ByteTokenizer.load(same / "tokenizer.json").vocab_size
-    # carlos's model sizes in the plain loop's architecture (GPT-2: learned positions, LayerNorm, GELU)
-    gpt2 = {"dropout": 0.0, "bias": True, "norm": "layernorm", "mlp": "gelu", "pos": "learned"}
-    model = dataclasses.replace(GPTConfig.for_data(train_config.model, vocab, info["seq_len"]), **gpt2)
+    model = dataclasses.replace(GPTConfig.for_data(train_config.model, vocab, info["seq_len"]), **GPT2)
     spec = {"model": model.to_dict(), "batch": cfg.batch, "log_interval": cfg.log_interval}
     header = {
         "machine": machine(),
@@ -393,30 +395,37 @@ def _throughput(cfg: BenchConfig, py, root: Path, same: Path, defaults: Path, sp
     quiet = [*steps, f"log_interval={cfg.log_interval}", "sample.tokens=0"]
     contenders = {
         # the same model, batch, seq_len and optimizer (AdamW, its decay) as the plain loop, with every other
-        # carlos default: what the harness costs per step, not what Muon's extra work costs
+        # carlos default: what the harness costs per step, not what Muon's or rotary positions' work costs
         "carlos": lambda: _carlos(
             py,
             root,
             same,
             [*quiet, f"data.micro_batch_size={cfg.batch}", "trainer.accumulate_grad_batches=1", *SAME_OPTIMIZER]
+            + SAME_MODEL
             + list(cfg.train),
         ),
         "plain": lambda: _plain(root, same, {**spec, "steps": cfg.steps}),
         "defaults": lambda: _carlos(py, root, defaults, [*quiet, *cfg.train]),
     }
+    if cfg.ddp_processes > 1:  # the same tokens a step as "defaults", so the same optimization, over processes
+        ddp = _ddp_overrides(cfg, defaults)
+        contenders["ddp"] = lambda: _carlos(py, root, defaults, [*quiet, *cfg.train, *ddp])
     peak32 = matmul_peak(torch.float32)
     rates: dict[str, list] = {k: [] for k in contenders}
     memory: dict[str, list] = {k: [] for k in contenders}
+    wall: dict[str, list] = {k: [] for k in contenders}
     for r in range(cfg.rounds):
         for kind, run in contenders.items():
+            started = time.perf_counter()
             res, rss = run()
+            wall[kind].append(time.perf_counter() - started)  # start-up and the end included
             windows = (
                 res["tokens_per_s"] if kind == "plain" else [x["tokens_per_s"] for x in res if "tokens_per_s" in x]
             )
             rates[kind].append(statistics.median(windows[1:] or windows))  # the first window holds start-up
             memory[kind].append(rss)
             print(
-                f"round {r + 1}/{cfg.rounds} {kind:>8}: {rates[kind][-1]:>10,.0f} tokens/s"
+                f"round {r + 1}/{cfg.rounds} {kind:>8}: {rates[kind][-1]:>10,.0f} tokens/s, {wall[kind][-1]:.1f} s"
                 + (f", peak RSS {rss:,.0f} MB" if rss else ""),
                 flush=True,
             )
@@ -431,12 +440,31 @@ def _throughput(cfg: BenchConfig, py, root: Path, same: Path, defaults: Path, sp
         "matmul_peak_gflops": peak32,
         "tokens_per_s": rates,
         "peak_rss_mb": memory,
+        "wall_s": wall,
+        "ddp_processes": cfg.ddp_processes if "ddp" in contenders else 0,
         "kv_cached_tokens_per_s": cached,
         "kv_recompute_tokens_per_s": recompute,
         "import_torch_s": t_torch,
         "sample_200_s": t_sample,
         "kv_context": cfg.kv_context,
     }
+
+
+def _ddp_overrides(cfg: BenchConfig, defaults: Path) -> list[str]:
+    """carlos's defaults over cfg.ddp_processes CPU processes, each with its share of the micro-batch."""
+    from carlos.compose import compose
+    from carlos.config import TrainConfig, parse
+
+    n = cfg.ddp_processes
+    micro = parse(compose("train", [f"workdir={defaults}", *cfg.train]), TrainConfig).data.micro_batch_size
+    if micro % n:
+        raise CarlosError(f"ddp_processes={n} does not divide the micro-batch of {micro}; choose a divisor of it")
+    return [
+        "trainer.strategy=ddp",
+        f"trainer.devices={n}",
+        "trainer.accelerator=cpu",
+        f"data.micro_batch_size={micro // n}",
+    ]
 
 
 def _quality(cfg: BenchConfig, py, root: Path, same: Path, defaults: Path, spec: dict) -> list[dict]:
@@ -498,14 +526,7 @@ def _head(h: dict) -> list[str]:
 
 
 def render_throughput(r: dict) -> str:
-    med = {k: statistics.median(v) for k, v in r["tokens_per_s"].items()}
-    util = lambda tps: tps * r["flops_per_token"] / (r["matmul_peak_gflops"] * 1e9)  # noqa: E731
-    mem = lambda xs: f"{max(xs):,.0f} MB" if all(xs) else "n/a"  # noqa: E731
-    each = lambda k: ", ".join(f"{x:,.0f}" for x in r["tokens_per_s"][k])  # noqa: E731
     shape = r["model"]
-    # each round's ratio compares runs made minutes apart, so the machine's drift cancels out
-    ratios = [a / b for a, b in zip(r["tokens_per_s"]["carlos"], r["tokens_per_s"]["plain"], strict=True)]
-    ratio, each_ratio = statistics.median(ratios), ", ".join(f"{x:.2f}" for x in ratios)
     lines = [
         *_head(r),
         f"Model: d_model={shape['d_model']}, n_layers={shape['n_layers']}, n_heads={shape['n_heads']}, "
@@ -515,16 +536,7 @@ def render_throughput(r: dict) -> str:
         f"carlos overrides: {' '.join(r['train_overrides']) or '(none)'}  ",
         f"Matmul peak measured: {r['matmul_peak_gflops']:.0f} GFLOP/s fp32 (1024 x 1024)",
         "",
-        "| | tokens/s (median of rounds) | each round | FLOP utilization | peak RSS |",
-        "|---|---|---|---|---|",
-        f"| carlos train, batch {r['batch']} x {shape['block_size']}, AdamW like the plain loop | {med['carlos']:,.0f} "
-        f"| {each('carlos')} | "
-        f"{util(med['carlos']):.1%} | {mem(r['peak_rss_mb']['carlos'])} |",
-        f"| plain PyTorch loop, batch {r['batch']} x {shape['block_size']} | {med['plain']:,.0f} | {each('plain')} | "
-        f"{util(med['plain']):.1%} | {mem(r['peak_rss_mb']['plain'])} |",
-        f"| **ratio carlos / plain** (median of the rounds' ratios) | **{ratio:.2f}** | {each_ratio} | | |",
-        f"| carlos train with all its defaults (batch {r['default_batch']} x {r['default_seq_len']}) | "
-        f"{med['defaults']:,.0f} | {each('defaults')} | | {mem(r['peak_rss_mb']['defaults'])} |",
+        *_training_rows(r),
         "",
         "| generation | |",
         "|---|---|",
@@ -538,6 +550,40 @@ def render_throughput(r: dict) -> str:
         f"{r['sample_200_s'] - r['import_torch_s']:+.2f} s over importing torch |",
     ]
     return "\n".join(lines)
+
+
+def _training_rows(r: dict) -> list[str]:
+    tps, wall = r["tokens_per_s"], r.get("wall_s", {})
+    mem = lambda k: f"{max(r['peak_rss_mb'][k]):,.0f} MB" if all(r["peak_rss_mb"][k]) else "n/a"  # noqa: E731
+    util = lambda k: f"{statistics.median(tps[k]) * r['flops_per_token'] / (r['matmul_peak_gflops'] * 1e9):.1%}"  # noqa: E731
+
+    def row(label: str, k: str, flops: bool = False) -> str:
+        each = ", ".join(f"{x:,.0f}" for x in tps[k])
+        secs = f"{statistics.median(wall[k]):.1f} s" if wall.get(k) else "n/a"
+        return (
+            f"| {label} | {statistics.median(tps[k]):,.0f} | {each} | {util(k) if flops else ''} | {secs} | {mem(k)} |"
+        )
+
+    def ratio(label: str, a: str, b: str) -> str:
+        # each round's ratio compares runs made minutes apart, so the machine's drift cancels out
+        rs = [x / y for x, y in zip(tps[a], tps[b], strict=True)]
+        return f"| **{label}** (median of the rounds' ratios) | **{statistics.median(rs):.2f}** | " + (
+            ", ".join(f"{x:.2f}" for x in rs) + " | | | |"
+        )
+
+    shape, n = f"{r['batch']} x {r['model']['block_size']}", r.get("ddp_processes", 0)
+    lines = [
+        "| | tokens/s (median of rounds) | each round | FLOP utilization | a run, start-up included | peak RSS |",
+        "|---|---|---|---|---|---|",
+        row(f"carlos train, batch {shape}, AdamW and GPT-2 blocks like the plain loop", "carlos", True),
+        row(f"plain PyTorch loop, batch {shape}", "plain", True),
+        ratio("ratio carlos / plain", "carlos", "plain"),
+        row(f"carlos train with all its defaults (batch {r['default_batch']} x {r['default_seq_len']})", "defaults"),
+    ]
+    if n:
+        label = f"the same as DDP over {n} CPU processes, one thread each ({r['default_batch'] // n} windows each)"
+        lines += [row(label, "ddp"), ratio("ratio DDP / one process", "ddp", "defaults")]
+    return lines
 
 
 def render_quality(h: dict, rows: list[dict]) -> str:

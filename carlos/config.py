@@ -491,6 +491,7 @@ class BenchConfig:
     batch: int
     kv_context: int
     train: list[str]
+    ddp_processes: int
     budgets: list[float]
     suite: list[str]
     suite_bytes: int
@@ -504,6 +505,7 @@ class BenchConfig:
         for name in ("steps", "log_interval", "seq_len", "batch", "kv_context"):
             _positive(name, getattr(self, name))
         _positive("rounds", self.rounds, allow_zero=True)
+        _positive("ddp_processes", self.ddp_processes, allow_zero=True)
         _positive("prepare_gb", self.prepare_gb, allow_zero=True)
         for b in [*self.budgets, *self.suite_budgets]:
             _positive("budgets (seconds)", b)

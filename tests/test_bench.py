@@ -32,6 +32,8 @@ def test_bench_writes_its_sections(tmp_path, capsys):
     assert text.startswith("# Performance\n\nkept text\n")
     for marker in ("bench", "quality", "scale"):
         assert text.count(f"<!-- {marker}:start -->") == 1 and text.count(f"<!-- {marker}:end -->") == 1
+    assert "| **ratio DDP / one process**" in text
     assert "| **ratio carlos / plain**" in text and "| 3 s |" in text and "MB/s" in text
     printed = capsys.readouterr().out
     assert "round 1/1   carlos:" in printed and "round 1/1    plain:" in printed and "round 1/1 defaults:" in printed
+    assert "round 1/1      ddp:" in printed
