@@ -99,6 +99,7 @@ class CausalSelfAttention(nn.Module):
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.qkv.weight.stacked = 3  # Q, K and V stacked: MuonWithAdamW(split_qkv=True) orthogonalizes each
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.proj.residual_init = True  # scaled at init, GPT-2 style
         self.dropout = cfg.dropout

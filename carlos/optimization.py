@@ -105,7 +105,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
         adjust_lr_fn: str = "match_rms_adamw",
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
+        split_qkv: bool = False,
     ) -> None:
+        self.split_qkv = split_qkv
         params = list(params)
         if params and not isinstance(params[0], dict):  # a plain list of tensors: one group, all on AdamW
             params = [{"params": params}]
@@ -140,10 +142,35 @@ class MuonWithAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        stacked = [(p, p.grad, g) for g in self.muon.param_groups for p in g["params"] if self._stacked(p)]
+        for p, _, _ in stacked:  # torch's Muon skips a parameter without a gradient: these are stepped below
+            p.grad = None
         if self.muon.param_groups:
             self.muon.step()
+        for p, grad, group in stacked:
+            p.grad = grad
+            blockwise_muon(p, self.state[p], group)
         self.adamw.step()
         return loss
+
+    def _stacked(self, p: torch.Tensor) -> bool:
+        return self.split_qkv and p.grad is not None and getattr(p, "stacked", 1) > 1
+
+
+def blockwise_muon(p: torch.Tensor, state: dict, group: dict) -> None:
+    """torch's Muon step (torch.optim._muon._single_tensor_muon) for a matrix of p.stacked blocks stacked
+    on its rows, each orthogonalized and lr-scaled on its own (modded-nanogpt's Q, K and V). Written here because
+    torch's Muon takes whole parameters only; the momentum buffer is torch's, so checkpoints do not change."""
+    from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+
+    lr, momentum, grad = group["lr"], group["momentum"], p.grad
+    buf = state.setdefault("momentum_buffer", torch.zeros_like(grad, memory_format=torch.preserve_format))
+    buf.lerp_(grad, 1 - momentum)
+    update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+    p.mul_(1 - lr * group["weight_decay"])
+    for block, u in zip(p.chunk(p.stacked), update.chunk(p.stacked), strict=True):
+        u = _zeropower_via_newtonschulz(u, group["ns_coefficients"], group["ns_steps"], group["eps"])
+        block.add_(u, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], block.shape))
 
 
 # ---------------------------------------------------------------- building from config

@@ -246,3 +246,34 @@ def test_muon_steps_the_block_matrices_and_adamw_the_rest():
         m.loss(x, x).backward()
         o.step()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True))
+
+
+def test_muon_split_qkv_orthogonalizes_q_k_and_v_each_as_a_matrix_of_its_own():
+    from carlos.optimization import MuonWithAdamW
+
+    torch.manual_seed(0)
+    stacked = torch.nn.Parameter(torch.randn(12, 4))
+    stacked.stacked = 3  # as CausalSelfAttention marks its qkv weight
+    apart = [torch.nn.Parameter(b.detach().clone()) for b in stacked.chunk(3)]
+
+    def muon(params, **kw):  # AdamW needs a parameter of its own
+        return MuonWithAdamW([{"params": params, "muon": True}, {"params": [torch.zeros(1)]}], lr=0.1, **kw)
+
+    opts = [muon([stacked], split_qkv=True), muon(apart)]  # apart: torch's Muon on three 4 x 4 matrices
+    for _ in range(3):  # the momentum buffer carries over
+        grad = torch.randn(12, 4)
+        stacked.grad = grad.clone()
+        for p, g in zip(apart, grad.chunk(3), strict=True):
+            p.grad = g.clone()
+        for o in opts:
+            o.step()
+    assert torch.allclose(stacked.detach(), torch.cat([p.detach() for p in apart]), atol=1e-6)
+    assert set(opts[0].state[stacked]) == {"momentum_buffer"}
+    # without split_qkv the stacked matrix is one matrix to torch's Muon: a different step
+    whole = torch.nn.Parameter(torch.cat([p.detach() for p in apart]))
+    whole.stacked, whole.grad = 3, torch.randn(12, 4)
+    split = torch.nn.Parameter(whole.detach().clone())
+    split.stacked, split.grad = 3, whole.grad.clone()
+    muon([whole]).step()
+    muon([split], split_qkv=True).step()
+    assert not torch.allclose(whole, split, atol=1e-4)
