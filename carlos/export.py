@@ -157,11 +157,9 @@ def _gpt2(model: GPT, tok: ByteTokenizer, transformers) -> torch.nn.Module:
         for theirs_name, hf_name in names.items():
             weight = ours[f"blocks.{i}.{theirs_name}.weight"]
             state[f"transformer.h.{i}.{hf_name}.weight"] = weight if weight.dim() == 1 else weight.t()
-            bias = ours.get(f"blocks.{i}.{theirs_name}.bias")
-            size = weight.shape[0]
-            state[f"transformer.h.{i}.{hf_name}.bias"] = bias if bias is not None else torch.zeros(size)
+            state[f"transformer.h.{i}.{hf_name}.bias"] = _or_zeros(ours, f"blocks.{i}.{theirs_name}.bias", weight)
     state["transformer.ln_f.weight"] = ours["ln_f.weight"]
-    state["transformer.ln_f.bias"] = ours.get("ln_f.bias", torch.zeros(c.d_model))
+    state["transformer.ln_f.bias"] = _or_zeros(ours, "ln_f.bias", ours["ln_f.weight"])
     _load(hf, state)
     return hf
 
@@ -183,12 +181,9 @@ def _neox(model: GPT, tok: ByteTokenizer, transformers) -> torch.nn.Module:
     def per_head(qkv: torch.Tensor) -> torch.Tensor:  # (3d, ...) as [q; k; v] -> as [q_h, k_h, v_h] per head
         return qkv.view(3, heads, -1, *qkv.shape[1:]).transpose(0, 1).reshape(qkv.shape)
 
-    def or_zeros(name: str, size: int) -> torch.Tensor:
-        return ours.get(name, torch.zeros(size))
-
     state = {"gpt_neox.embed_in.weight": ours["tok_emb.weight"]}
     state["gpt_neox.final_layer_norm.weight"] = ours["ln_f.weight"]
-    state["gpt_neox.final_layer_norm.bias"] = or_zeros("ln_f.bias", c.d_model)
+    state["gpt_neox.final_layer_norm.bias"] = _or_zeros(ours, "ln_f.bias", ours["ln_f.weight"])
     names = {"ln1": "input_layernorm", "ln2": "post_attention_layernorm", "attn.proj": "attention.dense"}
     names |= {"mlp.fc": "mlp.dense_h_to_4h", "mlp.proj": "mlp.dense_4h_to_h"}
     for i in range(c.n_layers):
@@ -196,11 +191,17 @@ def _neox(model: GPT, tok: ByteTokenizer, transformers) -> torch.nn.Module:
         for our_name, hf_name in names.items():
             weight = ours[f"{b}{our_name}.weight"]
             state[f"{h}{hf_name}.weight"] = weight
-            state[f"{h}{hf_name}.bias"] = or_zeros(f"{b}{our_name}.bias", weight.shape[0])
+            state[f"{h}{hf_name}.bias"] = _or_zeros(ours, f"{b}{our_name}.bias", weight)
         state[h + "attention.query_key_value.weight"] = per_head(ours[b + "attn.qkv.weight"])
-        state[h + "attention.query_key_value.bias"] = per_head(or_zeros(b + "attn.qkv.bias", 3 * c.d_model))
+        qkv = ours[b + "attn.qkv.weight"]
+        state[h + "attention.query_key_value.bias"] = per_head(_or_zeros(ours, b + "attn.qkv.bias", qkv))
     _load(hf, state)
     return hf
+
+
+def _or_zeros(ours: dict, name: str, weight: torch.Tensor) -> torch.Tensor:
+    """The bias `name` of carlos's state dict, or zeros for a model without biases (both formats have them)."""
+    return ours[name] if name in ours else torch.zeros(weight.shape[0])
 
 
 def _llama(model: GPT, tok: ByteTokenizer, transformers) -> torch.nn.Module:
