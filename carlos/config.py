@@ -148,11 +148,17 @@ class TrainDataConfig:
     eval_batch_size: int
     num_workers: int
     random_offsets: bool
+    context_schedule: list[int] | None
 
     def __post_init__(self) -> None:
         _positive("data.micro_batch_size", self.micro_batch_size)
         _positive("data.eval_batch_size", self.eval_batch_size)
         _positive("data.num_workers", self.num_workers, allow_zero=True)
+        self.context_schedule = list(self.context_schedule or [])
+        for n in self.context_schedule:
+            _positive("data.context_schedule's lengths", n)
+        if self.context_schedule != sorted(set(self.context_schedule)):
+            raise CarlosError(f"data.context_schedule={self.context_schedule} must list lengths shortest first")
 
 
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16", "bf16-true", "16-true", "64-true", "64")

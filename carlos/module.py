@@ -62,7 +62,15 @@ def _set_rng_state(state: dict) -> None:
 class CarlosLM(L.LightningModule):
     """Holds only plain hyperparameters (dicts, numbers, strings), so checkpoints load with weights_only."""
 
-    def __init__(self, model: dict, optimizer: dict, schedule: dict, max_steps: int, run: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        model: dict,
+        optimizer: dict,
+        schedule: dict,
+        max_steps: int,
+        run: dict[str, Any],
+        context: list[int] | None = None,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = GPT(GPTConfig(**model))
@@ -94,8 +102,18 @@ class CarlosLM(L.LightningModule):
         """Training seconds so far, earlier sessions of a resumed run included."""
         return self.elapsed_before + time.perf_counter() - getattr(self, "started", time.perf_counter())
 
+    def context_at(self, step: int, seq_len: int) -> int:
+        """data.context_schedule: the window length at this step. [32, 64] trains on 32-token windows in
+        the first third of the run (by total_steps), 64-token ones in the second and whole ones after."""
+        lengths, total = self.hparams.context or [], self.total_steps(step)
+        part = int((len(lengths) + 1) * step / total) if math.isfinite(total) else 0
+        return lengths[part] if part < len(lengths) else seq_len
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
+        length = self.context_at(self.global_step, x.size(1))
+        if length < x.size(1):  # (B, seq_len) -> (B * seq_len / length, length): the same tokens, shorter windows
+            x, y = x.reshape(-1, length), y.reshape(-1, length)
         loss = self.model.loss(x, y)
         # summed on the device; read (one host sync) only when a train record is logged
         self.loss_sum += loss.detach()

@@ -89,6 +89,7 @@ def plan_run(composed: DictConfig, config: TrainConfig, data: PreparedData, run_
     resumed = _resume_state(resume) if resume else None
     _check_same_optimizer(config, resumed)
     model = _model_config(config, data, resumed)
+    _check_context(config.data.context_schedule, data.seq_len)
     device = device_type(config.trainer.accelerator)
     stored = resumed.get("precision") if resumed else None
     precision, reason = resolve_precision(config.trainer.precision, device, model.d_model, stored)
@@ -107,6 +108,15 @@ def plan_run(composed: DictConfig, config: TrainConfig, data: PreparedData, run_
         composed, config, data, run_dir, leader, manifest, resume, resumed, model, precision, reason, optimizer,
         schedule, wandb, init,
     )  # fmt: skip
+
+
+def _check_context(lengths: list[int], seq_len: int) -> None:
+    for n in lengths:
+        if n >= seq_len or seq_len % n:
+            raise CarlosError(
+                f"data.context_schedule={lengths}: {n} does not divide the prepared seq_len {seq_len} into shorter "
+                "windows; give divisors of it below it"
+            )
 
 
 def _check_ddp_in_sweep(config: TrainConfig) -> None:

@@ -277,7 +277,10 @@ def fit(run: Run) -> tuple[CarlosLM, float]:
     plan, trainer = run.plan, run.trainer
     config, data = plan.config, plan.data
     L.seed_everything(config.seed, workers=True, verbose=False)
-    module = CarlosLM(plan.model.to_dict(), plan.optimizer, plan.schedule, config.trainer.max_steps, _record(plan))
+    module = CarlosLM(
+        plan.model.to_dict(), plan.optimizer, plan.schedule, config.trainer.max_steps, _record(plan),
+        config.data.context_schedule,
+    )  # fmt: skip
     if plan.init is not None:  # fine-tuning: the weights only; the optimizer, step and schedule start anew
         module.model.load_state_dict(plan.init)
     batches = config.data

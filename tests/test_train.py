@@ -326,3 +326,34 @@ def test_weight_decay_auto_follows_the_epochs_of_the_budget(workdir, capsys):
     assert "weight decay" not in capsys.readouterr().out
     groups = torch.load(workdir / "checkpoints" / "last.pt", weights_only=True)["optimizer_states"][0]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.05, 0.05, 0.0]
+
+
+def test_context_schedule_trains_on_shorter_windows_first_with_the_same_tokens(workdir, monkeypatch):
+    from carlos.module import CarlosLM
+    from tests.conftest import gpt_config
+
+    m = CarlosLM(gpt_config(block_size=32).to_dict(), {"lr": 1e-3}, {}, max_steps=30, run={}, context=[8, 16])
+    assert [m.context_at(s, 32) for s in (0, 9, 10, 19, 20, 29)] == [8, 8, 16, 16, 32, 32]
+    shapes = []
+    real = CarlosLM.training_step
+
+    def training_step(self, batch, batch_idx):
+        real_loss = self.model.loss
+        self.model.loss = lambda x, y: (shapes.append((self.global_step, tuple(x.shape))), real_loss(x, y))[1]
+        try:
+            return real(self, batch, batch_idx)
+        finally:
+            del self.model.loss
+
+    monkeypatch.setattr(CarlosLM, "training_step", training_step)
+    train(train_cfg(workdir, "data.context_schedule=[8,16]"))
+    # 12 steps of 2 micro-batches of 4 x 32 tokens: steps 0-3 as 16 x 8, 4-7 as 8 x 16, 8-11 whole
+    assert [s for _, s in shapes] == [(16, 8)] * 8 + [(8, 16)] * 8 + [(4, 32)] * 8
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in records if "train_loss" in r][-1] == 12 * TOKENS_PER_STEP
+
+
+@pytest.mark.parametrize("lengths", ["[32]", "[12]", "[16,8]"])
+def test_context_schedule_of_lengths_that_do_not_divide_seq_len_is_refused(workdir, lengths):
+    with pytest.raises(CarlosError, match=r"data.context_schedule"):
+        train(train_cfg(workdir, f"data.context_schedule={lengths}"))
