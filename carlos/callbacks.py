@@ -396,10 +396,8 @@ def _agreed(trainer: L.Trainer, seconds: float, deadline: float) -> tuple[float,
     """The slowest rank's clock and the earliest deadline, the same on every rank. Each DDP rank keeps its
     own clock: if they each decided, one would stop and validate while another trains on, and both would
     wait for each other forever; their lr schedules, and so their weights, would drift apart."""
-    if trainer.world_size == 1:
-        return seconds, deadline
     both = torch.tensor([seconds, -deadline], dtype=torch.float64, device=trainer.strategy.root_device)
-    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+    both = trainer.strategy.reduce(both, reduce_op="max")  # unchanged on one device
     return both[0].item(), -both[1].item()
 
 
