@@ -105,7 +105,10 @@ class CarlosLM(L.LightningModule):
     def context_at(self, step: int, seq_len: int) -> int:
         """data.context_schedule: the window length at this step. [32, 64] trains on 32-token windows in
         the first third of the run (by total_steps), 64-token ones in the second and whole ones after."""
-        lengths, total = self.hparams.context or [], self.total_steps(step)
+        lengths = self.hparams.context
+        if not lengths:
+            return seq_len
+        total = self.total_steps(step)
         part = int((len(lengths) + 1) * step / total) if math.isfinite(total) else 0
         return lengths[part] if part < len(lengths) else seq_len
 
