@@ -365,7 +365,8 @@ def _bench(cfg: BenchConfig, root: Path) -> dict:
     }
     out: dict = {"header": header}
     if cfg.rounds:
-        out["throughput"] = _throughput(cfg, py, root, same, defaults, spec, model)
+        micro = train_config.data.micro_batch_size
+        out["throughput"] = _throughput(cfg, py, root, same, defaults, spec, model, micro)
         _emit(cfg, "throughput", render_throughput({**header, **out["throughput"]}))
     if cfg.budgets:
         out["quality"] = _quality(cfg, py, root, same, defaults, spec)
@@ -390,7 +391,9 @@ def _emit(cfg: BenchConfig, section: str, table: str) -> None:
         write_section(Path(cfg.output), table, *SECTIONS[section])
 
 
-def _throughput(cfg: BenchConfig, py, root: Path, same: Path, defaults: Path, spec: dict, model: GPTConfig) -> dict:
+def _throughput(
+    cfg: BenchConfig, py, root: Path, same: Path, defaults: Path, spec: dict, model: GPTConfig, micro: int
+) -> dict:
     steps = [f"trainer.max_steps={cfg.steps}", f"eval_interval={cfg.steps}", f"ckpt_interval={cfg.steps}"]
     quiet = [*steps, f"log_interval={cfg.log_interval}", "sample.tokens=0"]
     contenders = {
@@ -408,7 +411,7 @@ def _throughput(cfg: BenchConfig, py, root: Path, same: Path, defaults: Path, sp
         "defaults": lambda: _carlos(py, root, defaults, [*quiet, *cfg.train]),
     }
     if cfg.ddp_processes > 1:  # the same tokens a step as "defaults", so the same optimization, over processes
-        ddp = _ddp_overrides(cfg, defaults)
+        ddp = _ddp_overrides(cfg.ddp_processes, micro)
         contenders["ddp"] = lambda: _carlos(py, root, defaults, [*quiet, *cfg.train, *ddp])
     peak32 = matmul_peak(torch.float32)
     rates: dict[str, list] = {k: [] for k in contenders}
@@ -450,13 +453,8 @@ def _throughput(cfg: BenchConfig, py, root: Path, same: Path, defaults: Path, sp
     }
 
 
-def _ddp_overrides(cfg: BenchConfig, defaults: Path) -> list[str]:
-    """carlos's defaults over cfg.ddp_processes CPU processes, each with its share of the micro-batch."""
-    from carlos.compose import compose
-    from carlos.config import TrainConfig, parse
-
-    n = cfg.ddp_processes
-    micro = parse(compose("train", [f"workdir={defaults}", *cfg.train]), TrainConfig).data.micro_batch_size
+def _ddp_overrides(n: int, micro: int) -> list[str]:
+    """carlos's defaults over n CPU processes, each with its share of the micro-batch of `micro` windows."""
     if micro % n:
         raise CarlosError(f"ddp_processes={n} does not divide the micro-batch of {micro}; choose a divisor of it")
     return [
