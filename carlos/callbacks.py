@@ -432,6 +432,8 @@ class ProgressBar(TQDMProgressBar):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         bar = self.train_progress_bar
+        if self.is_disabled:  # a disabled tqdm never counts, so the check below would pass on every step
+            return
         if bar is not None and trainer.global_step != bar.n:
             bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
             bar.update(trainer.global_step - bar.n)  # tqdm redraws at most every mininterval seconds

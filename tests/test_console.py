@@ -61,6 +61,52 @@ def test_a_log_file_gets_one_plain_line_per_record_and_no_bar(tmp_path):
     )
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(os.name != "posix", reason="a pseudo-terminal needs POSIX")
+def test_a_terminal_gets_one_bar_counting_optimizer_steps_with_the_latest_numbers(tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
+    make_corpus(tmp_path / "corpus.txt")
+    subprocess.run([CARLOS, "prepare", "corpus.txt", "--workdir", "w", "--seq_len", "32"], cwd=tmp_path, check=True)
+    try:
+        master, terminal = pty.openpty()
+    except OSError:
+        pytest.skip("this machine gives no pseudo-terminal")
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # 40 rows, 160 columns
+    chunks: list[bytes] = []
+
+    def read() -> None:  # drained as it comes: a full pseudo-terminal would block the run
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: every writer has closed the terminal
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    argv = [CARLOS, "train", "--workdir", "w", *TINY, "--max_steps", "20", "--eval_interval", "10"]
+    argv += ["--log_interval", "5", "trainer.accumulate_grad_batches=2"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    p = subprocess.run(argv, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, env=env)
+    os.close(terminal)
+    reader.join(30)
+    os.close(master)
+    text = b"".join(chunks).decode("utf-8", errors="replace")
+    assert p.returncode == 0, text
+    states = [s for s in text.replace("\r", "\n").splitlines() if s.startswith("train")]
+    assert len(states) > 1  # redrawn in place, not one line per record
+    assert "20/20" in states[-1] and "loss=" in states[-1] and "val_bpb=" in states[-1]  # optimizer steps
+    assert "/40" not in text and "Epoch 0" not in text  # not Lightning's count of micro-batches
+    assert "step 5/20:" not in text  # the plain lines are for files and pipes
+
+
 def test_help_lists_the_flags_with_meaning_and_default_and_only_the_commands_groups(tmp_path):
     p = subprocess.run([CARLOS, "train", "--help"], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert "--overwrite         delete an earlier run's outputs (never the prepared data) and start over " in p.stdout
