@@ -119,11 +119,12 @@ def build_run(plan: RunPlan) -> Run:
     # first: opening the run directory waits until Lightning has set up and restored the run, so a
     # checkpoint whose training state does not load is refused before anything is written
     first = BeforeFirstStep(lambda: open_run_dir(run))
-    bar = ProgressBar(metrics)
-    if not sys.stdout.isatty():  # a log file or a pipe: plain lines (LineLogger), not a bar's redraws
-        bar.disable()
+    callbacks = [first, metrics, _sample_text(plan), checkpoints, preemption]
+    terminal = sys.stdout.isatty()
+    if terminal:
+        callbacks.append(ProgressBar(metrics))
+    else:  # a log file or a pipe: plain lines, not a bar's redraws, and no bar's hooks called on every step
         loggers.append(LineLogger(config.trainer.max_steps))
-    callbacks = [first, metrics, _sample_text(plan), checkpoints, preemption, bar]
     if config.optimizer.get("weight_decay") == "auto":
         from carlos.callbacks import WeightDecayByEpochs
 
@@ -136,7 +137,9 @@ def build_run(plan: RunPlan) -> Run:
 
         callbacks.append(TimeBudget(config.trainer.max_time_delta.total_seconds()))  # last: it times the others
     try:
-        trainer = L.Trainer(**_trainer_arguments(plan), logger=[jsonl, *loggers], callbacks=callbacks)
+        trainer = L.Trainer(
+            **_trainer_arguments(plan), enable_progress_bar=terminal, logger=[jsonl, *loggers], callbacks=callbacks
+        )
     except Exception as e:  # noqa: BLE001 - Lightning refuses settings with several exception types
         raise CarlosError(f"Lightning refused the trainer settings: {first_line(e)}") from None
     run = Run(plan, trainer, metrics, checkpoints, preemption, jsonl, loggers, new_dirs, made)
