@@ -396,8 +396,12 @@ def _agreed(trainer: L.Trainer, seconds: float, deadline: float) -> tuple[float,
     """The slowest rank's clock and the earliest deadline, the same on every rank. Each DDP rank keeps its
     own clock: if they each decided, one would stop and validate while another trains on, and both would
     wait for each other forever; their lr schedules, and so their weights, would drift apart."""
+    if trainer.world_size == 1:
+        return seconds, deadline
     both = torch.tensor([seconds, -deadline], dtype=torch.float64, device=trainer.strategy.root_device)
-    both = trainer.strategy.reduce(both, reduce_op="max")  # unchanged on one device
+    # by hand: Lightning's strategy.reduce puts a barrier before its all_reduce, two collectives on every
+    # step where this one, which already waits for every rank, does the job
+    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
     return both[0].item(), -both[1].item()
 
 
@@ -431,10 +435,10 @@ class ProgressBar(TQDMProgressBar):
         pass  # Lightning's resets the bar to count the epoch's micro-batches, under "Epoch N"
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        bar = self.train_progress_bar
-        if self.is_disabled:  # a disabled tqdm never counts, so the check below would pass on every step
+        if self.is_disabled:  # DDP ranks other than 0: a disabled tqdm never counts, so the check would always pass
             return
-        if bar is not None and trainer.global_step != bar.n:
+        bar = self.train_progress_bar
+        if trainer.global_step != bar.n:
             bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
             bar.update(trainer.global_step - bar.n)  # tqdm redraws at most every mininterval seconds
 
