@@ -119,7 +119,7 @@ class CarlosLM(L.LightningModule):
             x, y = x.reshape(-1, length), y.reshape(-1, length)
         loss = self.model.loss(x, y)
         # summed on the device; read (one host sync) only when a train record is logged
-        self.loss_sum += loss.detach()
+        self.loss_sum.add_(loss.detach())  # in place: `+=` on a Module attribute goes through its __setattr__
         self.loss_count += 1
         return loss
 
