@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,11 @@ import torch
 from carlos.checkpoint import ADDED_MODEL_SETTINGS, build_model, check_checkpoint, load_checkpoint, resolve_checkpoint
 from carlos.config import ExportConfig
 from carlos.errors import CarlosError
+from carlos.files import write_atomic
+from carlos.lock import DirLock
 from carlos.manifest import RECORD, Manifest
 from carlos.model import GPT, GPTConfig
+from carlos.ownership import Place
 from carlos.tokenizer import BOS_ID, BYTES, EOS_ID, ByteTokenizer
 
 PROBE = "Exported from carlos: the same logits, byte for byte.\n"
@@ -34,6 +39,12 @@ TOLERANCE = 1e-4  # largest difference of a logit between carlos and transformer
 
 def export(cfg: ExportConfig) -> Path:
     """Write the checkpoint's model into cfg.out in cfg.format; returns the directory."""
+    out = Path(cfg.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CarlosError(f"--out {out} is a file; give a directory")
+    fix = "choose a new directory for --out, or an earlier export's"
+    place = Place(out, "export", f"--out {out}", fix, DirLock(out, "export", fix=fix))
+    place.refuse_misplaced()  # before the model is converted, which takes seconds
     path = resolve_checkpoint(cfg.workdir, cfg.checkpoint, cfg.run)
     ckpt = load_checkpoint(path)
     model_cfg, tok = check_checkpoint(ckpt, path)
@@ -44,21 +55,46 @@ def export(cfg: ExportConfig) -> Path:
         check = f"; transformers' logits differ from carlos's by at most {diff:.1e}"
     else:
         files, check = safetensors_files(model, tok, meta), ""
-    out = Path(cfg.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise CarlosError(f"--out {out} is a file; give a directory")
-    manifest = Manifest(out, where="--out")
-    manifest.refuse_foreign([out / name for name in files], [], "move it away, or choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CarlosError(f"cannot create --out {out} ({e.strerror}); choose another --out") from None
-    for name, data in files.items():
-        manifest.write(out / name, lambda f, data=data: f.write(data))
-    earlier = [f for f in manifest.owned_files(out) if f.parent == out and f.name not in files and f.name != RECORD]
-    manifest.remove(earlier)  # an earlier export's files (of the other format) would mix with this one's
+    with place:
+        try:
+            install(place.manifest, out, files)
+        except BaseException:
+            if place.made:  # a directory this export made goes again (Place removes it once empty)
+                (out / RECORD).unlink(missing_ok=True)
+            raise
     print(f"exported {path} (step {meta['step']}) as {cfg.format} to {out}: {', '.join(files)}{check}")
     return out
+
+
+def install(manifest: Manifest, out: Path, files: dict[str, bytes]) -> None:
+    """An export is installed whole or not at all. Its files are written beside first (a full disk fails
+    there, with nothing changed); then the earlier export's files move aside, config.json first, and the
+    new ones are renamed in, config.json last: config.json is what every reader opens first, so no loader
+    ever finds a config beside the other export's weights (a kill -9 among the renames leaves none, which
+    transformers and carlos refuse to load). Any failure, a signal included, puts the earlier one back."""
+    manifest.refuse_foreign([out / name for name in files], [], "move it away, or choose another --out")
+    manifest.remove_stale()
+    order = sorted(files, key=lambda name: name == "config.json")  # config.json last
+    earlier = [f for f in manifest.owned_files(out) if f.parent == out and f.name != RECORD]
+    earlier.sort(key=lambda f: f.name != "config.json")  # config.json first
+    tmp = manifest.scratch()
+    try:
+        for name in order:
+            write_atomic(tmp / name, lambda f, data=files[name]: f.write(data), "--out")
+        with manifest.aside(earlier) as old:
+            manifest.claim(*(out / name for name in order))
+            installed: list[Path] = []
+            try:
+                for name in order:
+                    os.replace(tmp / name, out / name)
+                    installed.append(out / name)
+            except BaseException:
+                for f in installed:  # a name the earlier export did not have (rollback restores the others)
+                    f.unlink(missing_ok=True)
+                raise
+            old.commit()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- safetensors

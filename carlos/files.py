@@ -126,8 +126,9 @@ class MadeDirs:
     itself (os.mkdir, not exist_ok: a directory another process made at the same moment is not ours),
     deepest first and only while empty: by then another command may have put its work there."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, label: str = "") -> None:
         self.path, self.made = Path(path), []
+        self.label = label or f"workdir {path}"  # names it in a refusal
 
     def __enter__(self) -> MadeDirs:
         missing, p = [], Path(os.path.abspath(self.path))
@@ -135,7 +136,7 @@ class MadeDirs:
             missing.append(p)
             p = p.parent
         if not p.is_dir():
-            raise CarlosError(f"workdir {self.path}: {p} is {kind_of(os.stat(p))}, not a directory; choose another")
+            raise CarlosError(f"{self.label}: {p} is {kind_of(os.stat(p))}, not a directory; choose another")
         for d in reversed(missing):
             try:
                 os.mkdir(d)

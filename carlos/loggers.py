@@ -129,13 +129,6 @@ def lightning_loggers(plan: RunPlan) -> list[Logger]:
     return loggers
 
 
-def logger_dirs(plan: RunPlan) -> list[Path]:
-    """The directories the selected loggers write into."""
-    selected = plan.config.logger
-    on = (plan.wandb is not None, selected.csv is not None, selected.tensorboard is not None)
-    return [plan.run_dir / name for name, used in zip(LOGGER_DIRS, on, strict=True) if used]
-
-
 def replay_history(loggers: list[Logger], records: list[dict]) -> None:
     """A resumed run's records up to its checkpoint, into the CSV file Lightning's CSVLogger starts over."""
     from lightning.pytorch.loggers import CSVLogger

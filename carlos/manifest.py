@@ -7,12 +7,14 @@ is created; a path is carlos's only if that record names it. A file of the user'
 to write is refused in one line, and removal (--overwrite) takes only recorded paths, leaving a user's
 file inside a carlos directory (and so that directory) in place.
 
-The record is JSON lines, appended: {"file": "checkpoints/best.pt"}, {"dir": "checkpoints"} (created by
-carlos, removed once empty), {"tree": ".submitit"} (written whole by a library on carlos's behalf),
-{"plot": "report.png"} (a file `carlos report` may replace) and {"gone": "..."} (removed since). A line
-cut short by a kill is ignored. A path is recorded before it is created, so a kill between the two
-leaves a record of a file that does not exist, which is harmless, never the reverse. A directory
-holding a record of its own (a sweep job's) answers for what is inside it.
+The record is JSON lines, appended: {"kind": "workdir"} (what the directory is: carlos/ownership.py),
+{"file": "checkpoints/best.pt"}, {"dir": "checkpoints"} (created by carlos, removed once empty),
+{"tree": ".submitit"} (written whole by a library on carlos's behalf), {"plot": "report.png"} (a file
+`carlos report` may replace) and {"gone": "..."} (removed since). A line cut short by a kill is
+ignored. A path is recorded before it is created, so a kill between the two leaves a record of a file
+that does not exist, which is harmless, never the reverse. A directory holding a record of its own
+answers for what is inside it when it is a run's (a named run's or a sweep job's): a record of another
+kind inside (an export someone made there) is not the directory's, and takes nothing with it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ CARLOS_NAMES = re.compile(
 )
 KINDS = ("file", "dir", "tree", "plot")
 ASIDE = ".carlos-aside-"
+SCRATCH = (ASIDE, ".carlos-tmp-", ".prepare-")  # carlos's temporary directories: a kill may leave one
+RUN_KINDS = ("run", "job")  # the directory kinds whose record answers for them inside a workdir
 
 
 def _valid(rel: object) -> bool:
@@ -52,16 +56,19 @@ def _valid(rel: object) -> bool:
 class Manifest:
     """What carlos wrote under root. writable=False (a DDP rank other than 0) reads the record only."""
 
-    def __init__(self, root: Path, writable: bool = True, where: str = "--workdir") -> None:
+    def __init__(self, root: Path, writable: bool = True, where: str = "--workdir", kind: str | None = None) -> None:
         self.root = Path(root)
         self.record = self.root / RECORD
         self.writable = writable
         self.where = where  # the flag that chooses this place, for the fix a failed write suggests
         self.entries: dict[str, str] = {}
+        self.kind: str | None = None  # what the directory is, as recorded (carlos/ownership.py)
+        self.writes_kind = kind  # recorded with the first entry this writes, when the record has none
         self._read()
 
     def _read(self) -> None:
         self.entries.clear()
+        self.kind = None
         if not os.path.lexists(self.record):
             return
         fix = "it is not carlos's record of its files: move it away"
@@ -72,7 +79,9 @@ class Manifest:
                 ((kind, rel),) = json.loads(line).items()
             except (ValueError, AttributeError, TypeError):  # a line cut short by a kill
                 continue
-            if kind == "gone" and _valid(rel):
+            if kind == "kind" and isinstance(rel, str):
+                self.kind = rel
+            elif kind == "gone" and _valid(rel):
                 self.entries.pop(rel, None)
             elif kind in KINDS and _valid(rel):
                 self.entries[rel] = kind
@@ -100,16 +109,22 @@ class Manifest:
         return any(self.entries.get("/".join(parts[:i])) == "tree" for i in range(1, len(parts)))
 
     def nested(self, path: Path) -> Manifest | None:
-        """The record of a directory under root that keeps its own (a sweep job's)."""
+        """The record of a run's directory under root that keeps its own (a named run's, a sweep job's).
+        One an older carlos wrote without its kind counts unless it is a workdir's or an export's."""
         path = Path(path)
-        if os.path.abspath(path) != os.path.abspath(self.root) and os.path.isfile(path / RECORD):
-            return Manifest(path, self.writable)
+        if os.path.abspath(path) == os.path.abspath(self.root) or not os.path.isfile(path / RECORD):
+            return None
+        inner = Manifest(path, self.writable)
+        if inner.kind in RUN_KINDS or (inner.kind is None and not {"splits.json", "config.json"} & set(inner.entries)):
+            return inner
         return None
 
     # -- recording
     def _append(self, lines: list[str]) -> os.stat_result | None:
         """Append lines to the record (never through a symlink); returns its state before, for _undo."""
         before = os.stat(self.record) if self.record.exists() else None
+        if self.writes_kind and self.kind is None:  # the directory's kind comes with its first entry
+            lines = [json.dumps({"kind": self.writes_kind}) + "\n", *lines]
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
         try:
             fd = os.open(self.record, flags, 0o644)
@@ -118,6 +133,7 @@ class Manifest:
         except OSError as e:
             self._undo(before)
             raise write_error(self.record, e, self.where) from None
+        self.kind = self.kind or self.writes_kind
         return before
 
     def _undo(self, before: os.stat_result | None) -> None:
@@ -264,15 +280,23 @@ class Manifest:
             made.add(path)
         return [m for child in sorted(path.iterdir()) for m in self._movable(child, made)]
 
+    def scratch(self, prefix: str = ".carlos-tmp-") -> Path:
+        """A new temporary directory in root, marked as carlos's, so that remove_stale takes it if a kill
+        leaves it behind; built there, its files are renamed into place without a copy."""
+        d = Path(tempfile.mkdtemp(prefix=prefix, dir=self.root))
+        Manifest(d).claim(d, kind="tree")
+        return d
+
     def remove_stale(self) -> None:
-        """What kills left behind: temporaries of recorded files, and aside directories."""
+        """What kills left behind: temporaries of recorded files, and carlos's temporary directories."""
         for rel, kind in list(self.entries.items()):
             if kind in ("file", "plot"):
                 for tmp in temporaries(self.root / rel):
                     tmp.unlink(missing_ok=True)
-        for stale in self.root.glob(ASIDE + "*"):
-            if Manifest(stale).entries.get(".") == "tree":
-                shutil.rmtree(stale, ignore_errors=True)
+        for stale in self.root.glob(".*"):
+            with contextlib.suppress(CarlosError, OSError):
+                if stale.name.startswith(SCRATCH) and Manifest(stale).entries.get(".") == "tree":
+                    shutil.rmtree(stale, ignore_errors=True)
 
 
 class Aside:
@@ -292,8 +316,7 @@ class Aside:
         if not items or not self.m.writable:
             return self
         try:
-            self.dir = Path(tempfile.mkdtemp(prefix=ASIDE, dir=self.m.root))
-            Manifest(self.dir).claim(self.dir, kind="tree")  # marks it as carlos's, for remove_stale
+            self.dir = self.m.scratch(ASIDE)
             for item in items:
                 target = self.dir / "moved" / os.path.relpath(item, self.m.root)
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -302,7 +325,7 @@ class Aside:
         except (OSError, CarlosError) as e:
             self.rollback()
             what = f"{e.strerror} moving {e.filename}" if isinstance(e, OSError) else str(e)
-            raise CarlosError(f"cannot remove the earlier run's files ({what}); nothing was changed") from None
+            raise CarlosError(f"cannot remove what carlos wrote there before ({what}); nothing was changed") from None
         return self
 
     def __exit__(self, kind, *rest: object) -> None:

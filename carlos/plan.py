@@ -24,9 +24,10 @@ from carlos.manifest import Manifest
 from carlos.memory import check_fits, num_params, training_bytes, validation_bytes
 from carlos.model import GPTConfig, ModelConfigError
 from carlos.optimization import check_optimization
+from carlos.ownership import Place
 from carlos.precision import resolve_precision
 from carlos.sweep import in_multirun
-from carlos.workdir import PreparedData, run_dir
+from carlos.workdir import LOGGER_DIRS, PreparedData, run_dir
 
 
 @dataclasses.dataclass
@@ -47,7 +48,9 @@ class RunPlan:
     optimizer: dict[str, Any]
     schedule: dict[str, Any]
     wandb: dict[str, Any] | None  # WandbLogger's arguments; None: W&B is off
+    logger_dirs: list[Path]  # the directories the selected loggers write into (wandb/, csv/, tensorboard/)
     init: dict[str, torch.Tensor] | None = None  # --init_from: the weights a new run starts from
+    made: list[Path] = dataclasses.field(default_factory=list)  # directories made for the run (runs/NAME)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -80,11 +83,11 @@ def is_leader(config: TrainConfig) -> bool:
     return int(env.get("LOCAL_RANK", "0") or 0) == 0 and int(env.get("NODE_RANK", "0") or 0) == 0
 
 
-def plan_run(composed: DictConfig, config: TrainConfig, data: PreparedData, run_dir: Path, leader: bool) -> RunPlan:
+def plan_run(composed: DictConfig, config: TrainConfig, data: PreparedData, place: Place, leader: bool) -> RunPlan:
     """Every check a run can fail, in order: resume, files in the way, model, precision, machine, optimizer,
     W&B. Imports neither Lightning nor wandb."""
     _check_ddp_in_sweep(config)
-    manifest = Manifest(run_dir, writable=leader)
+    manifest, run_dir = place.manifest, place.path
     resume = _resume_from(config, run_dir, manifest, leader)
     resumed = _resume_state(resume) if resume else None
     _check_same_optimizer(config, resumed)
@@ -103,10 +106,11 @@ def plan_run(composed: DictConfig, config: TrainConfig, data: PreparedData, run_
     check_optimization(optimizer, schedule, config.trainer.max_steps)
     _check_loggers(config)
     wandb = wandb_settings(config, run_dir) if leader else None
+    logger_dirs = _logger_dirs(config, run_dir, wandb, manifest)
     init = initial_weights(config, data, model) if config.init_from and resume is None else None
     return RunPlan(
         composed, config, data, run_dir, leader, manifest, resume, resumed, model, precision, reason, optimizer,
-        schedule, wandb, init,
+        schedule, wandb, logger_dirs, init, place.made,
     )  # fmt: skip
 
 
@@ -372,6 +376,16 @@ def _check_loggers(config: TrainConfig) -> None:
             "logger=tensorboard needs TensorBoard, which is not installed; pip install 'carlos[tensorboard]' "
             "(or tensorboard), or choose logger=csv"
         )
+
+
+def _logger_dirs(config: TrainConfig, run_dir: Path, wandb: dict | None, manifest: Manifest) -> list[Path]:
+    """The directories the selected loggers write into: carlos's, or new (a file or a directory of the
+    user's there is refused: carlos would write into it, and later remove it as its own)."""
+    on = (wandb is not None, config.logger.csv is not None, config.logger.tensorboard is not None)
+    dirs = [run_dir / name for name, used in zip(LOGGER_DIRS, on, strict=True) if used]
+    if manifest.writable:
+        manifest.refuse_foreign([], dirs, "move it away, or choose another --workdir")
+    return dirs
 
 
 def wandb_settings(config: TrainConfig, run_dir: Path) -> dict[str, Any] | None:

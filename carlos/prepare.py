@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import stat
-import tempfile
 import time
 import unicodedata
 from pathlib import Path
@@ -34,9 +33,10 @@ import numpy as np
 from carlos.config import SPLITS, PrepareConfig
 from carlos.corpus import CHUNK, Sources, input_files, scan
 from carlos.errors import CarlosError
-from carlos.files import MadeDirs, kind_of, open_regular, path_problem, write_error
+from carlos.files import kind_of, open_regular, path_problem, write_error
 from carlos.lock import DirLock
 from carlos.manifest import RECORD, Manifest
+from carlos.ownership import Place
 from carlos.tokenizer import ByteTokenizer
 from carlos.workdir import PREPARED, prepared_paths, runs_outputs, workdir_has_run
 
@@ -373,14 +373,15 @@ def prepare(cfg: PrepareConfig) -> dict:
     workdir = Path(cfg.workdir).expanduser()
     if workdir.is_file():
         raise CarlosError(f"workdir {workdir} is a file; pass a directory to --workdir")
-    with open_input(cfg, workdir) as source, MadeDirs(workdir) as made, DirLock(workdir, "prepare"):
-        manifest = Manifest(workdir)
+    place = Place(workdir, "workdir", f"--workdir {workdir}", "choose another --workdir", DirLock(workdir, "prepare"))
+    with open_input(cfg, workdir) as source, place:
+        manifest = place.manifest
         try:
             check_workdir(cfg, source, workdir, manifest)
             size, sha256 = source.scan()
             record = build_and_install(cfg, source, workdir, manifest, size, sha256)
         except BaseException:
-            if made.made:  # a workdir this prepare created: what it wrote there goes (its directories after)
+            if place.made:  # a workdir this prepare created: what it wrote there goes (its directories after)
                 with contextlib.suppress(OSError, CarlosError):
                     manifest.remove([workdir / name for name in (*PREPARED, "data")])
                     (workdir / RECORD).unlink(missing_ok=True)
@@ -416,14 +417,10 @@ def build_and_install(
     cfg: PrepareConfig, source: Source | Sources, workdir: Path, manifest: Manifest, size, sha256
 ) -> dict:
     """Build in a temporary directory inside the workdir, then install; the temporary goes either way."""
-    manifest.remove_stale()
-    for stale in workdir.glob(".prepare-*"):  # left by a prepare that was killed (kill -9) midway
-        if Manifest(stale).entries.get(".") == "tree":
-            shutil.rmtree(stale, ignore_errors=True)
+    manifest.remove_stale()  # what a prepare killed midway (kill -9) left
     tmp = None
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=workdir))
-        Manifest(tmp).claim(tmp, kind="tree")  # marks it as carlos's, for the stale clean-up above
+        tmp = manifest.scratch(".prepare-")
         record = build(cfg, source, tmp, size, sha256)
         install(cfg, workdir, tmp, manifest)
         return record

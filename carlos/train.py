@@ -28,8 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 from carlos.checkpoint import step_of
 from carlos.config import TrainConfig, parse, to_plain
 from carlos.errors import CarlosError, first_line, release_stop_handlers
-from carlos.lock import LOCK, DirLock
-from carlos.manifest import Manifest
+from carlos.lock import DirLock
+from carlos.manifest import Aside, Manifest
+from carlos.ownership import RUN_LOCK, Place
 from carlos.plan import RunPlan, is_leader, plan_run, run_dir_for
 from carlos.sweep import in_multirun
 from carlos.workdir import RUN_OUTPUTS, PreparedData
@@ -56,39 +57,42 @@ class Run:
     preemption: Preemption
     jsonl: JsonlLogger
     loggers: list[Logger]  # Lightning's, as the logger group and W&B's settings select
-    new_dirs: list[Path]  # the loggers' directories this run makes: recorded as carlos's, whole
-    made_dir: Path | None  # a named run's directory, made before the run opens (for W&B)
     opened: bool = False  # open_run_dir has run: the run has started writing
+    earlier: Aside | None = None  # --overwrite: the earlier run's outputs, aside until the run opens
+    new_dirs: list[Path] = dataclasses.field(default_factory=list)  # the loggers' that did not exist before
 
 
 def train(cfg: DictConfig) -> float:
     """Train on a prepared workdir; returns the best validation bits-per-byte."""
     config = parse(cfg, TrainConfig)
-    data = PreparedData.load(config.workdir)
-    run_dir = run_dir_for(config)
-    leader = is_leader(config)
-    with contextlib.ExitStack() as locks:
-        for lock in run_locks(config, data.workdir, run_dir) if leader else []:  # other ranks: rank 0's locks
-            locks.enter_context(lock)
-        plan = plan_run(cfg, config, data, run_dir, leader)
+    workdir, leader = Path(config.workdir).expanduser(), is_leader(config)
+    command = f"train --run {config.run}" if config.run else "train"
+    with contextlib.ExitStack() as held:
+        if leader and workdir.is_dir():  # the data, shared with the workdir's other runs; prepare takes it alone
+            held.enter_context(DirLock(workdir, command, shared=True))
+        data = PreparedData.load(workdir)
+        place = held.enter_context(run_place(config, data.workdir, command, leader))
+        plan = plan_run(cfg, config, data, place, leader)
         run = build_run(plan)
         module, seconds = fit(run)
         return summarize(run, module, seconds)
 
 
-def run_locks(config: TrainConfig, workdir: Path, run_dir: Path) -> list[DirLock]:
-    """The prepared data, shared with the workdir's other runs (prepare takes it alone), and the run
-    itself, which one process trains at a time. A sweep job's lock is in its own directory; a run that
-    lives in the workdir (its own, or a named one, whose directory may not exist yet) has a lock file there."""
-    command = f"train --run {config.run}" if config.run else "train"
-    locks = [DirLock(workdir, command, shared=True)]
+def run_place(config: TrainConfig, workdir: Path, command: str, leader: bool) -> Place:
+    """The run's directory, which one process trains at a time (other ranks: rank 0's lock): the workdir
+    itself, WORKDIR/runs/NAME (made now, so that its lock is in it whatever name reaches it), or the
+    directory Hydra made for a sweep job."""
+    run_dir = run_dir_for(config)
     if in_multirun():
-        return [*locks, DirLock(run_dir, "train (sweep job)")]
-    if config.run:
-        name, what, fix = f"{LOCK}-run-{config.run}", f"run {config.run} of {workdir}", "train under another --run name"
+        kind, label, fix, what, busy = "job", f"sweep job {run_dir}", "choose another hydra.sweep.dir", run_dir, ""
+    elif config.run:
+        kind, label, what = "run", f"--run {config.run}: {run_dir}", f"run {config.run} of {workdir}"
+        fix = busy = "train under another --run name"
     else:
-        name, what, fix = f"{LOCK}-run", str(workdir), "use another --workdir, or train beside it with --run NAME"
-    return [*locks, DirLock(workdir, command, name=name, what=what, fix=fix)]
+        kind, label, fix, what = "workdir", f"--workdir {workdir}", "choose another --workdir", workdir
+        busy = "use another --workdir, or train beside it with --run NAME"
+    lock = DirLock(run_dir, command, name=RUN_LOCK, what=str(what), fix=busy or fix) if leader else None
+    return Place(run_dir, kind, label, fix, lock)
 
 
 # ---------------------------------------------------------------- callbacks, loggers, Trainer
@@ -100,20 +104,13 @@ def build_run(plan: RunPlan) -> Run:
     import lightning as L
 
     from carlos.callbacks import BeforeFirstStep, Checkpoints, Preemption, ProgressBar, TrainMetrics
-    from carlos.loggers import JsonlLogger, LineLogger, lightning_loggers, logger_dirs
+    from carlos.loggers import JsonlLogger, LineLogger, lightning_loggers
 
     config, run_dir = plan.config, plan.run_dir
     metrics = TrainMetrics(config.log_interval, plan.data.seq_len * config.data.micro_batch_size)
     checkpoints = Checkpoints(plan.checkpoint_dir, plan.manifest, config.ckpt_interval, config.eval_interval)
     preemption = Preemption(checkpoints)
     jsonl = JsonlLogger(run_dir / "metrics.jsonl", plan.manifest, plan.resumed["step"] if plan.resumed else None)
-    # the loggers' directories are made before the run opens (W&B's at once), so they are seen now
-    new_dirs = [d for d in logger_dirs(plan) if not os.path.lexists(d)]
-    made = None
-    if plan.wandb is not None and not os.path.lexists(run_dir):
-        # W&B looks for the git repository (the commit it records) from its directory as it starts
-        Manifest(plan.data.workdir).claim_dir(run_dir)
-        made = run_dir
     loggers = lightning_loggers(plan)
     _quiet_lightning()
     # first: opening the run directory waits until Lightning has set up and restored the run, so a
@@ -142,7 +139,7 @@ def build_run(plan: RunPlan) -> Run:
         )
     except Exception as e:  # noqa: BLE001 - Lightning refuses settings with several exception types
         raise CarlosError(f"Lightning refused the trainer settings: {first_line(e)}") from None
-    run = Run(plan, trainer, metrics, checkpoints, preemption, jsonl, loggers, new_dirs, made)
+    run = Run(plan, trainer, metrics, checkpoints, preemption, jsonl, loggers)
     return run  # open_run_dir(run), above, runs once Lightning has restored the run
 
 
@@ -222,32 +219,48 @@ def _quiet_lightning() -> None:
 # ---------------------------------------------------------------- the run directory
 
 
+def set_aside_earlier(run: Run) -> None:
+    """--overwrite: the earlier run's outputs (its loggers' directories included) move aside before any
+    logger of the new run writes where they were; deleted once the run opens, put back if it fails before."""
+    plan = run.plan
+    if plan.leader and plan.config.overwrite and plan.resume is None:
+        run.earlier = plan.manifest.aside([plan.run_dir / name for name in RUN_OUTPUTS]).__enter__()
+    run.new_dirs = [d for d in plan.logger_dirs if not os.path.lexists(d)]
+
+
+def undo_unopened(run: Run) -> None:
+    """A run that failed before it opened: what its loggers began goes, the earlier run comes back."""
+    for d in run.new_dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    if run.earlier is not None:
+        run.earlier.rollback()
+
+
 def open_run_dir(run: Run) -> None:
     """The run is accepted and Lightning has restored what it resumes: from here on it writes into the run
-    directory (rank 0 only). With --overwrite the earlier run's files are moved aside first and deleted
-    once the new run's first files are written, so a refusal here leaves the earlier run as it was."""
+    directory (rank 0 only), and the earlier run that --overwrite set aside is deleted once the new run's
+    first files are written."""
     run.opened = True
     plan = run.plan
     if not plan.leader:
         return
     manifest, run_dir = plan.manifest, plan.run_dir
     manifest.remove_stale()
-    overwrite = plan.config.overwrite and plan.resume is None
-    with manifest.aside([run_dir / name for name in RUN_OUTPUTS] if overwrite else []) as earlier:
-        if run_dir != plan.data.workdir:  # a sweep job's (made by Hydra) or a named run's directory
-            Manifest(plan.data.workdir).claim_dir(run_dir)
-            manifest.claim(run_dir, kind="dir")
-        save_snapshot(plan.composed, run_dir, manifest)
-        for d in run.new_dirs:  # a wandb/ (or csv/, tensorboard/) that was there before stays the user's
-            manifest.claim(d, kind="tree")
-        if plan.resume:  # the samples past the checkpoint came from the run that continued after it
-            for p in (run_dir / "samples").glob("step_*.txt"):
-                if (step_of(p) or 0) > plan.resumed["step"] and manifest.owns(p):
-                    p.unlink()
-        from carlos.loggers import replay_history
+    made = [d for d in plan.made if d != Path(os.path.realpath(plan.data.workdir))]
+    if made:  # runs/ and runs/NAME, made for the run's lock: the workdir's, removed with its runs
+        Manifest(plan.data.workdir).claim(*made, kind="dir")
+    save_snapshot(plan.composed, run_dir, manifest)
+    for d in plan.logger_dirs:  # recorded whole: what the logger's library writes there is the run's
+        manifest.claim(d, kind="tree")
+    if plan.resume:  # the samples past the checkpoint came from the run that continued after it
+        for p in (run_dir / "samples").glob("step_*.txt"):
+            if (step_of(p) or 0) > plan.resumed["step"] and manifest.owns(p):
+                p.unlink()
+    from carlos.loggers import replay_history
 
-        replay_history(run.loggers, run.jsonl.begin())
-        earlier.commit()
+    replay_history(run.loggers, run.jsonl.begin())
+    if run.earlier is not None:
+        run.earlier.commit()
 
 
 def save_snapshot(cfg: DictConfig, run_dir: Path, manifest: Manifest) -> None:
@@ -295,18 +308,18 @@ def fit(run: Run) -> tuple[CarlosLM, float]:
         _print_start(run, module)
     release_stop_handlers()  # Lightning's graceful stop (and Preemption's) is the only one while it trains
     started = time.perf_counter()
+    set_aside_earlier(run)
     try:
         trainer.fit(
             module, datamodule=datamodule, ckpt_path=str(plan.resume) if plan.resume else None, weights_only=True
         )
-    except SIGTERMException:
-        # stopped by a signal after writing its checkpoint (Preemption); 128 + signal is the shell's code
-        raise SystemExit(128 + int(run.preemption.signum or signal.SIGTERM)) from None
-    except Exception as e:
-        if not run.opened:  # Lightning's CSV and TensorBoard loggers start writing before a resume is restored
-            for d in [*run.new_dirs, *([run.made_dir] if run.made_dir else [])]:
-                shutil.rmtree(d, ignore_errors=True)
-        if run.opened or not plan.resume or isinstance(e, CarlosError):
+    except BaseException as e:
+        if not run.opened:  # Lightning's loggers start writing before a resumed run is restored
+            undo_unopened(run)
+        if isinstance(e, SIGTERMException):
+            # stopped by a signal after writing its checkpoint (Preemption); 128 + signal is the shell's code
+            raise SystemExit(128 + int(run.preemption.signum or signal.SIGTERM)) from None
+        if run.opened or not plan.resume or not isinstance(e, Exception) or isinstance(e, CarlosError):
             raise
         raise CarlosError(
             f"cannot resume from {plan.resume}: its training state does not load ({type(e).__name__}: "

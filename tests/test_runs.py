@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from carlos.lock import LOCK, DirLock
+from carlos.lock import DirLock
+from carlos.ownership import RUN_LOCK
 
 from .conftest import make_corpus
 from .conftest import run_cli as run
@@ -120,7 +121,9 @@ def test_run_in_a_sweep_is_refused_before_hydra_makes_a_directory(w, capsys):
 
 @pytest.mark.slow
 def test_one_run_trains_at_a_time_and_other_names_train_beside_it(w, capsys):
-    held = [DirLock(w, "train --run busy", shared=True), DirLock(w, "train --run busy", name=f"{LOCK}-run-busy")]
+    (w / "runs" / "busy").mkdir(parents=True)
+    busy = "train --run busy"
+    held = [DirLock(w, busy, shared=True), DirLock(w / "runs" / "busy", busy, name=RUN_LOCK)]
     for lock in held:  # as a `carlos train --run busy` in another process holds them
         lock.acquire()
     try:
