@@ -35,9 +35,11 @@ import torch.nn.functional as F
 from carlos.config import BenchConfig
 from carlos.demo_corpus import stdlib_corpus
 from carlos.errors import CarlosError
-from carlos.files import MadeDirs, write_atomic, write_error
+from carlos.files import write_atomic, write_error
+from carlos.lock import DirLock
 from carlos.manifest import Manifest
 from carlos.model import GPT, GPTConfig
+from carlos.ownership import Place
 from carlos.prepare import Source
 from carlos.tokenizer import ByteTokenizer
 
@@ -331,11 +333,12 @@ def bench(cfg: BenchConfig) -> dict:
         raise CarlosError(f"workdir {cfg.workdir} is a file; pass a directory to --workdir")
     if cfg.input is not None:
         Source(cfg.input).close()  # the corpus's problems, before any work
-    with MadeDirs(root):  # removed again, when empty, if the bench fails
-        return _bench(cfg, root)
+    fix = "choose a new directory for --workdir, or an earlier bench's"
+    with Place(root, "bench", f"--workdir {cfg.workdir}", fix, DirLock(root, "bench", fix=fix)) as place:
+        return _bench(cfg, root, place.manifest)  # a directory it made is removed again, when empty, if it fails
 
 
-def _bench(cfg: BenchConfig, root: Path) -> dict:
+def _bench(cfg: BenchConfig, root: Path, manifest: Manifest) -> dict:
     from carlos.compose import compose
     from carlos.config import TrainConfig, parse
 
@@ -343,7 +346,7 @@ def _bench(cfg: BenchConfig, root: Path) -> dict:
     if corpus is None:  # written through carlos's record: a corpus.txt of the user's there is never replaced
         corpus = str(root / "corpus.txt")
         text = stdlib_corpus().encode("utf-8")
-        Manifest(root).write(Path(corpus), lambda f: f.write(text))
+        manifest.write(Path(corpus), lambda f: f.write(text))
     py = [sys.executable, "-m", "carlos"]
     same, defaults = root / "same_shape", root / "defaults"  # prepared at the bench's seq_len / carlos's own
     info = _prepare(py, corpus, same, f"data.seq_len={cfg.seq_len}")
@@ -378,7 +381,7 @@ def _bench(cfg: BenchConfig, root: Path) -> dict:
         out["suite"] = suite_runs(cfg, train, lambda corpus, w: _prepare(py, str(corpus), w), root)
         _emit(cfg, "suite", render_suite(_head(header), cfg.against, out["suite"]))
     if cfg.prepare_gb:
-        out["scale"] = _scale(cfg, py, root, corpus)
+        out["scale"] = _scale(cfg, py, root, corpus, manifest)
         _emit(cfg, "scale", render_scale(header, out["scale"]))
     if cfg.output:
         print(f"wrote {cfg.output}")
@@ -490,7 +493,7 @@ def _quality(cfg: BenchConfig, py, root: Path, same: Path, defaults: Path, spec:
     return rows
 
 
-def _scale(cfg: BenchConfig, py, root: Path, corpus: str) -> dict:
+def _scale(cfg: BenchConfig, py, root: Path, corpus: str, manifest: Manifest) -> dict:
     """Prepare a generated corpus of cfg.prepare_gb GB: this corpus repeated, each copy with its number
     in front (so no two are identical), written in large blocks."""
     big = root / "scale" / "corpus.txt"
@@ -504,7 +507,7 @@ def _scale(cfg: BenchConfig, py, root: Path, corpus: str) -> dict:
             f.write(piece)
             written, i = written + len(piece), i + 1
 
-    Manifest(root).write(big, write)  # recorded: a file of the user's by that name is never replaced
+    manifest.write(big, write)  # recorded: a file of the user's by that name is never replaced
     workdir = root / "scale" / "run"
     t = time.perf_counter()
     p, rss = _isolated([*py, "prepare", f"input={big}", f"workdir={workdir}", "overwrite=true"], root)

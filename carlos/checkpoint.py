@@ -75,7 +75,7 @@ def _not_a_file(path: Path) -> str | None:
 def resolve_checkpoint(workdir: str | Path, spec: str, run: str | None = None) -> Path:
     """best, last, a step number (1000 -> checkpoints/step_001000.pt) or a path; of the workdir's own run,
     or of the run named with --run."""
-    from carlos.workdir import run_dir
+    from carlos.ownership import run_dir
 
     ckpts = run_dir(Path(workdir).expanduser(), run) / "checkpoints"
     spec = str(spec)
@@ -98,7 +98,7 @@ def resolve_checkpoint(workdir: str | Path, spec: str, run: str | None = None) -
 
 def _elsewhere(ckpts: Path, workdir: Path) -> str:
     """Where checkpoints are: the others in the directory looked in, or the workdir's runs that have some."""
-    from carlos.workdir import trained_runs
+    from carlos.ownership import trained_runs
 
     have = _available(ckpts) if ckpts.is_dir() else []
     if have:

@@ -26,7 +26,7 @@ import torch
 from carlos.checkpoint import ADDED_MODEL_SETTINGS, build_model, check_checkpoint, load_checkpoint, resolve_checkpoint
 from carlos.config import ExportConfig
 from carlos.errors import CarlosError
-from carlos.files import write_atomic
+from carlos.files import write_atomic, write_error
 from carlos.lock import DirLock
 from carlos.manifest import RECORD, Manifest
 from carlos.model import GPT, GPTConfig
@@ -75,26 +75,34 @@ def install(manifest: Manifest, out: Path, files: dict[str, bytes]) -> None:
     manifest.refuse_foreign([out / name for name in files], [], "move it away, or choose another --out")
     manifest.remove_stale()
     order = sorted(files, key=lambda name: name == "config.json")  # config.json last
-    earlier = [f for f in manifest.owned_files(out) if f.parent == out and f.name != RECORD]
+    earlier = [f for f in manifest.owned_files(out) if f.parent == out and manifest.entries.get(f.name) == "file"]
     earlier.sort(key=lambda f: f.name != "config.json")  # config.json first
     tmp = manifest.scratch()
     try:
         for name in order:
             write_atomic(tmp / name, lambda f, data=files[name]: f.write(data), "--out")
-        with manifest.aside(earlier) as old:
+        with manifest.kept_on_failure(), manifest.aside(earlier) as old:
             manifest.claim(*(out / name for name in order))
-            installed: list[Path] = []
-            try:
-                for name in order:
-                    os.replace(tmp / name, out / name)
-                    installed.append(out / name)
-            except BaseException:
-                for f in installed:  # a name the earlier export did not have (rollback restores the others)
-                    f.unlink(missing_ok=True)
-                raise
+            _rename_all(tmp, out, order)
             old.commit()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _rename_all(tmp: Path, out: Path, names: list[str]) -> None:
+    """Each file from tmp into out, in order; on a failure, the ones already moved go again (the earlier
+    export's, which they replaced, come back from aside)."""
+    installed: list[Path] = []
+    try:
+        for name in names:
+            os.replace(tmp / name, out / name)
+            installed.append(out / name)
+    except BaseException as e:
+        for f in installed:
+            f.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(out / name, e, "--out") from None
+        raise
 
 
 # ---------------------------------------------------------------- safetensors

@@ -76,6 +76,27 @@ def _holder(path: Path) -> str:
         return "another carlos command"
 
 
+def preparing(directory: Path) -> str | None:
+    """Who holds directory's lock alone, as prepare does while it swaps the data in; None when nobody does.
+    Reads only, creating and locking nothing (a reader's workdir may be read-only)."""
+    path = Path(directory) / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        if _try_lock(fd, shared=True):
+            _unlock(fd)
+            return None
+        return _holder(path)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 class DirLock:
     """Exclusive (a writer) or shared (a run reading the prepared data beside the workdir's other runs).
     name: the lock file's, for a lock on something other than the whole directory (one run of a workdir);

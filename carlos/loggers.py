@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from carlos.files import write_error
 from carlos.manifest import Manifest
-from carlos.workdir import LOGGER_DIRS
+from carlos.ownership import LOGGER_DIRS
 
 if TYPE_CHECKING:
     from carlos.plan import RunPlan

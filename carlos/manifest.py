@@ -25,7 +25,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -145,6 +145,17 @@ class Manifest:
                 os.truncate(self.record, before.st_size)
                 os.utime(self.record, ns=(before.st_atime_ns, before.st_mtime_ns))
         self._read()
+
+    @contextlib.contextmanager
+    def kept_on_failure(self) -> Iterator[None]:
+        """What is recorded inside is taken back if it fails (a signal included): a command cut short leaves
+        the record as it found it."""
+        before = os.stat(self.record) if self.record.exists() else None
+        try:
+            yield
+        except BaseException:
+            self._undo(before)
+            raise
 
     def forget(self, rels: list[str]) -> None:
         """Entries for paths carlos has removed: a user's file by that name later is the user's."""
@@ -287,15 +298,18 @@ class Manifest:
         Manifest(d).claim(d, kind="tree")
         return d
 
-    def remove_stale(self) -> None:
-        """What kills left behind: temporaries of recorded files, and carlos's temporary directories."""
+    def remove_stale(self, keep: Path | None = None) -> None:
+        """What kills left behind: temporaries of recorded files, and carlos's temporary directories (but
+        keep, this command's own)."""
         for rel, kind in list(self.entries.items()):
             if kind in ("file", "plot"):
                 for tmp in temporaries(self.root / rel):
                     tmp.unlink(missing_ok=True)
         for stale in self.root.glob(".*"):
             with contextlib.suppress(CarlosError, OSError):
-                if stale.name.startswith(SCRATCH) and Manifest(stale).entries.get(".") == "tree":
+                if stale == keep or not stale.name.startswith(SCRATCH):
+                    continue
+                if Manifest(stale).entries.get(".") == "tree":
                     shutil.rmtree(stale, ignore_errors=True)
 
 

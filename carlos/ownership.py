@@ -1,7 +1,8 @@
-"""Whose directory this is. Every directory carlos writes has one kind, recorded in it (in its record of
-what carlos wrote, carlos/manifest.py); a command writes only into a directory of its own kind or a new
-one, never among the outputs of another carlos directory; and one process writes it at a time, locked on
-the directory itself, whatever path or name reached it.
+"""The directories carlos writes: their layout (what prepare writes, what a run writes beside it, where
+named runs and sweep jobs go), and whose each one is. Every directory carlos writes has one kind,
+recorded in it (in its record of what carlos wrote, carlos/manifest.py); a command writes only into a
+directory of its own kind or a new one, never among the outputs of another carlos directory; and one
+process writes it at a time, locked on the directory itself, whatever path or name reached it.
 
     kind      what it holds                               written by
     workdir   the prepared data, and the workdir's run    carlos prepare, carlos train
@@ -23,11 +24,67 @@ import contextlib
 import os
 from pathlib import Path
 
+from carlos.config import SPLITS
 from carlos.errors import CarlosError
 from carlos.files import MadeDirs
 from carlos.lock import LOCK, DirLock
 from carlos.manifest import RECORD, Manifest
-from carlos.workdir import PREPARED, RUN_OUTPUTS, RUNS
+
+# ---------------------------------------------------------------- the layout
+
+PREPARED = ("splits.json", "tokenizer.json", "rng_state.json")  # beside data/{train,val,test}.npy
+# the loggers' directories, each written whole by its library (removed only when a carlos run created it)
+LOGGER_DIRS = ("wandb", "csv", "tensorboard")
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples", ".hydra", *LOGGER_DIRS)  # what --overwrite removes
+
+
+def prepared_paths(workdir: Path) -> list[Path]:
+    return [workdir / name for name in PREPARED] + [workdir / "data" / f"{s}.npy" for s in SPLITS]
+
+
+RUNS, SWEEPS = "runs", "sweeps"  # WORKDIR/runs/NAME: the runs named with --run; WORKDIR/sweeps/: sweep jobs
+
+
+def run_dir(workdir: Path, run: str | None) -> Path:
+    """Where a run writes: the workdir itself, or WORKDIR/runs/NAME for --run NAME."""
+    return Path(workdir) / RUNS / run if run else Path(workdir)
+
+
+def runs_outputs(workdir: Path) -> list[Path]:
+    """The outputs of the runs trained on a workdir's data: its own run's, its named runs' and its sweeps'."""
+    return [*(workdir / name for name in RUN_OUTPUTS), workdir / RUNS, workdir / SWEEPS]
+
+
+def workdir_has_run(workdir: Path, manifest: Manifest) -> bool:
+    """Checkpoints that carlos wrote there: of its own run, a named run or a sweep job trained on its data."""
+    return any(
+        p.suffix == ".pt" and p.parent.name == "checkpoints"
+        for out in (workdir / "checkpoints", workdir / RUNS, workdir / SWEEPS)
+        for p in manifest.owned_files(out)
+    )
+
+
+def trained_runs(workdir: Path) -> list[str]:
+    """How to name each run of a workdir that has a checkpoint, for eval, sample and export: `--run NAME`
+    for a named run, `--checkpoint PATH` for a sweep job's best (or last) checkpoint."""
+    found = []
+    if any((workdir / "checkpoints").glob("*.pt")):
+        found.append("the workdir's own run (no --run)")
+    for d in sorted((workdir / RUNS).glob("*/checkpoints")):
+        if any(d.glob("*.pt")):
+            found.append(f"--run {d.parent.name}")
+    for d in sorted((workdir / SWEEPS).glob("*/*/checkpoints"), key=lambda p: (p.parts[-3], _number(p.parts[-2]))):
+        best = next((d / n for n in ("best.pt", "last.pt") if (d / n).is_file()), None)
+        if best is not None:
+            found.append(f"--checkpoint {best}")
+    return found
+
+
+def _number(name: str) -> tuple[int, str]:
+    return (int(name), "") if name.isdigit() else (1 << 62, name)
+
+
+# ---------------------------------------------------------------- kinds
 
 RUN_LOCK = f"{LOCK}-run"  # in the directory of a run (the workdir's own, a named run's, a sweep job's)
 WHAT = {
@@ -110,7 +167,7 @@ def misplaced(path: Path, kind: str | None) -> str | None:
         if not _holds(record, kinds, parts, inner_kinds):
             owner = f"{SHORT[sorted(kinds)[0]]} {_shown(d)}" if kinds else _shown(d)
             where = "which holds its named runs, each in runs/NAME" if parts[0] == RUNS else "among its own outputs"
-            return f"is inside {owner}'s {parts[0]}{os.sep}, {where}"
+            return f"is {'inside ' if len(parts) > 1 else ''}{owner}'s {parts[0]}{os.sep}, {where}"
         inner, inner_kinds = d, kinds
     return None
 

@@ -24,10 +24,10 @@ from carlos.manifest import Manifest
 from carlos.memory import check_fits, num_params, training_bytes, validation_bytes
 from carlos.model import GPTConfig, ModelConfigError
 from carlos.optimization import check_optimization
-from carlos.ownership import Place
+from carlos.ownership import LOGGER_DIRS, Place, run_dir
 from carlos.precision import resolve_precision
 from carlos.sweep import in_multirun
-from carlos.workdir import LOGGER_DIRS, PreparedData, run_dir
+from carlos.workdir import PreparedData
 
 
 @dataclasses.dataclass
@@ -51,6 +51,7 @@ class RunPlan:
     logger_dirs: list[Path]  # the directories the selected loggers write into (wandb/, csv/, tensorboard/)
     init: dict[str, torch.Tensor] | None = None  # --init_from: the weights a new run starts from
     made: list[Path] = dataclasses.field(default_factory=list)  # directories made for the run (runs/NAME)
+    init_unused: str | None = None  # an --init_from given to a run that resumes instead
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -90,6 +91,7 @@ def plan_run(composed: DictConfig, config: TrainConfig, data: PreparedData, plac
     manifest, run_dir = place.manifest, place.path
     resume = _resume_from(config, run_dir, manifest, leader)
     resumed = _resume_state(resume) if resume else None
+    init_unused = _origin_of_resumed(composed, config, resumed)
     _check_same_optimizer(config, resumed)
     model = _model_config(config, data, resumed)
     _check_context(config.data.context_schedule, data.seq_len)
@@ -110,7 +112,7 @@ def plan_run(composed: DictConfig, config: TrainConfig, data: PreparedData, plac
     init = initial_weights(config, data, model) if config.init_from and resume is None else None
     return RunPlan(
         composed, config, data, run_dir, leader, manifest, resume, resumed, model, precision, reason, optimizer,
-        schedule, wandb, logger_dirs, init, place.made,
+        schedule, wandb, logger_dirs, init, place.made, init_unused,
     )  # fmt: skip
 
 
@@ -179,6 +181,17 @@ def _resume_from(config: TrainConfig, run_dir: Path, manifest: Manifest, leader:
             f"{run_dir} already holds checkpoints of an earlier run; {how} to delete it and start over, or {other}"
         )
     return None
+
+
+def _origin_of_resumed(composed: DictConfig, config: TrainConfig, resumed: dict | None) -> str | None:
+    """A resumed run continues from its own checkpoint, so an --init_from given now is not used, and the
+    run's records (its config snapshot, its checkpoints, carlos report) keep what it started from.
+    Returns the --init_from not used, for the start lines."""
+    if resumed is None or not config.init_from or config.init_from == resumed.get("init_from"):
+        return None
+    unused, config.init_from = config.init_from, resumed.get("init_from")
+    composed.init_from = config.init_from
+    return unused
 
 
 def _resume_state(path: Path) -> dict:

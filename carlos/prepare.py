@@ -36,9 +36,8 @@ from carlos.errors import CarlosError
 from carlos.files import kind_of, open_regular, path_problem, write_error
 from carlos.lock import DirLock
 from carlos.manifest import RECORD, Manifest
-from carlos.ownership import Place
+from carlos.ownership import PREPARED, Place, prepared_paths, runs_outputs, workdir_has_run
 from carlos.tokenizer import ByteTokenizer
-from carlos.workdir import PREPARED, prepared_paths, runs_outputs, workdir_has_run
 
 FORMAT_VERSION = 1
 

@@ -26,6 +26,7 @@ from carlos.config import flatten
 from carlos.errors import CarlosError
 from carlos.files import kind_of
 from carlos.manifest import Manifest
+from carlos.ownership import misplaced
 
 NUMBERS = ("step", "tokens", "val_bpb", "tokens_per_s")  # the fields the table and the plot read
 NAMING = {"run"}  # settings that only name the run, which the table's first column already shows
@@ -312,6 +313,9 @@ def _save(fig, path: Path, fmt: str) -> None:
     """Through carlos's record of what it wrote (carlos/manifest.py), as a plot: only a plot an earlier
     report wrote is ever replaced, and through a temporary file, so a write that fails halfway (disk
     full) leaves neither half a plot nor a damaged older one."""
+    inside = misplaced(path.parent, None)  # a plot beside a directory's own outputs would be taken for one
+    if inside:
+        raise CarlosError(f"{path.parent} {inside}; pass another --output")
     path.parent.mkdir(parents=True, exist_ok=True)
     record = Manifest(path.parent, where="--output")
     if os.path.lexists(path) and record.entries.get(record.rel(path)) != "plot":

@@ -67,9 +67,10 @@ def run_job(runner: Callable, cfg) -> Objective:
             return Objective(math.nan, record)
         log = "".join(traceback.format_exception(e)).encode("utf-8")
         with contextlib.suppress(CarlosError):  # the job's result matters more than its traceback
-            Manifest(out).write(out / "error.log", lambda f: f.write(log))
+            Manifest(out, kind="job").write(out / "error.log", lambda f: f.write(log))
     try:
-        Manifest(out).write(out / "job.json", lambda f: f.write((json.dumps(record) + "\n").encode("utf-8")))
+        text = (json.dumps(record) + "\n").encode("utf-8")
+        Manifest(out, kind="job").write(out / "job.json", lambda f: f.write(text))
     except CarlosError as e:
         print(f"carlos: job {hc.job.num}: {e}", file=sys.stderr)
     return Objective(record.get("objective", math.nan), record)

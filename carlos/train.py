@@ -30,10 +30,10 @@ from carlos.config import TrainConfig, parse, to_plain
 from carlos.errors import CarlosError, first_line, release_stop_handlers
 from carlos.lock import DirLock
 from carlos.manifest import Aside, Manifest
-from carlos.ownership import RUN_LOCK, Place
+from carlos.ownership import RUN_LOCK, RUN_OUTPUTS, Place
 from carlos.plan import RunPlan, is_leader, plan_run, run_dir_for
 from carlos.sweep import in_multirun
-from carlos.workdir import RUN_OUTPUTS, PreparedData
+from carlos.workdir import PreparedData
 
 if TYPE_CHECKING:  # Lightning takes seconds to import: train imports it only once the run is planned
     import lightning as L
@@ -239,16 +239,27 @@ def undo_unopened(run: Run) -> None:
 def open_run_dir(run: Run) -> None:
     """The run is accepted and Lightning has restored what it resumes: from here on it writes into the run
     directory (rank 0 only), and the earlier run that --overwrite set aside is deleted once the new run's
-    first files are written."""
+    first files are written (put back if they cannot be)."""
     run.opened = True
-    plan = run.plan
-    if not plan.leader:
+    if not run.plan.leader:
         return
+    try:
+        _write_first_files(run)
+    except BaseException:
+        undo_unopened(run)
+        raise
+    if run.earlier is not None:
+        run.earlier.commit()
+
+
+def _write_first_files(run: Run) -> None:
+    """The run's records: its directories in the workdir's record, the config snapshot, its loggers'
+    directories, metrics.jsonl up to the checkpoint it resumes (and no sample past it)."""
+    plan = run.plan
     manifest, run_dir = plan.manifest, plan.run_dir
-    manifest.remove_stale()
-    made = [d for d in plan.made if d != Path(os.path.realpath(plan.data.workdir))]
-    if made:  # runs/ and runs/NAME, made for the run's lock: the workdir's, removed with its runs
-        Manifest(plan.data.workdir).claim(*made, kind="dir")
+    manifest.remove_stale(keep=run.earlier.dir if run.earlier else None)
+    if plan.made:  # runs/ and runs/NAME, made for the run's lock: the workdir's, removed with its runs
+        Manifest(Path(os.path.realpath(plan.data.workdir))).claim(*plan.made, kind="dir")
     save_snapshot(plan.composed, run_dir, manifest)
     for d in plan.logger_dirs:  # recorded whole: what the logger's library writes there is the run's
         manifest.claim(d, kind="tree")
@@ -259,8 +270,6 @@ def open_run_dir(run: Run) -> None:
     from carlos.loggers import replay_history
 
     replay_history(run.loggers, run.jsonl.begin())
-    if run.earlier is not None:
-        run.earlier.commit()
 
 
 def save_snapshot(cfg: DictConfig, run_dir: Path, manifest: Manifest) -> None:
@@ -337,7 +346,7 @@ def _record(plan: RunPlan) -> dict:
         "seed": plan.config.seed,
         "workdir": str(plan.data.workdir),
         "data_sha256": plan.data.info["sha256"],
-        "init_from": str(plan.config.init_from) if plan.init is not None else None,
+        "init_from": plan.config.init_from,  # on resume, what the run started from (plan._origin_of_resumed)
         "max_steps": plan.config.trainer.max_steps,  # -1: bounded by max_time only
         "config": to_plain(plan.composed),
     }
@@ -360,6 +369,9 @@ def _print_start(run: Run, module: CarlosLM) -> None:
             print(note)
     if plan.init is not None:
         print(f"fine-tuning from {plan.config.init_from}: its weights; the optimizer, step and schedule start anew")
+    if plan.init_unused:
+        began = f"started from {plan.config.init_from}" if plan.config.init_from else "started from scratch"
+        print(f"--init_from {plan.init_unused} is not used: the run resumes its own checkpoint (it {began})")
 
 
 def shown_path(path: Path) -> str:

@@ -1,5 +1,5 @@
-"""A workdir's layout (what prepare writes, what a run writes beside it) and a prepared workdir read back:
-splits.json, tokenizer.json and the memory-mapped data/*.npy windows.
+"""A prepared workdir read back: splits.json, tokenizer.json and the memory-mapped data/*.npy windows
+(the layout of the directories carlos writes is carlos/ownership.py's).
 
 Apart from the Lightning DataModule (carlos/data.py), so that eval, and train's checks of the workdir,
 do not wait for Lightning to import before they can refuse a workdir.
@@ -18,59 +18,17 @@ from torch.utils.data import Dataset
 from carlos.config import SPLITS
 from carlos.errors import CarlosError
 from carlos.files import read_regular
-from carlos.manifest import Manifest
+from carlos.lock import preparing
 from carlos.tokenizer import ByteTokenizer
 
-PREPARED = ("splits.json", "tokenizer.json", "rng_state.json")  # beside data/{train,val,test}.npy
-# the loggers' directories, each written whole by its library (removed only when a carlos run created it)
-LOGGER_DIRS = ("wandb", "csv", "tensorboard")
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples", ".hydra", *LOGGER_DIRS)  # what --overwrite removes
 
-
-def prepared_paths(workdir: Path) -> list[Path]:
-    return [workdir / name for name in PREPARED] + [workdir / "data" / f"{s}.npy" for s in SPLITS]
-
-
-RUNS, SWEEPS = "runs", "sweeps"  # WORKDIR/runs/NAME: the runs named with --run; WORKDIR/sweeps/: sweep jobs
-
-
-def run_dir(workdir: Path, run: str | None) -> Path:
-    """Where a run writes: the workdir itself, or WORKDIR/runs/NAME for --run NAME."""
-    return Path(workdir) / RUNS / run if run else Path(workdir)
-
-
-def runs_outputs(workdir: Path) -> list[Path]:
-    """The outputs of the runs trained on a workdir's data: its own run's, its named runs' and its sweeps'."""
-    return [*(workdir / name for name in RUN_OUTPUTS), workdir / RUNS, workdir / SWEEPS]
-
-
-def workdir_has_run(workdir: Path, manifest: Manifest) -> bool:
-    """Checkpoints that carlos wrote there: of its own run, a named run or a sweep job trained on its data."""
-    return any(
-        p.suffix == ".pt" and p.parent.name == "checkpoints"
-        for out in (workdir / "checkpoints", workdir / RUNS, workdir / SWEEPS)
-        for p in manifest.owned_files(out)
-    )
-
-
-def trained_runs(workdir: Path) -> list[str]:
-    """How to name each run of a workdir that has a checkpoint, for eval, sample and export: `--run NAME`
-    for a named run, `--checkpoint PATH` for a sweep job's best (or last) checkpoint."""
-    found = []
-    if any((workdir / "checkpoints").glob("*.pt")):
-        found.append("the workdir's own run (no --run)")
-    for d in sorted((workdir / RUNS).glob("*/checkpoints")):
-        if any(d.glob("*.pt")):
-            found.append(f"--run {d.parent.name}")
-    for d in sorted((workdir / SWEEPS).glob("*/*/checkpoints"), key=lambda p: (p.parts[-3], _number(p.parts[-2]))):
-        best = next((d / n for n in ("best.pt", "last.pt") if (d / n).is_file()), None)
-        if best is not None:
-            found.append(f"--checkpoint {best}")
-    return found
-
-
-def _number(name: str) -> tuple[int, str]:
-    return (int(name), "") if name.isdigit() else (1 << 62, name)
+def unprepared(workdir: Path, why: str) -> CarlosError:
+    """A workdir without (whole) prepared data: being prepared right now (prepare swaps its files in, and
+    holds the workdir's lock alone meanwhile), or to be prepared."""
+    holder = preparing(workdir)
+    if holder is not None:
+        return CarlosError(f"workdir {workdir} is being prepared by {holder}; wait for it to finish")
+    return CarlosError(f"workdir {workdir} {why}; run: carlos prepare --input corpus.txt --workdir {workdir}")
 
 
 @dataclass
@@ -89,19 +47,19 @@ class PreparedData:
     def load(cls, workdir: str | Path) -> PreparedData:
         workdir = Path(workdir).expanduser()
         splits = workdir / "splits.json"
-        hint = f"run: carlos prepare --input corpus.txt --workdir {workdir}"
         if not splits.is_file():
-            raise CarlosError(f"workdir {workdir} is not prepared (no splits.json); {hint}")
+            raise unprepared(workdir, "is not prepared (no splits.json)")
         try:
+            hint = f"run: carlos prepare --input corpus.txt --workdir {workdir}"
             info = json.loads(read_regular(splits, hint))
             tokenizer = ByteTokenizer.from_dict(json.loads(read_regular(workdir / "tokenizer.json", hint)))
             if not isinstance(info, dict):
                 raise ValueError("splits.json is not a record")
         except (OSError, ValueError, AttributeError) as e:
-            raise CarlosError(f"workdir {workdir} is half-prepared or damaged ({e}); {hint}") from None
+            raise unprepared(workdir, f"is half-prepared or damaged ({e})") from None
         missing = [s for s in SPLITS if not (workdir / "data" / f"{s}.npy").is_file()]
         if missing:
-            raise CarlosError(f"workdir {workdir} is half-prepared (data/{missing[0]}.npy is missing); {hint}")
+            raise unprepared(workdir, f"is half-prepared (data/{missing[0]}.npy is missing)")
         data = cls(workdir, info, tokenizer)
         try:
             for split in SPLITS:  # a damaged split is refused now, not after a run has started writing
@@ -109,7 +67,7 @@ class PreparedData:
             if "sha256" not in info:
                 raise KeyError("sha256")
         except (KeyError, TypeError, ValueError) as e:
-            raise CarlosError(f"workdir {workdir} is damaged (splits.json: bad or missing {e}); {hint}") from None
+            raise unprepared(workdir, f"is damaged (splits.json: bad or missing {e})") from None
         return data
 
     def windows(self, split: str, shifted: bool = False) -> WindowDataset:

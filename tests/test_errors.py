@@ -312,11 +312,14 @@ def locked_run(workdir: str, run: str) -> Callable:
 
     def setup(d: Path, mp: pytest.MonkeyPatch) -> None:
         from carlos.lock import LOCK, DirLock
+        from carlos.ownership import RUN_LOCK
 
+        run_dir = d / workdir / "runs" / run
+        run_dir.mkdir(parents=True)
         HELD.append(DirLock(d / workdir, "train", shared=True).acquire())
-        HELD.append(DirLock(d / workdir, "train", name=f"{LOCK}-run-{run}").acquire())
-        for name in (LOCK, f"{LOCK}-run-{run}"):
-            (d / workdir / name).write_text(HOLDER)
+        HELD.append(DirLock(run_dir, "train", name=RUN_LOCK).acquire())
+        for lock in (d / workdir / LOCK, run_dir / RUN_LOCK):
+            lock.write_text(HOLDER)
 
     return setup
 
