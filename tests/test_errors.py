@@ -39,7 +39,7 @@ TINY_RUN += ["--log_interval", "1", "--sample_tokens", "8", "--warmup_steps", "1
 def template(tmp_path_factory) -> Path:
     """corpus.txt and other.txt; w: prepared (seq_len 32) and trained 4 steps (step_000002, step_000004,
     best, last); fresh: prepared, never trained; bos: prepared with --add_bos; long: prepared with
-    seq_len 64; other: prepared from a different corpus."""
+    seq_len 64; other: prepared from a different corpus; st: a safetensors export of w."""
     root = tmp_path_factory.mktemp("errors")
     make_corpus(root / "corpus.txt")
     make_corpus(root / "other.txt", seed=1)
@@ -53,6 +53,7 @@ def template(tmp_path_factory) -> Path:
         main([*prep, "--workdir", "bos", "--add_bos", "true"])
         main(["prepare", "--input", "corpus.txt", "--seq_len", "64", "--workdir", "long"])
         main(["prepare", "--input", "other.txt", "--seq_len", "32", "--workdir", "other"])
+        main(["export", "--workdir", "w", "--out", "st"])
     finally:
         os.chdir(cwd)
     return root
@@ -320,6 +321,30 @@ def locked_run(workdir: str, run: str) -> Callable:
         HELD.append(DirLock(run_dir, "train", name=RUN_LOCK).acquire())
         for lock in (d / workdir / LOCK, run_dir / RUN_LOCK):
             lock.write_text(HOLDER)
+
+    return setup
+
+
+def linked_run(workdir: str, run: str, target: str) -> Callable:
+    """WORKDIR/runs/RUN as a symlink to target."""
+
+    def setup(d: Path, mp: pytest.MonkeyPatch) -> None:
+        (d / workdir / "runs").mkdir(exist_ok=True)
+        os.symlink(target, d / workdir / "runs" / run)
+
+    return setup
+
+
+def being_prepared(workdir: str) -> Callable:
+    """A `carlos prepare --overwrite` in another process holds workdir's lock alone, and has moved the
+    earlier splits.json aside on its way to installing its own (its lock and note, as in locked)."""
+
+    def setup(d: Path, mp: pytest.MonkeyPatch) -> None:
+        from carlos.lock import LOCK, DirLock
+
+        HELD.append(DirLock(d / workdir, "prepare").acquire())
+        (d / workdir / LOCK).write_text(HOLDER.replace('"train"', '"prepare"'))
+        (d / workdir / "splits.json").rename(d / "splits.json.aside")
 
     return setup
 
@@ -994,6 +1019,71 @@ CASES = [
         "an export format carlos does not write",
         ["export", "--workdir", "w", "--format", "onnx", "--out", "x"],
         "unknown export format 'onnx'",
+    ),
+    # -- one kind per directory: a command writes only into a directory of its own kind, or a new one
+    Case(
+        "export-into-workdir",
+        "export into a workdir (or a named run's, a sweep job's, a bench's directory)",
+        ["export", "--workdir", "w", "--out", "w"],
+        "--out w is a workdir (prepared data and its run), not an exported model",
+    ),
+    Case(
+        "export-among-outputs",
+        "export into a workdir's checkpoints/ (or data/, samples/, a logger's directory...)",
+        ["export", "--workdir", "w", "--out", "w/checkpoints"],
+        "is workdir w's checkpoints/, among its own outputs",
+    ),
+    Case(
+        "export-into-runs",
+        "export into a workdir's runs/, which holds only named runs",
+        ["export", "--workdir", "w", "--out", "w/runs/hf"],
+        "is inside workdir w's runs/, which holds its named runs",
+    ),
+    Case(
+        "prepare-into-export",
+        "prepare into an export's directory",
+        ["prepare", "--input", "corpus.txt", "--workdir", "st"],
+        "--workdir st is an exported model, not a workdir",
+    ),
+    Case(
+        "prepare-among-outputs",
+        "prepare inside a workdir's own outputs",
+        ["prepare", "--input", "corpus.txt", "--workdir", "w/data/more"],
+        "is inside workdir w's data/, among its own outputs",
+    ),
+    Case(
+        "run-name-elsewhere",
+        "--run NAME where runs/NAME is a symlink to a directory of another kind",
+        ["train", "--workdir", "w", "--run", "latest"],
+        "w/runs/latest is a workdir (prepared data and its run), not a named run's directory (it leads to",
+        linked_run("w", "latest", ".."),
+    ),
+    Case(
+        "bench-into-workdir",
+        "bench into a prepared workdir",
+        ["bench", "--workdir", "w"],
+        "--workdir w is a workdir (prepared data and its run), not carlos bench's directory",
+    ),
+    Case(
+        "logger-dir-file",
+        "a file of the user's where a selected logger keeps its directory",
+        ["train", "--workdir", "w", "--overwrite", "logger=csv"],
+        "w/csv is a file carlos did not make, where carlos keeps a directory",
+        write("w/csv", b"my notes\n"),
+    ),
+    Case(
+        "logger-dir-users",
+        "a directory of the user's files where a selected logger writes",
+        ["train", "--workdir", "w", "--overwrite", "logger=tensorboard"],
+        "w/tensorboard/ holds mine.txt, which carlos did not write",
+        users_dir("w/tensorboard"),
+    ),
+    Case(
+        "workdir-being-prepared",
+        "eval (or sample, export) while prepare --overwrite swaps the data in",
+        ["eval", "--workdir", "w"],
+        "workdir w is being prepared by carlos prepare (pid 4242 on node7",
+        being_prepared("w"),
     ),
     Case(
         "checkpoint-truncated",
