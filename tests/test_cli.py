@@ -288,3 +288,20 @@ def test_wheel_carries_the_configs(tmp_path):
         env={"PYTHONPATH": str(site)},
     )
     assert "d_model: 128" in p.stdout
+
+
+def test_a_workdir_named_with_bytes_that_are_not_utf8_prints_as_those_bytes_on_a_strict_stdout(tmp_path, monkeypatch):
+    import io
+
+    from carlos.cli import main
+
+    make_corpus(tmp_path / "corpus.txt")
+    odd = tmp_path / os.fsdecode(b"w\xff")
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict", write_through=True)  # most locales'
+    monkeypatch.setattr(sys, "stdout", out)
+    with pytest.raises(SystemExit) as done:
+        main(["prepare", "--input", str(tmp_path / "corpus.txt"), "--workdir", str(odd), "--seq_len", "32"])
+        raise SystemExit(0)
+    assert done.value.code == 0 and (odd / "splits.json").is_file()
+    assert out.buffer.getvalue().startswith(b"prepared " + os.fsencode(odd) + b": train ")  # as ls shows it
+    assert out.errors == "strict"  # given back when the command ended
