@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-from carlos.config import SCHEMAS, parse, unknown_key
+from carlos.config import SCHEMAS, config_keys, parse, unknown_key
 from carlos.errors import CarlosError, first_line, nearest
 
 
@@ -69,13 +69,13 @@ def group_options(group: str) -> list[str]:
         return sorted(hydra.config_loader().get_group_options(group))
 
 
-def _explain_hydra_error(e: Exception, keys: list[str]) -> str:
+def _explain_hydra_error(e: Exception, keys: list[str], show_keys: str = "--cfg job") -> str:
     msg = str(e).strip()
     m = re.search(r"Could not override '([^']+)'", msg) or re.search(r"Key '([^']+)' is not in struct", msg)
     if m:
         public = [k for k in keys if not k.rsplit(".", 1)[-1].startswith("_")]
         message = unknown_key(m.group(1), public)
-        return f"{message}; see the keys with --cfg job" if message.startswith("unknown key") else message
+        return f"{message}; see the keys with {show_keys}" if message.startswith("unknown key") else message
     m = re.search(r"Could not (?:find|load) '([^']+)/([^'/]+)'", msg)
     if m:
         group, option = m.groups()
@@ -162,4 +162,29 @@ def validate(command: str, overrides: list[str], keys: list[str], multirun: bool
         parsed.refuse_run_in_sweep()
     if command == "train" and multirun and not slurm and parsed.trainer.several_processes:
         parsed.trainer.refuse_in_sweep()
+    if command == "bench":
+        for name in ("train", "against"):
+            _check_train_overrides(name, [str(o) for o in getattr(parsed, name)])
     return made
+
+
+def _check_train_overrides(name: str, overrides: list[str]) -> None:
+    """bench's train and against lists, overrides of its carlos train runs: checked as train checks its
+    own, before the bench prepares anything (its runs would refuse them only minutes later)."""
+    if not overrides:
+        return
+    flag = next((o for o in overrides if o.startswith("-")), None)
+    if flag is not None:
+        raise CarlosError(
+            f"bench's {name} list takes carlos train's overrides as key=value, not the flag {flag!r}; e.g. "
+            f"{name}=['trainer.precision=bf16-mixed'] (or --{name} trainer.precision=bf16-mixed)"
+        )
+    try:
+        try:
+            cfg = compose("train", overrides)
+        except Exception as e:  # noqa: BLE001 - Hydra reports composition errors in several types
+            keys = list(config_keys(compose("train", [])))
+            raise CarlosError(_explain_hydra_error(e, keys, "carlos train --cfg job")) from None
+        parse(cfg, SCHEMAS["train"])
+    except CarlosError as e:
+        raise CarlosError(f"bench's {name} list: {e}") from None
