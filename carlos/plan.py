@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from carlos.checkpoint import PREFIX, check_checkpoint, device_type, load_checkpoint, step_of
+from carlos.checkpoint import PREFIX, check_checkpoint, device_type, load_checkpoint, not_a_file, step_of
 from carlos.config import WANDB_MODES, ModelConfig, TrainConfig
 from carlos.errors import CarlosError
 from carlos.files import printable, read_regular
@@ -263,8 +263,9 @@ def initial_weights(config: TrainConfig, data: PreparedData, model: GPTConfig) -
     once its model is this run's and its vocabulary this workdir's. Rotary positions work at any context;
     learned ones only up to the context they were trained for, so a longer one is refused."""
     path = Path(config.init_from).expanduser()
-    if not path.is_file():
-        raise CarlosError(f"--init_from {path}: no such checkpoint file; give the path of a .pt checkpoint")
+    why = not_a_file(path)
+    if why or not path.is_file():
+        raise CarlosError(f"--init_from {path} {why or 'does not exist'}; give the path of a .pt checkpoint")
     checkpoint = load_checkpoint(path)
     theirs, tokenizer = check_checkpoint(checkpoint, path)
     fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "dropout"]  # dropout may change
