@@ -84,6 +84,29 @@ def _explain_hydra_error(e: Exception, keys: list[str], show_keys: str = "--cfg 
     return first_line(e)
 
 
+def _no_option(command: str, overrides: list[str]) -> str | None:
+    """The refusal of a config group given no option (logger=null, logger=, logger=[csv,null]), which
+    Hydra reports naming neither the group nor its options; None when no override is one."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for text in overrides:
+        override = parser.parse_override(text)
+        value = override.value()
+        values = value if isinstance(value, list) else [value]
+        if not any(v is None or v == "" for v in values):
+            continue
+        group, empty = override.key_or_group, "null" if None in values else "''"
+        options = group_options(group)
+        if options:
+            default = compose(command, [], with_hydra=True).hydra.runtime.choices.get(group) or "none"
+            return (
+                f"{text}: {empty} is not a {group}; choose {group}={'|'.join(options)}, or leave out {group}= "
+                f"for its default ({default})"
+            )
+    return None
+
+
 def check_output_dir(key: str, value: str) -> list[Path]:
     """Hydra creates its run (or sweep) directory before the command starts: make sure it can, by
     creating it now and removing again what this made. Returns the directories Hydra will create, for
@@ -142,12 +165,13 @@ def validate(command: str, overrides: list[str], keys: list[str], multirun: bool
     from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
+    single = _first_of_each_sweep(overrides)
     try:
-        cfg = compose(command, _first_of_each_sweep(overrides), with_hydra=True)
+        cfg = compose(command, single, with_hydra=True)
     except CarlosError:
         raise
     except Exception as e:  # noqa: BLE001 - Hydra reports composition errors in several types
-        raise CarlosError(_explain_hydra_error(e, keys)) from None
+        raise CarlosError(_no_option(command, single) or _explain_hydra_error(e, keys)) from None
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     try:
         output_dir = str(OmegaConf.select(cfg, key, throw_on_missing=True))
