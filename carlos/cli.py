@@ -20,7 +20,7 @@ from typing import Any
 
 from carlos.compose import compose, conf_dir, prefer_carlos_hydra_configs, validate
 from carlos.config import config_keys
-from carlos.errors import CarlosError, guarded, install_stop_handlers, nearest
+from carlos.errors import CarlosError, guarded, nearest, stop_handlers
 
 COMMANDS = ("prepare", "train", "eval", "sample", "export", "bench", "report")
 
@@ -443,9 +443,9 @@ def _paths_printable() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> None:
     """`carlos <command>`: everything under the failure policy, with SIGTERM turned into Stopped so that
-    a stopped command cleans up after itself (train hands SIGTERM to Lightning once it trains)."""
-    install_stop_handlers()
-    with _paths_printable():
+    a stopped command cleans up after itself (train hands SIGTERM to Lightning once it trains), and given
+    back when it ends."""
+    with stop_handlers(), _paths_printable():
         try:
             guarded(_main, list(sys.argv[1:] if argv is None else argv))
         finally:  # a reader that went away (carlos sample --help | head): a quiet exit here, not a traceback at exit
