@@ -10,6 +10,7 @@ import errno
 import os
 import pickle
 import re
+import stat
 import typing
 import zipfile
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from carlos.errors import CarlosError
+from carlos.files import kind_of, path_problem
 from carlos.manifest import Manifest
 from carlos.memory import check_fits, inference_bytes, num_params
 from carlos.model import GPT, GPTConfig, ModelConfigError
@@ -55,21 +57,16 @@ def _available(ckpts: Path) -> list[str]:
         return []
 
 
-def _not_a_file(path: Path) -> str | None:
-    """Why an existing path is not a checkpoint file, or None when it is a regular file (or missing)."""
+def not_a_file(path: Path) -> str | None:
+    """Why path is not a checkpoint file ("is a directory, not a checkpoint file", "is a symlink loop ..."),
+    or None when it is a regular file or nothing is there."""
     try:
-        os.stat(path)
+        st = os.stat(path)
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            return "is a symlink loop"
-        if path.is_symlink():
-            return f"is a dangling symlink (to {os.readlink(path)})"
-        return None
-    if path.is_dir():
-        return "is a directory, not a checkpoint file"
-    if not path.is_file():
-        return "is not a regular file"
-    return None
+        if e.errno == errno.ENOENT and not os.path.islink(path):
+            return None
+        return path_problem(path, e)
+    return None if stat.S_ISREG(st.st_mode) else f"is {kind_of(st)}, not a checkpoint file"
 
 
 def resolve_checkpoint(workdir: str | Path, spec: str, run: str | None = None) -> Path:
@@ -88,7 +85,7 @@ def resolve_checkpoint(workdir: str | Path, spec: str, run: str | None = None) -
             path = Path(spec).expanduser()
         except RuntimeError:  # ~user of a user that does not exist: take the name as it is
             path = Path(spec)
-    why = _not_a_file(path)
+    why = not_a_file(path)
     if why:
         raise CarlosError(f"checkpoint '{spec}' at {path} {why}; {_elsewhere(ckpts, Path(workdir).expanduser())}")
     if not path.is_file():

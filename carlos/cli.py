@@ -10,16 +10,17 @@ Every problem a user can fix is one line on stderr and exit code 2; CARLOS_DEBUG
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from carlos.compose import compose, conf_dir, prefer_carlos_hydra_configs, validate
 from carlos.config import config_keys
-from carlos.errors import CarlosError, guarded, install_stop_handlers, nearest
+from carlos.errors import CarlosError, guarded, nearest, stop_handlers
 
 COMMANDS = ("prepare", "train", "eval", "sample", "export", "bench", "report")
 
@@ -422,14 +423,33 @@ def _search_path(hydra_args: list[str], overrides: list[str]) -> list[str]:
     return [f"hydra.searchpath=[{paths}]"]
 
 
+@contextlib.contextmanager
+def _paths_printable() -> Iterator[None]:
+    """A path that is not UTF-8 (Python keeps its bytes as lone surrogates) printed as the bytes it is, as ls
+    prints it, where a strict stdout (Python's under most UTF-8 locales) would fail the command after its
+    work: prepare's summary, train's last line. Set back when the command ends."""
+    stream = sys.stdout
+    errors = getattr(stream, "errors", None)
+    if errors != "strict" or not hasattr(stream, "reconfigure"):
+        yield
+        return
+    stream.reconfigure(errors="surrogateescape")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError, OSError):  # a stream closed meanwhile
+            stream.reconfigure(errors=errors)
+
+
 def main(argv: list[str] | None = None) -> None:
     """`carlos <command>`: everything under the failure policy, with SIGTERM turned into Stopped so that
-    a stopped command cleans up after itself (train hands SIGTERM to Lightning once it trains)."""
-    install_stop_handlers()
-    try:
-        guarded(_main, list(sys.argv[1:] if argv is None else argv))
-    finally:  # a reader that went away (carlos sample --help | head) is a quiet exit here, not a traceback at exit
-        guarded(sys.stdout.flush)
+    a stopped command cleans up after itself (train hands SIGTERM to Lightning once it trains), and given
+    back when it ends."""
+    with stop_handlers(), _paths_printable():
+        try:
+            guarded(_main, list(sys.argv[1:] if argv is None else argv))
+        finally:  # a reader that went away (carlos sample --help | head): a quiet exit here, not a traceback at exit
+            guarded(sys.stdout.flush)
 
 
 def _main(argv: list[str]) -> None:

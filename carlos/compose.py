@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-from carlos.config import SCHEMAS, parse, unknown_key
+from carlos.config import SCHEMAS, config_keys, parse, unknown_key
 from carlos.errors import CarlosError, first_line, nearest
 
 
@@ -69,19 +69,42 @@ def group_options(group: str) -> list[str]:
         return sorted(hydra.config_loader().get_group_options(group))
 
 
-def _explain_hydra_error(e: Exception, keys: list[str]) -> str:
+def _explain_hydra_error(e: Exception, keys: list[str], show_keys: str = "--cfg job") -> str:
     msg = str(e).strip()
     m = re.search(r"Could not override '([^']+)'", msg) or re.search(r"Key '([^']+)' is not in struct", msg)
     if m:
         public = [k for k in keys if not k.rsplit(".", 1)[-1].startswith("_")]
         message = unknown_key(m.group(1), public)
-        return f"{message}; see the keys with --cfg job" if message.startswith("unknown key") else message
+        return f"{message}; see the keys with {show_keys}" if message.startswith("unknown key") else message
     m = re.search(r"Could not (?:find|load) '([^']+)/([^'/]+)'", msg)
     if m:
         group, option = m.groups()
         options = group_options(group)
         return f"unknown {group} '{option}'{nearest(option, options)}; choose {group}={'|'.join(options)}"
     return first_line(e)
+
+
+def _no_option(command: str, overrides: list[str]) -> str | None:
+    """The refusal of a config group given no option (logger=null, logger=, logger=[csv,null]), which
+    Hydra reports naming neither the group nor its options; None when no override is one."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for text in overrides:
+        override = parser.parse_override(text)
+        value = override.value()
+        values = value if isinstance(value, list) else [value]
+        if not any(v is None or v == "" for v in values):
+            continue
+        group, empty = override.key_or_group, "null" if None in values else "''"
+        options = group_options(group)
+        if options:
+            default = compose(command, [], with_hydra=True).hydra.runtime.choices.get(group) or "none"
+            return (
+                f"{text}: {empty} is not a {group}; choose {group}={'|'.join(options)}, or leave out {group}= "
+                f"for its default ({default})"
+            )
+    return None
 
 
 def check_output_dir(key: str, value: str) -> list[Path]:
@@ -142,12 +165,13 @@ def validate(command: str, overrides: list[str], keys: list[str], multirun: bool
     from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
+    single = _first_of_each_sweep(overrides)
     try:
-        cfg = compose(command, _first_of_each_sweep(overrides), with_hydra=True)
+        cfg = compose(command, single, with_hydra=True)
     except CarlosError:
         raise
     except Exception as e:  # noqa: BLE001 - Hydra reports composition errors in several types
-        raise CarlosError(_explain_hydra_error(e, keys)) from None
+        raise CarlosError(_no_option(command, single) or _explain_hydra_error(e, keys)) from None
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     try:
         output_dir = str(OmegaConf.select(cfg, key, throw_on_missing=True))
@@ -162,4 +186,29 @@ def validate(command: str, overrides: list[str], keys: list[str], multirun: bool
         parsed.refuse_run_in_sweep()
     if command == "train" and multirun and not slurm and parsed.trainer.several_processes:
         parsed.trainer.refuse_in_sweep()
+    if command == "bench":
+        for name in ("train", "against"):
+            _check_train_overrides(name, [str(o) for o in getattr(parsed, name)])
     return made
+
+
+def _check_train_overrides(name: str, overrides: list[str]) -> None:
+    """bench's train and against lists, overrides of its carlos train runs: checked as train checks its
+    own, before the bench prepares anything (its runs would refuse them only minutes later)."""
+    if not overrides:
+        return
+    flag = next((o for o in overrides if o.startswith("-")), None)
+    if flag is not None:
+        raise CarlosError(
+            f"bench's {name} list takes carlos train's overrides as key=value, not the flag {flag!r}; e.g. "
+            f"{name}=['trainer.precision=bf16-mixed'] (or --{name} trainer.precision=bf16-mixed)"
+        )
+    try:
+        try:
+            cfg = compose("train", overrides)
+        except Exception as e:  # noqa: BLE001 - Hydra reports composition errors in several types
+            keys = list(config_keys(compose("train", [])))
+            raise CarlosError(_explain_hydra_error(e, keys, "carlos train --cfg job")) from None
+        parse(cfg, SCHEMAS["train"])
+    except CarlosError as e:
+        raise CarlosError(f"bench's {name} list: {e}") from None

@@ -375,6 +375,10 @@ class TrainConfig:
         self.resume = resume
         check_run(self.run)
         check_seed("seed (--seed)", self.seed)
+        if self.init_from is not None and not self.init_from.strip():  # would train from scratch without a word
+            raise CarlosError(
+                "--init_from is empty; give a checkpoint path, or leave the flag out to train from scratch"
+            )
         for name in ("eval_interval", "ckpt_interval", "log_interval"):
             _positive(name, getattr(self, name))
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:

@@ -10,7 +10,7 @@ file, lives here because both kinds of input use it.
 from __future__ import annotations
 
 import codecs
-import glob as globbing
+import fnmatch
 import hashlib
 import os
 import stat
@@ -61,7 +61,7 @@ def scan(src: BinaryIO, chunk: int = CHUNK, also=None) -> tuple[int, str]:
 def input_files(spec: str | list[str], pattern: str, workdir: Path) -> list[Path] | None:
     """The files of --input in sorted path order, or None for one plain file path (read as it always was).
     A directory is searched recursively for pattern, hidden files and directories and the workdir left out."""
-    if isinstance(spec, str) and not (MAGIC & set(spec)) and not Path(spec).expanduser().is_dir():
+    if isinstance(spec, str) and not (MAGIC & set(spec)) and not os.path.isdir(Path(spec).expanduser()):
         return None
     found: dict[str, Path] = {}
     for item in [spec] if isinstance(spec, str) else spec:
@@ -77,15 +77,94 @@ def input_files(spec: str | list[str], pattern: str, workdir: Path) -> list[Path
 
 def _expand(item: str, pattern: str, workdir: Path) -> list[Path]:
     path = Path(item).expanduser()
-    if path.is_dir():
-        inside = sorted(p for p in path.rglob(pattern) if not _hidden(p, path) and not _under(p, workdir))
+    if os.path.isdir(path):  # False, not an error, for a path it cannot reach: Sources names why
+        name = pattern.replace("**/", "")  # a directory is searched at every depth anyway
+        found = _glob(path, ("**", name), workdir, set())
+        inside = [p for p in found if not _hidden(p, path) and not _under(p, workdir)]
         if not inside:
             raise CarlosError(f"input {path} holds no file matching {pattern!r}; pass --glob PATTERN (e.g. '*.md')")
-        return [p for p in inside if not p.is_dir()]
+        return sorted((p for p in inside if not os.path.isdir(p)), key=lambda p: p.as_posix())
     if MAGIC & set(item) and not os.path.lexists(path):
-        matched = [Path(p) for p in globbing.glob(os.path.expanduser(item), recursive=True)]
-        return [p for p in matched if not p.is_dir() and not _under(p, workdir)]
+        matched = _glob(Path(), Path(os.path.expanduser(item)).parts, workdir, set())
+        return sorted(
+            (p for p in matched if not os.path.isdir(p) and not _under(p, workdir)), key=lambda p: p.as_posix()
+        )
     return [path]  # a file; Sources refuses it when it is missing or not a regular file
+
+
+# glob and Path.rglob skip a directory they cannot list without a word, which would leave its files out
+# of the corpus: these list directories themselves and refuse one they cannot list
+LEFT_OUT = "name the files to read instead (several paths, or a glob that leaves it out)"
+
+
+def _glob(base: Path, parts: tuple[str, ...], workdir: Path, seen: set) -> Iterator[Path]:
+    """The paths under base that match parts, as glob matches them: '**' any depth of directories (those
+    reached through a symlink too, each directory once, so a link back up the tree ends), a wildcard no
+    name starting with '.' unless it starts with '.' itself; the workdir is never searched."""
+    if not parts:
+        yield base
+        return
+    head, rest = parts[0], parts[1:]
+    if head == "**":
+        try:
+            st = os.stat(base)
+        except OSError:
+            return
+        if (st.st_dev, st.st_ino, len(parts)) in seen or not stat.S_ISDIR(st.st_mode):
+            return
+        seen.add((st.st_dev, st.st_ino, len(parts)))
+        yield from _glob(base, rest, workdir, seen)
+        for sub in _subdirs(base, workdir):
+            yield from _glob(sub, parts, workdir, seen)
+    elif MAGIC & set(head):
+        for entry in _entries(base):
+            if fnmatch.fnmatch(entry.name, head) and (head.startswith(".") or not entry.name.startswith(".")):
+                yield from _glob(base / entry.name, rest, workdir, seen)
+    elif _lexists(base / head):
+        yield from _glob(base / head, rest, workdir, seen)
+
+
+def _entries(directory: Path) -> list[os.DirEntry]:
+    """The entries of a directory in name order (nothing for a path that is not one); refused when it
+    cannot be listed."""
+    try:
+        with os.scandir(directory) as it:
+            return sorted(it, key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as e:
+        raise CarlosError(
+            f"input {directory} cannot be listed ({e.strerror}), so its files would be left out; make it "
+            f"readable, or {LEFT_OUT}"
+        ) from None
+
+
+def _subdirs(directory: Path, workdir: Path) -> Iterator[Path]:
+    """The directories in directory, symlinks to one included, hidden ones and the workdir left out. A
+    link that cannot be followed (a loop, a target that cannot be reached) is refused: it may lead to a
+    directory of the corpus; a dangling one leads to nothing."""
+    for entry in _entries(directory):
+        path = directory / entry.name
+        if entry.name.startswith("."):
+            continue
+        try:
+            is_dir = stat.S_ISDIR(entry.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise CarlosError(f"input {path} {path_problem(path, e)}; fix or remove it, or {LEFT_OUT}") from None
+        if is_dir and not _under(path, workdir):
+            yield path
+
+
+def _lexists(path: Path) -> bool:
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as e:
+        raise CarlosError(f"input {path} {path_problem(path, e)}; check the path given to --input") from None
+    return True
 
 
 def _hidden(path: Path, root: Path) -> bool:
@@ -93,8 +172,8 @@ def _hidden(path: Path, root: Path) -> bool:
 
 
 def _under(path: Path, workdir: Path) -> bool:
-    """Inside the workdir: its samples and data are carlos's outputs, never its input."""
-    return Path(os.path.abspath(path)).is_relative_to(os.path.abspath(workdir))
+    """Inside the workdir, or a link into it: its samples and data are carlos's outputs, never its input."""
+    return any(Path(f(path)).is_relative_to(f(workdir)) for f in (os.path.abspath, os.path.realpath))
 
 
 # ---------------------------------------------------------------- several files read as one

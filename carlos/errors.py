@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -53,14 +53,23 @@ _stop.carlos_stop = True  # train hands these signals to Lightning's graceful st
 STOP_SIGNALS = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2") if hasattr(signal, n)]
 
 
-def install_stop_handlers() -> None:
-    """Turn the stop signals into Stopped, so that a stopped command cleans up after itself. Only where
-    nobody installed a handler before (submitit's stays), and only from the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for sig in STOP_SIGNALS:
-        if signal.getsignal(sig) == signal.SIG_DFL:
-            signal.signal(sig, _stop)
+@contextlib.contextmanager
+def stop_handlers() -> Iterator[None]:
+    """The stop signals turned into Stopped for the length of a command, so that a stopped command cleans
+    up after itself. Only where nobody installed a handler before (submitit's stays), and only from the
+    main thread. When the command ends, however it ends, each signal carlos took is given back to its
+    default: carlos called as a library (a notebook, a test) leaves SIGTERM ending the process."""
+    taken = []
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            if signal.getsignal(sig) == signal.SIG_DFL:
+                signal.signal(sig, _stop)
+                taken.append(sig)
+    try:
+        yield
+    finally:
+        for sig in taken:  # whoever holds it now: carlos, or nobody since train released it
+            signal.signal(sig, signal.SIG_DFL)
 
 
 def release_stop_handlers() -> None:

@@ -140,8 +140,8 @@ def hf_family(cfg: GPTConfig) -> str:
     """gpt2, gpt_neox or llama: the transformers architecture that computes exactly what this model does."""
     if cfg.qk_norm or cfg.logit_softcap is not None:
         raise CarlosError(
-            "a model with model.qk_norm or model.logit_softcap has no Hugging Face equivalent among GPT-2 and "
-            "Llama; export it with --format safetensors"
+            "a model with model.qk_norm or model.logit_softcap has no Hugging Face equivalent among GPT-2, "
+            "GPT-NeoX and Llama; export it with --format safetensors"
         )
     if (cfg.pos, cfg.norm, cfg.mlp) == ("learned", "layernorm", "gelu"):
         return "gpt2"

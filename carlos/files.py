@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,12 @@ FILE_KINDS = (
 
 def kind_of(st: os.stat_result) -> str:
     return "a file" if stat.S_ISREG(st.st_mode) else next((n for t, n in FILE_KINDS if t(st.st_mode)), "not a file")
+
+
+def printable(path: Path | str) -> str:
+    """A path as text that any output can take: the bytes of a name that are not UTF-8, which Python keeps
+    as lone surrogates (and a strict UTF-8 stdout, or a library that encodes the name, refuses), as U+FFFD."""
+    return re.sub("[\ud800-\udfff]", "\ufffd", str(path))
 
 
 def path_problem(path: Path, e: OSError) -> str:

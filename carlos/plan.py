@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from carlos.checkpoint import PREFIX, check_checkpoint, device_type, load_checkpoint, step_of
+from carlos.checkpoint import PREFIX, check_checkpoint, device_type, load_checkpoint, not_a_file, step_of
 from carlos.config import WANDB_MODES, ModelConfig, TrainConfig
 from carlos.errors import CarlosError
-from carlos.files import read_regular
+from carlos.files import printable, read_regular
 from carlos.manifest import Manifest
 from carlos.memory import check_fits, num_params, training_bytes, validation_bytes
 from carlos.model import GPTConfig, ModelConfigError
@@ -106,7 +106,7 @@ def plan_run(composed: DictConfig, config: TrainConfig, data: PreparedData, plac
         # fp16's GradScaler must unscale the gradients before clipping, which a fused step does too late
         optimizer["fused"] = False
     check_optimization(optimizer, schedule, config.trainer.max_steps)
-    _check_loggers(config)
+    _check_loggers(config, run_dir)
     wandb = wandb_settings(config, run_dir) if leader else None
     logger_dirs = _logger_dirs(config, run_dir, wandb, manifest)
     init = initial_weights(config, data, model) if config.init_from and resume is None else None
@@ -280,8 +280,9 @@ def initial_weights(config: TrainConfig, data: PreparedData, model: GPTConfig) -
     once its model is this run's and its vocabulary this workdir's. Rotary positions work at any context;
     learned ones only up to the context they were trained for, so a longer one is refused."""
     path = Path(config.init_from).expanduser()
-    if not path.is_file():
-        raise CarlosError(f"--init_from {path}: no such checkpoint file; give the path of a .pt checkpoint")
+    why = not_a_file(path)
+    if why or not path.is_file():
+        raise CarlosError(f"--init_from {path} {why or 'does not exist'}; give the path of a .pt checkpoint")
     checkpoint = load_checkpoint(path)
     theirs, tokenizer = check_checkpoint(checkpoint, path)
     fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "dropout"]  # dropout may change
@@ -377,18 +378,32 @@ def _check_memory(config: TrainConfig, model: GPTConfig, device: str, val_window
 # ---------------------------------------------------------------- loggers and W&B
 
 
-def _check_loggers(config: TrainConfig) -> None:
+def _check_loggers(config: TrainConfig, run_dir: Path) -> None:
     """The selected loggers' libraries are installed (Lightning's TensorBoardLogger writes with tensorboard
     or tensorboardX; wandb is one of carlos's own requirements)."""
     import importlib.util
 
-    if config.logger.tensorboard is not None and not any(
-        importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")
-    ):
+    if config.logger.tensorboard is None:
+        return
+    if not any(importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")):
         raise CarlosError(
             "logger=tensorboard needs TensorBoard, which is not installed; pip install 'carlos[tensorboard]' "
             "(or tensorboard), or choose logger=csv"
         )
+    _check_utf8_path("logger=tensorboard", run_dir, "or choose logger=csv")
+
+
+def _check_utf8_path(who: str, run_dir: Path, other: str) -> None:
+    """TensorBoard's and W&B's writers encode the path they write to as UTF-8, so a directory name that is
+    not UTF-8 (Python keeps its bytes as lone surrogates) fails there, mid-run, in their own code."""
+    path = os.path.abspath(run_dir)
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CarlosError(
+            f"{who} cannot write into {printable(path)}: it takes paths that are valid UTF-8 only, and this "
+            f"one is not; use a --workdir whose path is UTF-8, {other}"
+        ) from None
 
 
 def _logger_dirs(config: TrainConfig, run_dir: Path, wandb: dict | None, manifest: Manifest) -> list[Path]:
@@ -422,6 +437,7 @@ def wandb_settings(config: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
     selected = config.logger.wandb
     if not (project or selected) or mode == "disabled":
         return None
+    _check_utf8_path("W&B", run_dir, "or turn W&B off (wandb.mode=disabled)")
     return {
         "log_model": bool(selected and selected.log_model),
         "project": project,

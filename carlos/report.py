@@ -24,7 +24,7 @@ from typing import Any
 
 from carlos.config import flatten
 from carlos.errors import CarlosError
-from carlos.files import kind_of
+from carlos.files import kind_of, printable
 from carlos.manifest import Manifest
 from carlos.ownership import misplaced
 
@@ -181,7 +181,8 @@ def read_runs(root: str | Path) -> tuple[list[Run], list[tuple[str, str]]]:
     files = sorted(root.rglob("metrics.jsonl"), key=lambda p: [(0, int(s)) if s.isdigit() else (1, s) for s in p.parts])
     runs, skipped = [], []
     for f in files:
-        name = str(f.parent.relative_to(root)) if f.parent != root else root.name
+        # a name that is not UTF-8 is shown with U+FFFD: the table's stdout and the plot's fonts take text only
+        name = printable(f.parent.relative_to(root) if f.parent != root else root.name)
         try:
             runs.append(_read_run(f, name))
         except Unreadable as e:
@@ -240,16 +241,16 @@ def _job_line(f: Path) -> str | None:
     try:
         job = json.loads(_text(f))
     except OSError as e:
-        return f"failed: {f.parent.name} (job.json cannot be read: {e.strerror})"
+        return f"failed: {printable(f.parent.name)} (job.json cannot be read: {e.strerror})"
     except (ValueError, RecursionError):  # cut short, not JSON, or not UTF-8 (a ValueError too)
         job = None
     overrides = job.get("overrides", []) if isinstance(job, dict) else None
     if not isinstance(job, dict) or not isinstance(job.get("status"), str) or not isinstance(overrides, list):
-        return f"failed: {f.parent.name} (job.json is damaged)"
+        return f"failed: {printable(f.parent.name)} (job.json is damaged)"
     if job["status"] == "ok":
         return None
     why = " ".join(str(job.get("error", "no reason recorded")).splitlines())  # one line, whatever was written
-    return f"failed: {f.parent.name} ({' '.join(str(o) for o in overrides)}): {why}"
+    return f"failed: {printable(f.parent.name)} ({' '.join(str(o) for o in overrides)}): {why}"
 
 
 def failed_jobs(root: Path) -> list[str]:
@@ -283,7 +284,7 @@ def _figure(runs: list[Run]):
     import matplotlib.pyplot as plt
 
     keys = differing(runs)
-    labels = {r.name: _label(r, keys) for r in runs}
+    labels = {r.path: _label(r, keys) for r in runs}  # by path: two names may print the same
     legend_lines = sum(label.count("\n") + 1 for label in labels.values())
     # the legend gets an area of its own below the plot, as tall as its lines: it never covers a curve
     fig, (ax, below) = plt.subplots(
@@ -294,7 +295,7 @@ def _figure(runs: list[Run]):
         val = [v for v in r.val if "tokens" in v]
         if not val:
             continue
-        (line,) = ax.plot([v["tokens"] for v in val], [v["val_bpb"] for v in val], marker=".", label=labels[r.name])
+        (line,) = ax.plot([v["tokens"] for v in val], [v["val_bpb"] for v in val], marker=".", label=labels[r.path])
         train = [t for t in r.records if "tokens" in t and _finite(t.get("train_loss"))]
         if train:  # nats per token -> bits per token, which is bits per byte for byte tokens
             bits = [t["train_loss"] / math.log(2) for t in train]
@@ -369,5 +370,5 @@ def report(root: str | Path, output: str | Path | None = None) -> tuple[str, Pat
     for line in failed_jobs(Path(root)):
         print(line)
     written, line = plot(runs, Path(output) if output else Path(root).expanduser() / "report.png")
-    print(line)
+    print(printable(line))
     return text, written

@@ -402,15 +402,15 @@ def test_symlinks_that_lead_nowhere_are_named(carlos, tmp_path, root) -> None:
     (ckpts / "b.pt").symlink_to(ckpts / "a.pt")
     (ckpts / "last.pt").symlink_to(root / "w" / "checkpoints" / "last.pt")  # a good one, through a link
     run = ["--workdir", str(tmp_path / "run")]
-    both(carlos, "best", f"best.pt is a dangling symlink (to {ckpts / 'gone.pt'}); available: last", *run)
-    both(carlos, ckpts / "a.pt", "a.pt is a symlink loop; available: last", *run)
+    both(carlos, "best", f"best.pt is a symlink to {ckpts / 'gone.pt'}, which does not exist; available: last", *run)
+    both(carlos, ckpts / "a.pt", "a.pt is a symlink loop (a link that leads back to itself); available: last", *run)
     assert carlos("eval", *run, "--checkpoint", "last")[0] == 0
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX named pipes")
 def test_a_named_pipe_is_not_read(carlos, tmp_path) -> None:
     os.mkfifo(tmp_path / "pipe.pt")  # reading it would wait forever for a writer
-    both(carlos, tmp_path / "pipe.pt", "pipe.pt is not a regular file")
+    both(carlos, tmp_path / "pipe.pt", "pipe.pt is a FIFO (named pipe), not a checkpoint file")
 
 
 # ---------------------------------------------------------------- hostile pickles

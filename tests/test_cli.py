@@ -288,3 +288,67 @@ def test_wheel_carries_the_configs(tmp_path):
         env={"PYTHONPATH": str(site)},
     )
     assert "d_model: 128" in p.stdout
+
+
+# carlos called as a library, then SIGTERM: the process must end as any Python process does (-15), not raise
+# carlos's Stopped in whatever code runs next
+AFTER_MAIN = """
+import os, signal, sys
+from carlos.cli import main
+from carlos.errors import STOP_SIGNALS
+before = [signal.getsignal(s) for s in STOP_SIGNALS]
+for argv in {argvs!r}:
+    try:
+        main(argv)
+    except SystemExit as e:
+        print('exit', e.code, flush=True)
+    assert [signal.getsignal(s) for s in STOP_SIGNALS] == before, argv
+print('handlers as before', flush=True)
+os.kill(os.getpid(), signal.SIGTERM)
+print('SIGTERM did not end the process', flush=True)
+"""
+
+
+def test_carlos_as_a_library_gives_the_stop_signals_back(tmp_path, capsys):
+    import signal
+
+    from carlos.errors import STOP_SIGNALS
+
+    from .conftest import run_cli
+
+    before = [signal.getsignal(s) for s in STOP_SIGNALS]
+    assert run_cli(["eval", "--help"], capsys)[0] == 0
+    assert run_cli(["train", "--peak_lrr", "1"], capsys)[0] == 2
+    assert [signal.getsignal(s) for s in STOP_SIGNALS] == before
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_ends_the_process_after_carlos_main_returns(tmp_path):
+    make_corpus(tmp_path / "corpus.txt")
+    argvs = [
+        ["eval", "--help"],
+        ["train", "--peak_lrr", "1"],  # refused: SystemExit(2)
+        ["prepare", "--input", "corpus.txt", "--workdir", "w", "--seq_len", "32"],
+        ["train", "--workdir", "w", *TINY, "--max_steps", "2"],  # train releases the handlers midway
+    ]
+    p = run([sys.executable, "-c", AFTER_MAIN.format(argvs=argvs)], tmp_path, check=False)
+    assert p.returncode == -15, (p.returncode, p.stdout, p.stderr)
+    assert "exit 2\n" in p.stdout and p.stdout.endswith("handlers as before\n"), p.stdout
+
+
+def test_a_workdir_named_with_bytes_that_are_not_utf8_prints_as_those_bytes_on_a_strict_stdout(tmp_path, monkeypatch):
+    import io
+
+    from carlos.cli import main
+
+    make_corpus(tmp_path / "corpus.txt")
+    odd = tmp_path / os.fsdecode(b"w\xff")
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict", write_through=True)  # most locales'
+    monkeypatch.setattr(sys, "stdout", out)
+    with pytest.raises(SystemExit) as done:
+        main(["prepare", "--input", str(tmp_path / "corpus.txt"), "--workdir", str(odd), "--seq_len", "32"])
+        raise SystemExit(0)
+    assert done.value.code == 0 and (odd / "splits.json").is_file()
+    assert out.buffer.getvalue().startswith(b"prepared " + os.fsencode(odd) + b": train ")  # as ls shows it
+    assert out.errors == "strict"  # given back when the command ended

@@ -3,14 +3,20 @@ corpus in sorted path order with each file one document; a single file is prepar
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from carlos.corpus import Sources
+from carlos.corpus import Sources, input_files
 from carlos.errors import CarlosError
 
 from .conftest import run_cli
@@ -140,3 +146,97 @@ def test_segments_cover_the_joined_text_exactly(texts):
     assert sources.size == len(joined)
     for start, n in [(0, len(joined)), (len(A.encode()) - 2, 7), (5, 1), (len(joined) - 4, 4)]:
         assert sources.read_at(start, n) == joined[start : start + n]
+
+
+# ---------------------------------------------------------------- directories that cannot be listed, links
+
+LEFT_OUT = "so its files would be left out; make it readable, or name the files to read instead"
+
+
+@pytest.fixture
+def lock(monkeypatch):
+    """lock(directory): the directory cannot be listed (mode 0). As root, where the mode stops nothing,
+    os.scandir refuses it the way the kernel refuses other users. The modes are given back afterwards."""
+    locked: list[Path] = []
+    real = os.scandir
+
+    def scandir(path="."):
+        if isinstance(path, (str, os.PathLike)) and Path(path).resolve() in locked:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path)
+
+    def lock(directory: Path) -> None:
+        directory.chmod(0)
+        locked.append(directory.resolve())
+        if os.access(directory, os.R_OK):
+            monkeypatch.setattr(os, "scandir", scandir)
+
+    yield lock
+    for d in locked:
+        d.chmod(0o755)
+
+
+def test_a_subdirectory_that_cannot_be_listed_is_refused_not_left_out(texts, lock, capsys):
+    (texts / "more").mkdir()
+    (texts / "more" / "d.txt").write_text(C, encoding="utf-8")
+    lock(texts / "more")
+    for spec in ("texts", "texts/**/*.txt"):  # a directory, and a glob that searches it
+        code, err = run(["prepare", "--input", spec, "--workdir", "w", "--seq_len", "16"], capsys)
+        assert (code, err.count("\n")) == (2, 1), err
+        assert err.startswith(f"carlos: error: input {Path('texts/more')} cannot be listed (Permission denied), ")
+        assert LEFT_OUT in err and not Path("w").exists()
+    # a glob that does not need it reads what it names
+    assert input_files("texts/*.txt", "*.txt", Path("w")) == [Path("texts", n) for n in ("a.txt", "b.txt", "empty.txt")]
+
+
+def test_linked_directories_are_read_each_once_and_links_that_lead_nowhere_are_named(texts, lock, capsys):
+    (texts.parent / "more").mkdir()
+    (texts.parent / "more" / "d.txt").write_text(C, encoding="utf-8")
+    (texts / "more").symlink_to("../more")  # a directory linked in: read
+    (texts / "sub" / "up").symlink_to("..")  # a link back up the tree: every file still once
+    assert run(["prepare", "--input", "texts", "--workdir", "w", "--seq_len", "16"], capsys)[0] == 0
+    files = [f["path"] for f in json.loads(Path("w/splits.json").read_text())["files"]]
+    assert files == [str(texts.parent / n) for n in ("texts/a.txt", "texts/b.txt", "more/d.txt", "texts/sub/c.txt")]
+    assert input_files("texts/**/*.txt", "*.txt", Path("w")) == input_files("texts", "*.txt", Path("w"))
+
+    (texts.parent / "locked").mkdir()
+    (texts / "locked").symlink_to("../locked")  # a link to a directory that cannot be listed
+    lock(texts.parent / "locked")
+    with pytest.raises(CarlosError, match=rf"^input {re.escape(str(Path('texts/locked')))} cannot be listed"):
+        input_files("texts", "*.txt", Path("w"))
+    (texts / "locked").unlink()
+    (texts / "sub" / "loop").symlink_to("loop")  # a link that leads to itself: a directory or not, no one can say
+    for spec in ("texts", "texts/**/*.txt"):
+        with pytest.raises(CarlosError) as refused:
+            input_files(spec, "*.txt", Path("w"))
+        assert str(refused.value).startswith(
+            f"input {Path('texts/sub/loop')} is a symlink loop (a link that leads back to itself); fix or remove it"
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX permissions")
+def test_a_subdirectory_the_user_cannot_list_is_refused_by_the_kernel(tmp_path):
+    """No stand-in: the kernel refuses the listing. Run as root, prepare runs without the capabilities that
+    let root read anything (setpriv drops them), so the permission bits hold for it too."""
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        prefix = [shutil.which("setpriv") or "setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+        probe = subprocess.run([*prefix, "true"], capture_output=True)
+        if probe.returncode != 0:
+            pytest.skip("root, and setpriv cannot drop the capabilities that bypass permissions")
+    (tmp_path / "texts" / "locked").mkdir(parents=True)
+    (tmp_path / "texts" / "a.txt").write_text(B, encoding="utf-8")
+    (tmp_path / "texts" / "locked" / "b.txt").write_text(B, encoding="utf-8")
+    (tmp_path / "texts" / "locked").chmod(0)
+    try:
+        argv = [sys.executable, "-m", "carlos", "prepare", "--input", "texts", "--workdir", "w", "--seq_len", "16"]
+        p = subprocess.run([*prefix, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    finally:
+        (tmp_path / "texts" / "locked").chmod(0o755)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr == (
+        f"carlos: error: input {Path('texts/locked')} cannot be listed (Permission denied), {LEFT_OUT} (several "
+        "paths, or a glob that leaves it out)\n"
+    )
+    assert not (tmp_path / "w").exists()

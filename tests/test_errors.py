@@ -96,6 +96,52 @@ def unreadable(name: str) -> Callable:
     return setup
 
 
+def unlistable(name: str) -> Callable:
+    """name becomes a directory of texts beside corpus.txt's copy, with a subdirectory `locked` (a text
+    file in it) that cannot be listed (mode 0). As root, where the mode stops nothing, listing it is
+    refused the way the kernel refuses other users."""
+
+    def setup(d: Path, mp: pytest.MonkeyPatch) -> None:
+        locked = (d / name / "locked").resolve()
+        locked.mkdir(parents=True)
+        shutil.copy(d / "corpus.txt", d / name / "corpus.txt")
+        (locked / "more.txt").write_text("more text\n")
+        locked.chmod(0)
+        if not os.access(locked, os.R_OK):
+            return
+        real_scandir = os.scandir
+
+        def guarded_scandir(path="."):
+            if isinstance(path, (str, os.PathLike)) and Path(path).resolve() == locked:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real_scandir(path)
+
+        mp.setattr(os, "scandir", guarded_scandir)
+
+    return setup
+
+
+def unchanged_but_unlisted(name: str) -> Callable:
+    """After the refusal: the directory as it was, but for what the snapshot before could not list."""
+
+    def check(d: Path, before: dict) -> None:
+        assert {k: v for k, v in snapshot(d).items() if not k.startswith(name + os.sep)} == before
+
+    return check
+
+
+ODD = os.fsdecode(b"w\xff")
+
+
+def odd_workdir(source: str) -> Callable:
+    """A copy of the workdir source named with a byte that is not UTF-8 (w\\xff)."""
+
+    def setup(d: Path, mp: pytest.MonkeyPatch) -> None:
+        shutil.copytree(d / source, d / ODD)
+
+    return setup
+
+
 def unwritable(name: str) -> Callable:
     """name becomes a directory where no new entry can be made (mode 0555). As root, where the mode stops
     nothing, creating a file or directory in it is refused the way the kernel refuses other users;
@@ -540,6 +586,14 @@ CASES = [
         unreadable("locked.txt"),
     ),
     Case(
+        "input-unreadable-subdirectory",
+        "a subdirectory of the input directory cannot be listed (permissions)",
+        ["prepare", "--input", "texts", "--workdir", "x"],
+        "input texts/locked cannot be listed (Permission denied), so its files would be left out",
+        unlistable("texts"),
+        unchanged_but_unlisted("texts/locked"),
+    ),
+    Case(
         "input-not-utf8",
         "input is not UTF-8 (Latin-1 text)",
         ["prepare", "--input", "latin1.txt", "--workdir", "x"],
@@ -886,6 +940,18 @@ CASES = [
     Case("hydra-launcher", "unknown Hydra launcher", ["train", "-m", "hydra/launcher=nope"], "choose hydra/launcher="),
     Case("bench-workdir-file", "bench workdir is a file", ["bench", "--workdir", "corpus.txt"], "is a file"),
     Case(
+        "bench-train-flag",
+        "bench's train list given a flag, not an override",
+        ["bench", "train=[--overwrite]"],
+        "bench's train list takes carlos train's overrides as key=value, not the flag '--overwrite'",
+    ),
+    Case(
+        "bench-train-unknown-key",
+        "bench's train list given an unknown key",
+        ["bench", "train=['optimizer.lrr=1']"],
+        "bench's train list: unknown key 'optimizer.lrr' (did you mean 'optimizer.lr'?)",
+    ),
+    Case(
         "bench-users-corpus",
         "bench would write its corpus over the user's corpus.txt",
         ["bench", "--workdir", ".", "rounds=0", "output=null"],
@@ -1011,6 +1077,54 @@ CASES = [
         "a logger carlos does not have",
         ["train", "--workdir", "w", "logger=mlflow"],
         "unknown logger",
+    ),
+    Case(
+        "logger-null",
+        "logger=null: the logger group given no option",
+        ["train", "--workdir", "w", "logger=null"],
+        "logger=null: null is not a logger; choose logger=csv|tensorboard|wandb",
+    ),
+    Case(
+        "logger-empty",
+        "logger= with nothing after it",
+        ["train", "--workdir", "w", "logger="],
+        "logger=: '' is not a logger; choose logger=csv|tensorboard|wandb",
+    ),
+    Case(
+        "wandb-workdir-not-utf8",
+        "W&B on, in a workdir whose name is not UTF-8",
+        ["train", "--workdir", ODD, "logger=wandb", "--wandb_mode", "offline"],
+        "W&B cannot write into",
+        odd_workdir("fresh"),
+        shown="carlos train --workdir $'w\\xff' logger=wandb --wandb_mode offline",
+    ),
+    # -- fine-tuning
+    Case(
+        "init-from-empty",
+        "--init_from given an empty path",
+        ["train", "--workdir", "fresh", "--init_from", ""],
+        "--init_from is empty; give a checkpoint path, or leave the flag out to train from scratch",
+        shown="carlos train --workdir fresh --init_from ''",
+    ),
+    Case(
+        "init-from-directory",
+        "--init_from given a directory",
+        ["train", "--workdir", "fresh", "--init_from", "w/checkpoints"],
+        "--init_from w/checkpoints is a directory, not a checkpoint file",
+    ),
+    Case(
+        "init-from-fifo",
+        "--init_from given a FIFO",
+        ["train", "--workdir", "fresh", "--init_from", "pipe.pt"],
+        "--init_from pipe.pt is a FIFO (named pipe), not a checkpoint file",
+        fifo("pipe.pt"),
+    ),
+    Case(
+        "init-from-symlink-loop",
+        "--init_from given a symlink loop",
+        ["train", "--workdir", "fresh", "--init_from", "loop.pt"],
+        "--init_from loop.pt is a symlink loop",
+        symlink("loop.pt", "loop.pt"),
     ),
     # -- export
     Case("export-no-out", "export without --out", ["export", "--workdir", "w"], "export needs --out DIR"),

@@ -12,11 +12,11 @@ import torch
 from carlos.checkpoint import load_checkpoint, model_from_checkpoint
 from carlos.config import ExportConfig
 from carlos.errors import CarlosError
-from carlos.export import byte_symbols, export, load_safetensors
+from carlos.export import byte_symbols, export, hf_family, load_safetensors
 from carlos.tokenizer import ByteTokenizer
 from carlos.train import train
 
-from .conftest import make_corpus, prepare_workdir, train_cfg
+from .conftest import gpt_config, make_corpus, prepare_workdir, train_cfg
 
 TEXT = "Où est-il? 東京, café.\n"  # 28 bytes: within the test models' context of 32
 
@@ -170,3 +170,14 @@ def test_export_config_is_checked():
     ]:
         with pytest.raises(CarlosError, match=message.replace("?", r"\?")):
             ExportConfig(*args)
+
+
+def test_qk_norm_and_softcap_are_refused_naming_every_family_carlos_exports():
+    assert hf_family(gpt_config(pos="rope")) == "gpt_neox"  # one of the three, beside GPT-2 and Llama
+    for settings in ({"qk_norm": True}, {"logit_softcap": 30.0}, {"pos": "rope", "qk_norm": True}):
+        with pytest.raises(CarlosError) as refused:
+            hf_family(gpt_config(**settings))
+        assert str(refused.value) == (
+            "a model with model.qk_norm or model.logit_softcap has no Hugging Face equivalent among GPT-2, GPT-NeoX "
+            "and Llama; export it with --format safetensors"
+        )

@@ -102,7 +102,7 @@ def test_another_model_or_vocabulary_is_refused_naming_both(source, tmp_path):
     with_bos = second(tmp_path, "data.add_bos=true")
     with pytest.raises(CarlosError, match=r"has vocabulary 256 \(add_bos=False, add_eos=False\) but .* is prepared "):
         train(train_cfg(with_bos, f"init_from={source}"))
-    with pytest.raises(CarlosError, match="no such checkpoint file"):
+    with pytest.raises(CarlosError, match="missing.pt does not exist; give the path of a .pt checkpoint"):
         train(train_cfg(w2, f"init_from={tmp_path / 'missing.pt'}"))
     assert not (w2 / "checkpoints").exists() and not (with_bos / "checkpoints").exists()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from carlos.config import TrainConfig, parse
 from carlos.errors import CarlosError
 from carlos.train import train
 
-from .conftest import train_cfg
+from .conftest import run_cli, train_cfg
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -123,3 +124,18 @@ def test_a_resume_refused_while_lightning_restores_it_leaves_no_logger_files(wor
     with pytest.raises(CarlosError, match="its training state does not load"):
         train(train_cfg(workdir, "logger=[csv,tensorboard]", "resume=true", "trainer.max_steps=18"))
     assert not (workdir / "csv").exists() and not (workdir / "tensorboard").exists()
+
+
+@pytest.mark.slow
+def test_tensorboard_in_a_workdir_whose_name_is_not_utf8_is_refused_before_anything_is_written(corpus, capfd):
+    pytest.importorskip("tensorboard")  # capfd: the summary prints the name's bytes, which capsys cannot decode
+    odd = corpus.parent / os.fsdecode(b"w\xff")  # TensorBoard encodes the path it writes to as UTF-8
+    assert run_cli(["prepare", "--input", str(corpus), "--workdir", str(odd), "--seq_len", "32"], capfd)[0] == 0
+    before = sorted(p.name for p in odd.iterdir())
+    code, _, err = run_cli(["train", "--workdir", str(odd), "logger=tensorboard", "--max_steps", "2"], capfd)
+    assert (code, err) == (
+        2,
+        f"carlos: error: logger=tensorboard cannot write into {corpus.parent}/w\ufffd: it takes paths that are valid "
+        "UTF-8 only, and this one is not; use a --workdir whose path is UTF-8, or choose logger=csv\n",
+    )
+    assert sorted(p.name for p in odd.iterdir()) == before

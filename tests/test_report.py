@@ -478,3 +478,16 @@ def test_the_plot_of_one_run_shows_its_train_and_validation_curves(here, capsys)
     assert len(curves) == 2  # validation (dots) and train (faint), in the run's colour
     assert curves[0].get_color() == curves[1].get_color() and curves[1].get_alpha() < 1
     assert list(curves[1].get_ydata()) == pytest.approx([2.0 / math.log(2)])  # nats -> bits
+
+
+def test_a_run_whose_path_is_not_utf8_is_shown_with_replacement_characters_beside_the_others(here, capsys):
+    from carlos.report import _figure, read_runs
+
+    _sweep(here / "s")
+    _run(here / "s" / os.fsdecode(b"odd\xff"), 0.002, 64, [2.7])  # a byte a file system holds, UTF-8 cannot spell
+    odd = "| odd\ufffd | 0.002 | 0.002 | 10 | 100 | 2.7000 | 1,000 |"
+    assert _lines(capsys, "s") == [HEAD, RULE, ROW_1, ROW_0, odd, "plot: s/report.png"]
+    assert (here / "s" / "report.png").read_bytes()[:4] == b"\x89PNG"
+    legend = _figure(read_runs(here / "s")[0]).axes[1].get_legend()
+    labels = ["0 (lr=0.001, scaled=0.001)", "1 (lr=0.003, scaled=0.003)", "odd\ufffd (lr=0.002, scaled=0.002)"]
+    assert [t.get_text() for t in legend.get_texts()] == labels
