@@ -328,7 +328,7 @@ def machine() -> str:
 
 
 def bench(cfg: BenchConfig) -> dict:
-    root = Path(cfg.workdir).expanduser().resolve()
+    root = Path(os.path.expanduser(cfg.workdir)).resolve()
     if os.path.lexists(root) and not root.is_dir():
         raise CarlosError(f"workdir {cfg.workdir} is a file; pass a directory to --workdir")
     if cfg.input is not None:

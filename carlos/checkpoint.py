@@ -74,22 +74,19 @@ def resolve_checkpoint(workdir: str | Path, spec: str, run: str | None = None) -
     or of the run named with --run."""
     from carlos.ownership import run_dir
 
-    ckpts = run_dir(Path(workdir).expanduser(), run) / "checkpoints"
+    ckpts = run_dir(Path(os.path.expanduser(workdir)), run) / "checkpoints"
     spec = str(spec)
     if spec in ("best", "last"):
         path = ckpts / f"{spec}.pt"
     elif spec.isdigit():
         path = step_file(ckpts, int(spec))
     else:
-        try:
-            path = Path(spec).expanduser()
-        except RuntimeError:  # ~user of a user that does not exist: take the name as it is
-            path = Path(spec)
-    why = not_a_file(path)
+        path = Path(os.path.expanduser(spec))  # ~user of a user that does not exist stays as it is
+    why, home = not_a_file(path), Path(os.path.expanduser(workdir))
     if why:
-        raise CarlosError(f"checkpoint '{spec}' at {path} {why}; {_elsewhere(ckpts, Path(workdir).expanduser())}")
+        raise CarlosError(f"checkpoint '{spec}' at {path} {why}; {_elsewhere(ckpts, home)}")
     if not path.is_file():
-        raise CarlosError(f"checkpoint '{spec}' not found at {path}; {_elsewhere(ckpts, Path(workdir).expanduser())}")
+        raise CarlosError(f"checkpoint '{spec}' not found at {path}; {_elsewhere(ckpts, home)}")
     return path
 
 

@@ -111,7 +111,7 @@ def check_output_dir(key: str, value: str) -> list[Path]:
     """Hydra creates its run (or sweep) directory before the command starts: make sure it can, by
     creating it now and removing again what this made. Returns the directories Hydra will create, for
     removing again (when empty) if the command is refused."""
-    path = Path(value).expanduser()
+    path = Path(os.path.expanduser(value))
     if path.is_dir():
         return []
     if os.path.lexists(path):

@@ -61,7 +61,7 @@ def scan(src: BinaryIO, chunk: int = CHUNK, also=None) -> tuple[int, str]:
 def input_files(spec: str | list[str], pattern: str, workdir: Path) -> list[Path] | None:
     """The files of --input in sorted path order, or None for one plain file path (read as it always was).
     A directory is searched recursively for pattern, hidden files and directories and the workdir left out."""
-    if isinstance(spec, str) and not (MAGIC & set(spec)) and not os.path.isdir(Path(spec).expanduser()):
+    if isinstance(spec, str) and not (MAGIC & set(spec)) and not os.path.isdir(Path(os.path.expanduser(spec))):
         return None
     found: dict[str, Path] = {}
     for item in [spec] if isinstance(spec, str) else spec:
@@ -76,7 +76,7 @@ def input_files(spec: str | list[str], pattern: str, workdir: Path) -> list[Path
 
 
 def _expand(item: str, pattern: str, workdir: Path) -> list[Path]:
-    path = Path(item).expanduser()
+    path = Path(os.path.expanduser(item))
     if os.path.isdir(path):  # False, not an error, for a path it cannot reach: Sources names why
         name = pattern.replace("**/", "")  # a directory is searched at every depth anyway
         found = _glob(path, ("**", name), workdir, set())

@@ -39,7 +39,7 @@ TOLERANCE = 1e-4  # largest difference of a logit between carlos and transformer
 
 def export(cfg: ExportConfig) -> Path:
     """Write the checkpoint's model into cfg.out in cfg.format; returns the directory."""
-    out = Path(cfg.out).expanduser()
+    out = Path(os.path.expanduser(cfg.out))
     if out.exists() and not out.is_dir():
         raise CarlosError(f"--out {out} is a file; give a directory")
     fix = "choose a new directory for --out, or an earlier export's"

@@ -143,7 +143,10 @@ def _holds(record: Manifest, kinds: set[str], parts: tuple[str, ...], inner: set
 
 def _shown(path: str) -> str:
     """A path as the user would type it: relative to the current directory when it is under it."""
-    relative = os.path.relpath(path)
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # Windows: on another drive than the current directory
+        return path
     return path if relative.startswith("..") else relative
 
 

@@ -64,7 +64,7 @@ def run_dir_for(config: TrainConfig) -> Path:
     from hydra.core.hydra_config import HydraConfig
 
     if not in_multirun():
-        return run_dir(Path(config.workdir).expanduser(), config.run)
+        return run_dir(Path(os.path.expanduser(config.workdir)), config.run)
     config.refuse_run_in_sweep()
     return Path(HydraConfig.get().runtime.output_dir)
 
@@ -279,7 +279,7 @@ def initial_weights(config: TrainConfig, data: PreparedData, model: GPTConfig) -
     """--init_from: a checkpoint's weights for a new run (its optimizer, step and schedule are not taken),
     once its model is this run's and its vocabulary this workdir's. Rotary positions work at any context;
     learned ones only up to the context they were trained for, so a longer one is refused."""
-    path = Path(config.init_from).expanduser()
+    path = Path(os.path.expanduser(config.init_from))
     why = not_a_file(path)
     if why or not path.is_file():
         raise CarlosError(f"--init_from {path} {why or 'does not exist'}; give the path of a .pt checkpoint")

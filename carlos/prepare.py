@@ -52,7 +52,7 @@ class Source:
     def __init__(self, path_str: str | None) -> None:
         if not path_str:
             raise CarlosError("no input corpus given; pass --input corpus.txt (or input=corpus.txt)")
-        self.path = Path(path_str).expanduser()
+        self.path = Path(os.path.expanduser(path_str))
         self.f = self._open()
         self.stat = os.fstat(self.f.fileno())
         self.size = self.stat.st_size
@@ -369,7 +369,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     a temporary directory inside the workdir and moved into place at the end, splits.json last: a
     prepare killed midway leaves no splits.json, which train refuses as unprepared."""
     started = time.perf_counter()
-    workdir = Path(cfg.workdir).expanduser()
+    workdir = Path(os.path.expanduser(cfg.workdir))
     if workdir.is_file():
         raise CarlosError(f"workdir {workdir} is a file; pass a directory to --workdir")
     place = Place(workdir, "workdir", f"--workdir {workdir}", "choose another --workdir", DirLock(workdir, "prepare"))

@@ -175,7 +175,7 @@ def _read_run(metrics: Path, name: str) -> Run:
 def read_runs(root: str | Path) -> tuple[list[Run], list[tuple[str, str]]]:
     """The runs under root that can be read, and (name, why) for each run that cannot; refuses when
     there is no readable run."""
-    root = Path(root).expanduser()
+    root = Path(os.path.expanduser(root))
     if not root.exists():
         raise CarlosError(f"{root} does not exist; give a run directory, a workdir or a sweep directory")
     files = sorted(root.rglob("metrics.jsonl"), key=lambda p: [(0, int(s)) if s.isdigit() else (1, s) for s in p.parts])
@@ -255,7 +255,7 @@ def _job_line(f: Path) -> str | None:
 
 def failed_jobs(root: Path) -> list[str]:
     """Sweep jobs that ended without a run (their job.json says why)."""
-    lines = (_job_line(f) for f in sorted(Path(root).expanduser().rglob("job.json")))
+    lines = (_job_line(f) for f in sorted(Path(os.path.expanduser(root)).rglob("job.json")))
     return [line for line in lines if line]
 
 
@@ -369,6 +369,6 @@ def report(root: str | Path, output: str | Path | None = None) -> tuple[str, Pat
         print(f"skipped: {name} ({why})")
     for line in failed_jobs(Path(root)):
         print(line)
-    written, line = plot(runs, Path(output) if output else Path(root).expanduser() / "report.png")
+    written, line = plot(runs, Path(output) if output else Path(os.path.expanduser(root)) / "report.png")
     print(printable(line))
     return text, written

@@ -108,7 +108,7 @@ class SweepSummary(HydraCallback):
     def on_multirun_start(self, config, **kwargs: Any) -> None:
         """A new sweep directory inside the workdir is recorded as carlos's before Hydra creates it, so that
         `prepare --overwrite` can remove the runs trained on the old data."""
-        sweep, workdir = Path(str(config.hydra.sweep.dir)), Path(str(config.workdir)).expanduser()
+        sweep, workdir = Path(str(config.hydra.sweep.dir)), Path(os.path.expanduser(str(config.workdir)))
         if not workdir.is_dir() or os.path.lexists(sweep):
             return
         with contextlib.suppress(CarlosError):  # unrecorded, it is only left in place by a later prepare

@@ -65,7 +65,7 @@ class Run:
 def train(cfg: DictConfig) -> float:
     """Train on a prepared workdir; returns the best validation bits-per-byte."""
     config = parse(cfg, TrainConfig)
-    workdir, leader = Path(config.workdir).expanduser(), is_leader(config)
+    workdir, leader = Path(os.path.expanduser(config.workdir)), is_leader(config)
     command = f"train --run {config.run}" if config.run else "train"
     with contextlib.ExitStack() as held:
         if leader and workdir.is_dir():  # the data, shared with the workdir's other runs; prepare takes it alone

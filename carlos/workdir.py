@@ -8,6 +8,7 @@ do not wait for Lightning to import before they can refuse a workdir.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,7 @@ class PreparedData:
 
     @classmethod
     def load(cls, workdir: str | Path) -> PreparedData:
-        workdir = Path(workdir).expanduser()
+        workdir = Path(os.path.expanduser(workdir))
         splits = workdir / "splits.json"
         if not splits.is_file():
             raise unprepared(workdir, "is not prepared (no splits.json)")
