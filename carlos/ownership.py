@@ -162,8 +162,10 @@ def misplaced(path: Path, kind: str | None) -> str | None:
             continue
         kinds = kinds_of(record)
         if d == target:
+            if record.entries.get(".") == "tree":
+                return "is a temporary directory of carlos's, removed by the next command there"
             if kind and kinds and kind not in kinds:
-                return f"is {WHAT[sorted(kinds)[0]]}, not {WHAT[kind]}"
+                return f"is {' or '.join(WHAT[k] for k in sorted(kinds))}, not {WHAT[kind]}"
             inner_kinds = kinds or inner_kinds
             continue
         parts = Path(inner).relative_to(d).parts
@@ -183,7 +185,8 @@ class Place:
     def __init__(self, path: Path, kind: str, label: str, fix: str, lock: DirLock | None) -> None:
         self.path, self.kind, self.label, self.fix, self.lock = Path(path), kind, label, fix, lock
         self.made: list[Path] = []  # the directories this command created, parents first
-        self.manifest = Manifest(self.path, writable=False, where=label.split()[0])
+        self.where = label.split()[0] if label.startswith("--") else "--workdir"  # the flag a write error names
+        self.manifest = Manifest(self.path, writable=False, where=self.where)
         self._stack = contextlib.ExitStack()
 
     def refuse_misplaced(self) -> None:
@@ -201,7 +204,7 @@ class Place:
             self.made = stack.enter_context(MadeDirs(Path(os.path.realpath(self.path)), self.label)).made
             stack.enter_context(self.lock)  # the lock file is in the directory: any path to it finds the same
             self.refuse_misplaced()  # again, now that no other carlos command can be writing it
-            self.manifest = Manifest(self.path, where=self.label.split()[0], kind=self.kind)
+            self.manifest = Manifest(self.path, where=self.where, kind=self.kind)
             self._stack = stack.pop_all()
         return self
 

@@ -138,6 +138,7 @@ def test_a_command_writes_only_into_a_directory_of_its_own_kind_or_a_new_one(d, 
     refused([*command, where], capsys, expect, d)
 
 
+@pytest.mark.slow
 def test_a_symlink_leads_where_it_points(d, capsys):
     (d / "ck").symlink_to("w/checkpoints")
     (d / "w" / "runs" / "self").symlink_to("..")
@@ -194,6 +195,7 @@ def test_an_export_an_older_carlos_left_in_checkpoints_does_not_keep_the_earlier
 # ---------------------------------------------------------------- one run, one lock, whatever its name
 
 
+@pytest.mark.slow
 def test_a_run_is_locked_on_its_directory_whatever_name_reaches_it(d, capsys):
     (d / "w" / "runs" / "latest").symlink_to("A")
     (d / "wlink").symlink_to("w")
