@@ -351,6 +351,7 @@ def run_hydra(command: str, hydra_args: list[str], overrides: list[str]) -> Any:
     """Run the command as a Hydra app (a single run, or a multirun with each job under run_job)."""
     import hydra
 
+    from carlos.slurm import refusals
     from carlos.sweep import in_multirun, run_job
 
     runner = _runner(command)
@@ -367,7 +368,8 @@ def run_hydra(command: str, hydra_args: list[str], overrides: list[str]) -> Any:
     os.environ["CARLOS_COMMAND"] = command
     prefer_carlos_hydra_configs()
     try:
-        return app()
+        with refusals():  # a SLURM sweep that sbatch refuses: one line, not Hydra's traceback
+            return app()
     finally:
         sys.argv = argv
 

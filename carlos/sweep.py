@@ -19,6 +19,7 @@ from hydra.experimental.callback import Callback as HydraCallback
 from carlos.errors import CarlosError
 from carlos.files import read_regular
 from carlos.manifest import RECORD, Manifest
+from carlos.slurm import sweep_starts
 
 
 def in_multirun() -> bool:
@@ -108,6 +109,7 @@ class SweepSummary(HydraCallback):
     def on_multirun_start(self, config, **kwargs: Any) -> None:
         """A new sweep directory inside the workdir is recorded as carlos's before Hydra creates it, so that
         `prepare --overwrite` can remove the runs trained on the old data."""
+        sweep_starts(config)  # first: what a refused SLURM submission must leave as it found it
         sweep, workdir = Path(str(config.hydra.sweep.dir)), Path(os.path.expanduser(str(config.workdir)))
         if not workdir.is_dir() or os.path.lexists(sweep):
             return
