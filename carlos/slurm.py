@@ -39,12 +39,18 @@ NO_SLURM = (
     "there is no SLURM here (no sbatch or srun on PATH): hydra/launcher=submitit_slurm submits from a cluster's "
     "login node; run it there, or here with hydra/launcher=submitit_local"
 )
+# squeue's reasons, set as a job is submitted, for one that waits until the partition is configured again
+NEVER_STARTS = ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints")
 CFG = "carlos train hydra/launcher=submitit_slurm --cfg hydra --package hydra.launcher"
 # what submitit writes into its folder before sbatch answers, moved into the job's folder once it has
 SUBMITIT_TEMPORARY = re.compile(r"[0-9a-f]{32}\.pkl|\.submission_file_[0-9a-f]{32}\.sh")
 # sbatch's message (all its lines) -> what it is about. The first match wins: the specific messages come
 # before "Requested node configuration is not available", which several causes end with
 TOPICS = [
+    (r"PartitionConfig", "size"),  # squeue's reasons for a job SLURM took but will never start
+    (r"PartitionNodeLimit", "nodes"),
+    (r"PartitionTimeLimit", "time"),
+    (r"BadConstraints", "constraint"),
     (r"accounting/qos policy", "policy"),
     (r"--mem\b.*mutually exclusive", "memories"),
     (r"generic resource|\bgres\b", "gpus"),
@@ -191,7 +197,7 @@ FIXES: dict[str, Callable[[dict[str, Any], list[dict[str, Any]]], str]] = {
 }
 
 
-def explain(stderr: str, launcher: dict[str, Any], nodes: list[dict[str, Any]]) -> str:
+def explain(stderr: str, launcher: dict[str, Any], nodes: list[dict[str, Any]], what: str = "") -> str:
     """The one line for sbatch's refusal: sbatch's own message and the launcher keys that fix it. launcher
     holds the hydra.launcher settings, nodes sinfo's rows (_sinfo; [] when unknown)."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
@@ -202,7 +208,7 @@ def explain(stderr: str, launcher: dict[str, Any], nodes: list[dict[str, Any]]) 
         fix = f"check the launcher's settings, hydra.launcher.KEY=VALUE (`{CFG}` lists them)"
     else:
         fix = FIXES[topic](launcher, nodes)
-    return f"sbatch refused the jobs: {said}; {fix}"
+    return f"{what or 'sbatch refused the jobs'}: {said}; {fix}"
 
 
 def _sinfo() -> list[dict[str, Any]]:
@@ -328,13 +334,32 @@ def _listdir(path: Path) -> list[str]:
         return []
 
 
+def _held_for_good(sbatch_out: str) -> str | None:
+    """squeue's reason for the job sbatch just took when SLURM will never start it, which is then cancelled:
+    a site with EnforcePartLimits=NO (SLURM's default) takes a job that asks for more than the partition's
+    nodes have, and holds it, while the launcher would wait for it without end."""
+    job = re.search(r"job (\d+)", sbatch_out)
+    if job is None:
+        return None
+    try:
+        command = ["squeue", "-h", "-j", job.group(1), "-o", "%r"]
+        reasons = subprocess.run(command, capture_output=True, text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    held = next((r for r in reasons if r in NEVER_STARTS), None)
+    if held:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(["scancel", job.group(1)], capture_output=True, timeout=30)
+    return held
+
+
 class _Refused(BaseException):
     """sbatch's refusal on its way out of Hydra's multirun to `refusals()`: a BaseException, as Hydra's
     run_and_report turns every Exception into a traceback."""
 
-    def __init__(self, stderr: str, message: str = "") -> None:
+    def __init__(self, stderr: str, message: str = "", what: str = "") -> None:
         super().__init__(stderr)
-        self.stderr, self.message = stderr, message
+        self.stderr, self.message, self.what = stderr, message, what
 
 
 class _Watch:
@@ -361,6 +386,9 @@ class _Watch:
                         out = super().__call__(*args, **kwargs)
                 except utils.FailedJobError as e:
                     raise _Refused(str(e)) from e
+                held = _held_for_good(out)
+                if held:
+                    raise _Refused(f"reason {held}", what="SLURM took the jobs but can never start them (cancelled)")
                 watch.submitted = True
                 return out
 
@@ -382,7 +410,7 @@ def refusals() -> Iterator[None]:
         launcher = watch.start.launcher if watch.start else {}
         if watch.start is not None:
             watch.start.undo(watch.submitted)
-        message = refused.message or explain(refused.stderr, launcher, _sinfo())
+        message = refused.message or explain(refused.stderr, launcher, _sinfo(), refused.what)
         raise CarlosError(message) from refused.__cause__
     finally:
         _WATCH.reset(token)
