@@ -120,6 +120,7 @@ def check_output_dir(key: str, value: str) -> list[Path]:
     while not os.path.lexists(p):
         made.append(p)
         p = p.parent
+    times = os.stat(p) if os.path.isdir(p) else None
     try:
         for d in reversed(made):
             os.mkdir(d)
@@ -129,6 +130,9 @@ def check_output_dir(key: str, value: str) -> list[Path]:
         for d in made:
             with contextlib.suppress(OSError):
                 os.rmdir(d)
+        with contextlib.suppress(OSError):  # a refused command leaves even the directory's times as they were
+            if times and not os.path.lexists(made[-1]):
+                os.utime(p, ns=(times.st_atime_ns, times.st_mtime_ns))
     return made
 
 
