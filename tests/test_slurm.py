@@ -92,6 +92,44 @@ def test_a_sweep_runs_as_slurm_jobs_and_report_tables_them(tmp_path):
     assert len(rows) == 2 and all("| 10 |" in row for row in rows)
 
 
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under root (directories too) with its size and mtime."""
+    return {str(p.relative_to(root)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in root.rglob("*")}
+
+
+REFUSALS = {  # what the launcher asks of this node (no GPU, a few CPUs and GB) -> sbatch's words, the fix
+    "gres": ([], "Invalid generic resource (gres) specification", "hydra.launcher.gpus_per_node=0"),
+    "memory": (
+        ["hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1000000"],
+        "Memory specification can not be satisfied",
+        "hydra.launcher.mem_gb=",
+    ),
+    # more CPUs than any node: SLURM's default (EnforcePartLimits=NO) takes the job and holds it for good
+    "cpus": (
+        ["hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=100000", "hydra.launcher.mem_gb=1"],
+        "",
+        "hydra.launcher.cpus_per_task=",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_a_refused_submission_is_one_line_naming_the_fix_and_leaves_nothing_behind(tmp_path, case):
+    env = _prepared(tmp_path)
+    asked, said, fix = REFUSALS[case]
+    before, jobs = _tree(tmp_path), squeue_ids()
+    # the launcher's defaults (one GPU a job) on this cluster without GPUs, or what a node does not have
+    p = _carlos(
+        ["train", "-m", "hydra/launcher=submitit_slurm", *asked, "--workdir", "w", *TINY, "seed=1,2"], tmp_path, env
+    )
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("carlos: error: "), p.stderr  # no traceback, no echo of sbatch
+    assert said in lines[0] and fix in lines[0], lines[0]
+    assert _tree(tmp_path) == before  # no sweep directory, no pickles, no record of them: not even an mtime
+    assert squeue_ids() == jobs  # and no job left waiting
+
+
 def _wait_for(condition, seconds: float, what: str) -> None:
     deadline = time.time() + seconds
     while not condition():
