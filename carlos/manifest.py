@@ -295,7 +295,11 @@ class Manifest:
         """A new temporary directory in root, marked as carlos's, so that remove_stale takes it if a kill
         leaves it behind; built there, its files are renamed into place without a copy."""
         d = Path(tempfile.mkdtemp(prefix=prefix, dir=self.root))
-        Manifest(d).claim(d, kind="tree")
+        try:
+            Manifest(d).claim(d, kind="tree")
+        except BaseException:  # a full disk refuses even the mark
+            shutil.rmtree(d, ignore_errors=True)
+            raise
         return d
 
     def remove_stale(self, keep: Path | None = None) -> None:
