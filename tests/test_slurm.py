@@ -277,9 +277,9 @@ def test_ddp_over_two_slurm_tasks_matches_one_process_with_the_same_global_batch
         == [x[:2] for x in one_losses]
         == [(5, "val_loss"), (10, "train_loss"), (10, "val_loss")]
     )
-    assert all(
-        abs(a[2] - b[2]) <= 1e-5 for a, b in zip(ddp_losses, one_losses, strict=True)
-    )  # float sums in another order
+    # float sums in another order: up to 1.1e-5 apart on one host (5e-6 on another); a batch split wrongly
+    # between the ranks is off by 1e-2 and more
+    assert all(abs(a[2] - b[2]) <= 1e-4 for a, b in zip(ddp_losses, one_losses, strict=True))
 
 
 def test_optuna_trials_run_as_slurm_jobs_and_a_second_invocation_continues_the_study(tmp_path):
