@@ -6,7 +6,12 @@ import os
 import random
 from pathlib import Path
 
+# One torch thread, here and in every command a test starts (inherited through the environment): the
+# models are tiny, and on a loaded 2-core host two threads made a 12-step train 20 times slower
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
+import torch
 from hypothesis import settings
 from omegaconf import OmegaConf
 
@@ -15,6 +20,7 @@ from carlos.config import PrepareConfig, parse
 from carlos.model import GPTConfig
 from carlos.prepare import prepare
 
+torch.set_num_threads(1)  # also where torch was imported before this file set the environment
 settings.register_profile("suite", max_examples=60)
 settings.register_profile("deep", max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
