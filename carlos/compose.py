@@ -169,13 +169,7 @@ def validate(command: str, overrides: list[str], keys: list[str], multirun: bool
     from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
-    single = _first_of_each_sweep(overrides)
-    try:
-        cfg = compose(command, single, with_hydra=True)
-    except CarlosError:
-        raise
-    except Exception as e:  # noqa: BLE001 - Hydra reports composition errors in several types
-        raise CarlosError(_no_option(command, single) or _explain_hydra_error(e, keys)) from None
+    cfg = composed(command, _first_of_each_sweep(overrides), keys, with_hydra=True)
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     try:
         output_dir = str(OmegaConf.select(cfg, key, throw_on_missing=True))
@@ -184,6 +178,23 @@ def validate(command: str, overrides: list[str], keys: list[str], multirun: bool
     made = check_output_dir(key, output_dir)
     with open_dict(cfg):
         del cfg["hydra"]
+    check(command, cfg, overrides, multirun)
+    return made
+
+
+def composed(command: str, overrides: list[str], keys: list[str], with_hydra: bool = False):
+    """compose(), its failure told in one line that says what to fix (keys: the command's config keys)."""
+    try:
+        return compose(command, overrides, with_hydra=with_hydra)
+    except CarlosError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Hydra reports composition errors in several types
+        raise CarlosError(_no_option(command, overrides) or _explain_hydra_error(e, keys)) from None
+
+
+def check(command: str, cfg, overrides: list[str], multirun: bool = False) -> None:
+    """A composed config (without Hydra's node) against the command's schema, and the rules across keys
+    that hold before anything runs."""
     parsed = parse(cfg, SCHEMAS[command])
     slurm = any(o.replace(" ", "") == "hydra/launcher=submitit_slurm" for o in overrides)
     if command == "train" and multirun:
@@ -193,7 +204,6 @@ def validate(command: str, overrides: list[str], keys: list[str], multirun: bool
     if command == "bench":
         for name in ("train", "against"):
             _check_train_overrides(name, [str(o) for o in getattr(parsed, name)])
-    return made
 
 
 def _check_train_overrides(name: str, overrides: list[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 
 # One torch thread, here and in every command a test starts (inherited through the environment): the
@@ -115,6 +116,57 @@ def gpt_config(**settings) -> GPTConfig:
     """conf/model/baseline.yaml's model with vocabulary 256 and context 256, with settings changed."""
     baseline = OmegaConf.to_container(OmegaConf.load(conf_dir() / "model" / "baseline.yaml"))
     return GPTConfig(**{**baseline, "vocab_size": 256, "block_size": 256, **settings})
+
+
+# a tiny model (with a learned position table: several damaged-checkpoint cases are about it) and a run
+# that validates, checkpoints and logs every 2 steps
+TINY_MODEL = ["model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.d_ff=64", "model.pos=learned"]
+TINY_RUN = [*TINY_MODEL, "--micro_batch_size", "4", "--eval_interval", "2", "--ckpt_interval", "2"]
+TINY_RUN += ["--log_interval", "1", "--sample_tokens", "8", "--warmup_steps", "1"]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Path:
+    """A directory with corpus.txt and w: prepared from it (seq_len 32) and trained 4 steps with TINY_RUN
+    (checkpoints step_000002, step_000004, best and last), through carlos.cli.main in this process. Built
+    once for the whole session, pytest-xdist's workers included (the first builds it under a file lock,
+    the others wait and read it). Never change it: copy_trained puts a copy where a test needs one."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the session's, under xdist
+    root = shared / "trained"
+    with FileLock(str(shared / "trained.lock")):
+        if not (root / ".built").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            _build_trained(root)
+            (root / ".built").touch()
+    return root
+
+
+def _build_trained(root: Path) -> None:
+    from carlos.cli import main
+
+    make_corpus(root / "corpus.txt")
+    cwd, mode = Path.cwd(), os.environ.get("WANDB_MODE")
+    os.chdir(root)
+    os.environ["WANDB_MODE"] = "disabled"
+    try:
+        main(["prepare", "--input", "corpus.txt", "--workdir", "w", "--seq_len", "32"])
+        main(["train", "--workdir", "w", *TINY_RUN, "--max_steps", "4"])
+    finally:
+        os.chdir(cwd)
+        if mode is None:
+            os.environ.pop("WANDB_MODE")
+        else:
+            os.environ["WANDB_MODE"] = mode
+
+
+def copy_trained(trained: Path, to: Path) -> Path:
+    """The trained fixture's corpus.txt and w, copied into the directory `to` (made if missing); returns it."""
+    shutil.copytree(trained, to, symlinks=True, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".built"))
+    return to
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:

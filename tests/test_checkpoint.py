@@ -22,32 +22,14 @@ from carlos.cli import main
 from carlos.errors import CarlosError
 from carlos.generate import filter_logits, generate
 
-from .conftest import make_corpus
-
-TINY = ["model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.d_ff=64", "--micro_batch_size", "4"]
-TINY += ["--eval_interval", "2", "--ckpt_interval", "2", "--log_interval", "1", "--sample_tokens", "8"]
-TINY += ["--warmup_steps", "1", "--max_steps", "4"]
-TINY += ["model.pos=learned"]  # a position table: several of the damaged-checkpoint cases below change it
+from .conftest import copy_trained
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    """corpus.txt and w: prepared with seq_len 32, trained 4 steps (step_000002, step_000004, best, last)."""
-    root = tmp_path_factory.mktemp("ckpt")
-    make_corpus(root / "corpus.txt")
-    cwd, mode = Path.cwd(), os.environ.get("WANDB_MODE")
-    os.chdir(root)
-    os.environ["WANDB_MODE"] = "disabled"
-    try:
-        main(["prepare", "--input", "corpus.txt", "--seq_len", "32", "--workdir", "w"])
-        main(["train", "--workdir", "w", *TINY])
-    finally:
-        os.chdir(cwd)
-        if mode is None:
-            os.environ.pop("WANDB_MODE")
-        else:
-            os.environ["WANDB_MODE"] = mode
-    return root
+def root(trained, tmp_path_factory) -> Path:
+    """corpus.txt and w: prepared with seq_len 32, trained 4 steps (step_000002, step_000004, best, last)
+    with a learned position table, which several of the damaged-checkpoint cases below change."""
+    return copy_trained(trained, tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from carlos.lock import DirLock
 from carlos.manifest import RECORD, Manifest
 from carlos.ownership import RUN_LOCK, kinds_of, misplaced
 
-from .conftest import make_corpus
+from .conftest import copy_trained
 
 TINY = ["model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.d_ff=64", "--micro_batch_size", "4"]
 TINY += ["--eval_interval", "2", "--ckpt_interval", "2", "--sample_tokens", "4", "--warmup_steps", "1"]
@@ -34,17 +34,14 @@ CARLOS = str(Path(sys.executable).parent / "carlos")
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Path:
-    """corpus.txt; w: prepared (seq_len 32), its own run (4 steps, checkpoints at 2 and 4) and run A (2
-    steps); e: a safetensors export of w's best; job and bench: a sweep job's and a bench's directories,
-    their records made by hand (a real sweep or bench takes far longer)."""
-    root = tmp_path_factory.mktemp("ownership")
-    make_corpus(root / "corpus.txt")
+def site(trained, tmp_path_factory) -> Path:
+    """corpus.txt; w: prepared (seq_len 32), its own run (4 steps, checkpoints at 2 and 4: the session's
+    trained fixture) and run A (2 steps); e: a safetensors export of w's best; job and bench: a sweep
+    job's and a bench's directories, their records made by hand (a real sweep or bench takes far longer)."""
+    root = copy_trained(trained, tmp_path_factory.mktemp("ownership"))
     cwd = Path.cwd()
     os.chdir(root)
     try:
-        main(["prepare", "--input", "corpus.txt", "--workdir", "w", "--seq_len", "32"])
-        main(["train", "--workdir", "w", *TINY, "--max_steps", "4"])
         main(["train", "--workdir", "w", "--run", "A", *TINY, "--max_steps", "2"])
         main(["export", "--workdir", "w", "--out", "e"])
     finally:
