@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 
 # One torch thread, here and in every command a test starts (inherited through the environment): the
@@ -22,6 +23,11 @@ from carlos.model import GPTConfig
 from carlos.prepare import prepare
 
 torch.set_num_threads(1)  # also where torch was imported before this file set the environment
+# a suite started in the background (`make test &`, nohup) inherits SIGINT and SIGHUP ignored, and so would
+# every command a test starts: they get the defaults back, as the commands of a terminal's shell have them
+signal.signal(signal.SIGINT, signal.default_int_handler)
+if hasattr(signal, "SIGHUP"):
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 settings.register_profile("suite", max_examples=60)
 settings.register_profile("deep", max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))

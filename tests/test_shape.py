@@ -4,6 +4,7 @@ a README on one screen with the rest in docs/."""
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -13,6 +14,7 @@ LONGEST_FUNCTION = 60  # lines, decorators and docstring included
 LONGEST_README = 250
 
 
+@functools.cache
 def _modules() -> dict[str, ast.Module]:
     return {p.stem: ast.parse(p.read_text(encoding="utf-8")) for p in sorted(PACKAGE.glob("*.py"))}
 
