@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import make_corpus
+from .conftest import TINY_MODEL, copy_trained, make_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 CARLOS = str(Path(sys.executable).parent / "carlos")
@@ -41,7 +41,7 @@ def run(args, cwd, env=None, check=True):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def scripted(tmp_path_factory):
     """prepare and train once through the console script; the tests below read what it wrote."""
     cwd = tmp_path_factory.mktemp("cli")
     make_corpus(cwd / "corpus.txt")
@@ -50,9 +50,41 @@ def trained(tmp_path_factory):
     return cwd, out
 
 
+# one real run of each command through the console script, on a copy of the session's trained fixture:
+# (arguments, a file it writes, a word of what it prints); in `make test` although each takes seconds
+EACH = {
+    "prepare": (["corpus.txt", "--workdir", "p", "--seq_len", "32"], "p/splits.json", "prepared p: train"),
+    "train": (
+        ["--workdir", "w", "--run", "s", *TINY_MODEL, "--max_steps", "2", "--micro_batch_size", "4"],
+        "w/runs/s/checkpoints/last.pt",
+        "done: 2 steps",
+    ),
+    "eval": (["--workdir", "w", "--split", "test"], None, "bits-per-byte: "),
+    "sample": (["--workdir", "w", "--max_new_tokens", "8", "--seed", "3"], None, ""),
+    "export": (["--workdir", "w", "--out", "e"], "e/model.safetensors", "as safetensors to e"),
+    "report": (["w"], "w/report.png", "| w |"),
+    "bench": (["--input", "corpus.txt", "--workdir", "b", "output=null", "rounds=0"], "b/same_shape/splits.json", ""),
+}
+
+
+@pytest.mark.parametrize("command", EACH)
+def test_each_command_runs_through_the_console_script(command, trained, tmp_path):
+    args, writes, says = EACH[command]
+    copy_trained(trained, tmp_path)
+    before = set(tmp_path.rglob("*"))
+    p = run([CARLOS, command, *args], tmp_path, env={"WANDB_MODE": "disabled"})
+    assert says in p.stdout and p.stderr.strip() == "", (p.stdout, p.stderr)
+    if writes is not None:
+        assert (tmp_path / writes).is_file()
+    else:
+        assert set(tmp_path.rglob("*")) == before  # eval and sample only read
+    if command == "sample":
+        assert len(p.stdout.encode()) >= 8  # 8 new tokens (bytes; one the decoder cannot read shows as 3)
+
+
 @pytest.mark.slow
-def test_prepare_train_eval_sample_end_to_end(trained):
-    cwd, out = trained
+def test_prepare_train_eval_sample_end_to_end(scripted):
+    cwd, out = scripted
     w = cwd / "w"
     assert "parameters" in out.stdout and out.stdout.strip().splitlines()[-1].startswith("done: 12 steps")
     assert sorted(p.name for p in (w / "checkpoints").iterdir()) == [
@@ -148,8 +180,8 @@ def test_prepare_train_eval_sample_end_to_end(trained):
 
 
 @pytest.mark.slow
-def test_resume_and_refusal_through_the_cli(trained):
-    cwd, _ = trained
+def test_resume_and_refusal_through_the_cli(scripted):
+    cwd, _ = scripted
     refused = run([CARLOS, "train", "--workdir", "w", *TINY], cwd, check=False)
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]
