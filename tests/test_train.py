@@ -5,10 +5,12 @@ import math
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from carlos.callbacks import Checkpoints
 from carlos.errors import CarlosError
 from carlos.precision import resolve_precision
 from carlos.train import train
@@ -20,6 +22,18 @@ TOKENS_PER_STEP = 32 * 4 * 2  # seq_len * micro_batch_size * accumulate
 
 def records(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_best_pt_is_written_at_a_validation_only_when_its_loss_is_the_lowest_yet(tmp_path):
+    saved = []
+    trainer = SimpleNamespace(sanity_checking=False, should_stop=False, global_step=0)
+    trainer.save_checkpoint = lambda path, weights_only: saved.append((trainer.global_step, Path(path).name))
+    callback = Checkpoints(tmp_path, manifest=None, ckpt_interval=1000, eval_interval=1)
+    for step, loss in [(1, 3.0), (2, 2.0), (3, 2.5), (4, 1.5), (5, 1.5), (6, 1.7)]:
+        trainer.global_step = step
+        callback.on_validation_end(trainer, SimpleNamespace(val_metrics={"loss": loss, "bpb": loss / 2}))
+    assert saved == [(1, "best.pt"), (2, "best.pt"), (4, "best.pt")]  # a tie keeps the earlier step
+    assert callback.state_dict() == {"best": 1.5, "best_bpb": 0.75, "best_step": 4}
 
 
 def test_train_writes_the_original_scripts_layout(workdir):
