@@ -30,6 +30,7 @@ from .conftest import copy_trained
 
 TINY = ["model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.d_ff=64", "--micro_batch_size", "4"]
 TINY += ["--eval_interval", "2", "--ckpt_interval", "2", "--sample_tokens", "4", "--warmup_steps", "1"]
+TINY += ["model.pos=learned"]  # the model of the session's trained fixture, which w's own run is
 CARLOS = str(Path(sys.executable).parent / "carlos")
 
 
