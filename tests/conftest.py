@@ -155,18 +155,11 @@ def _build_trained(root: Path) -> None:
     from carlos.cli import main
 
     make_corpus(root / "corpus.txt")
-    cwd, mode = Path.cwd(), os.environ.get("WANDB_MODE")
-    os.chdir(root)
-    os.environ["WANDB_MODE"] = "disabled"
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("WANDB_MODE", "disabled")
         main(["prepare", "--input", "corpus.txt", "--workdir", "w", "--seq_len", "32"])
         main(["train", "--workdir", "w", *TINY_RUN, "--max_steps", "4"])
-    finally:
-        os.chdir(cwd)
-        if mode is None:
-            os.environ.pop("WANDB_MODE")
-        else:
-            os.environ["WANDB_MODE"] = mode
 
 
 def copy_trained(trained: Path, to: Path) -> Path:

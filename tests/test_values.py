@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import importlib
 import math
 import signal
 import sys
@@ -33,11 +34,8 @@ from carlos.compose import _explain_hydra_error, check, compose, composed, valid
 from carlos.config import SCHEMAS, config_keys, parse
 from carlos.errors import CarlosError
 
-from .conftest import copy_trained
+from .conftest import TINY_RUN, copy_trained
 
-TINY = ["model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.d_ff=64"]
-TINY_RUN = [*TINY, "--micro_batch_size", "4", "--eval_interval", "2", "--ckpt_interval", "2"]
-TINY_RUN += ["--log_interval", "1", "--sample_tokens", "4", "--warmup_steps", "1"]
 BASE = {
     "prepare": ["--input", "corpus.txt", "--workdir", "w", "--seq_len", "32", "--overwrite"],
     "train": ["--workdir", "w", *TINY_RUN, "--max_steps", "2", "--max_time", "6", "--overwrite"],
@@ -210,7 +208,7 @@ def test_a_value_is_refused_before_writing_or_reaches_the_command(
 def _record_config(command: str, monkeypatch) -> list:
     """The parsed config each run of the command receives, appended to the list returned."""
     module, name = RUNNERS[command].rsplit(".", 1)
-    real = getattr(sys.modules.get(module) or __import__(module, fromlist=[name]), name)
+    real = getattr(importlib.import_module(module), name)
     ran: list = []
 
     def record(cfg):
