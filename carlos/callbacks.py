@@ -20,10 +20,11 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from carlos.checkpoint import save_checkpoint, step_file
+from carlos.checkpoint import save_checkpoint
 from carlos.generate import generate
 from carlos.manifest import Manifest
 from carlos.module import diverged, finite
+from carlos.ownership import step_file
 
 
 class BeforeFirstStep(Callback):

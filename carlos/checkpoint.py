@@ -6,11 +6,8 @@ one-line CarlosError naming the file. Imports neither Lightning nor Hydra, so `c
 
 from __future__ import annotations
 
-import errno
-import os
 import pickle
 import re
-import stat
 import typing
 import zipfile
 from pathlib import Path
@@ -18,10 +15,10 @@ from pathlib import Path
 import torch
 
 from carlos.errors import CarlosError
-from carlos.files import kind_of, path_problem
 from carlos.manifest import Manifest
 from carlos.memory import check_fits, inference_bytes, num_params
 from carlos.model import GPT, GPTConfig, ModelConfigError
+from carlos.ownership import step_of
 from carlos.tokenizer import ByteTokenizer
 
 PREFIX = "model."  # CarlosLM keeps the GPT as self.model, so Lightning saves its weights as model.*
@@ -30,77 +27,12 @@ PREFIX = "model."  # CarlosLM keeps the GPT as self.model, so Lightning saves it
 # ---------------------------------------------------------------- names and writing
 
 
-def step_file(directory: Path, step: int, suffix: str = ".pt") -> Path:
-    """directory/step_XXXXXX<suffix>: a step's checkpoint (.pt), or its text sample (.txt)."""
-    return Path(directory) / f"step_{step:06d}{suffix}"
-
-
-def step_of(path: Path) -> int | None:
-    """The step of a step_XXXXXX file, None for any other name."""
-    number = path.stem.removeprefix("step_")
-    return int(number) if path.stem.startswith("step_") and number.isdigit() else None
-
-
 def save_checkpoint(manifest: Manifest, path: Path, checkpoint: dict) -> None:
     """torch.save written atomically (a kill mid-write leaves the old file), recorded as carlos's."""
     manifest.write(Path(path), lambda f: torch.save(checkpoint, f))
 
 
-# ---------------------------------------------------------------- finding and loading the file
-
-
-def _available(ckpts: Path) -> list[str]:
-    """Names of the regular checkpoint files (symlinks to one included) in a checkpoints directory."""
-    try:
-        return sorted(p.stem for p in ckpts.glob("*.pt") if not p.name.startswith(".") and p.is_file())
-    except OSError:
-        return []
-
-
-def not_a_file(path: Path) -> str | None:
-    """Why path is not a checkpoint file ("is a directory, not a checkpoint file", "is a symlink loop ..."),
-    or None when it is a regular file or nothing is there."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        if e.errno == errno.ENOENT and not os.path.islink(path):
-            return None
-        return path_problem(path, e)
-    return None if stat.S_ISREG(st.st_mode) else f"is {kind_of(st)}, not a checkpoint file"
-
-
-def resolve_checkpoint(workdir: str | Path, spec: str, run: str | None = None) -> Path:
-    """best, last, a step number (1000 -> checkpoints/step_001000.pt) or a path; of the workdir's own run,
-    or of the run named with --run."""
-    from carlos.ownership import run_dir
-
-    ckpts = run_dir(Path(os.path.expanduser(workdir)), run) / "checkpoints"
-    spec = str(spec)
-    if spec in ("best", "last"):
-        path = ckpts / f"{spec}.pt"
-    elif spec.isdigit():
-        path = step_file(ckpts, int(spec))
-    else:
-        path = Path(os.path.expanduser(spec))  # ~user of a user that does not exist stays as it is
-    why, home = not_a_file(path), Path(os.path.expanduser(workdir))
-    if why:
-        raise CarlosError(f"checkpoint '{spec}' at {path} {why}; {_elsewhere(ckpts, home)}")
-    if not path.is_file():
-        raise CarlosError(f"checkpoint '{spec}' not found at {path}; {_elsewhere(ckpts, home)}")
-    return path
-
-
-def _elsewhere(ckpts: Path, workdir: Path) -> str:
-    """Where checkpoints are: the others in the directory looked in, or the workdir's runs that have some."""
-    from carlos.ownership import trained_runs
-
-    have = _available(ckpts) if ckpts.is_dir() else []
-    if have:
-        return f"available: {', '.join(have)}"
-    runs = [r for r in trained_runs(workdir) if not (ckpts.parent == workdir and r.startswith("the workdir"))]
-    if runs:
-        return f"no checkpoints in {ckpts}; {workdir} has runs with checkpoints: {'; '.join(runs[:6])}"
-    return f"no checkpoints in {ckpts}; train first (carlos train)"
+# ---------------------------------------------------------------- loading the file
 
 
 def _unpickler_reason(e: Exception) -> str:

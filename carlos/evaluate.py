@@ -1,22 +1,31 @@
-"""Loss, perplexity and bits-per-byte: the sums of one batch, their summary, and `carlos eval`."""
+"""Loss, perplexity and bits-per-byte: the sums of one batch, their summary, and `carlos eval`.
+
+torch is imported by the functions that use it, so that `carlos eval` refuses a workdir or checkpoint
+that is not there before torch has loaded (about 1.5 s)."""
 
 from __future__ import annotations
 
 import json
 import math
-
-import numpy as np
-import torch
+import typing
 
 from carlos.config import EvalConfig
 from carlos.errors import CarlosError
-from carlos.model import GPT
+from carlos.ownership import resolve_checkpoint
 from carlos.tokenizer import BYTES
+from carlos.workdir import PreparedData
+
+if typing.TYPE_CHECKING:
+    import torch
+
+    from carlos.model import GPT
 
 
 def score_batch(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """[total nats, scored tokens, bytes of text among them] of one batch, as float64 on x's device.
     Targets of -1 are not scored; BOS/EOS targets count as tokens but not as bytes."""
+    import torch
+
     nats = model.loss(x, y, reduction="sum")
     scored = y >= 0
     text = scored & (y < BYTES)
@@ -35,13 +44,15 @@ def summarize(nats: float, tokens: float, n_bytes: float) -> dict[str, float]:
     }
 
 
-@torch.inference_mode()
 def score_split(model: GPT, dataset, batch_size: int, device: torch.device) -> dict[str, float]:
     """A deterministic full pass: every window once, in order."""
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for start in range(0, len(dataset), batch_size):
-        x, y = dataset[list(range(start, min(start + batch_size, len(dataset))))]
-        sums += score_batch(model, x.to(device), y.to(device))
+    import torch
+
+    with torch.inference_mode():
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        for start in range(0, len(dataset), batch_size):
+            x, y = dataset[list(range(start, min(start + batch_size, len(dataset))))]
+            sums += score_batch(model, x.to(device), y.to(device))
     return summarize(*sums.tolist())
 
 
@@ -61,20 +72,23 @@ def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int,
     return windows
 
 
-@torch.inference_mode()
 def score_sliding(model: GPT, tokens, context: int, stride: int, batch_size: int, device: torch.device) -> dict:
     """`carlos eval --stride N`: every target once, with up to `context` tokens before it (HF's perplexity
     recipe); the model runs on about context / stride times as many tokens as the standard pass."""
+    import numpy as np
+    import torch
+
     windows = sliding_windows(len(tokens), context, stride)
     context = min(context, len(tokens) - 1)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for i in range(0, len(windows), batch_size):
-        batch = windows[i : i + batch_size]
-        rows = torch.from_numpy(np.stack([tokens[s : s + context + 1] for s, _ in batch]).astype(np.int64))
-        x, y = rows[:, :-1], rows[:, 1:].clone()  # (B, context) each
-        for row, (_, first) in enumerate(batch):
-            y[row, :first] = -1  # scored by an earlier window
-        sums += score_batch(model, x.to(device), y.to(device))
+    with torch.inference_mode():
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        for i in range(0, len(windows), batch_size):
+            batch = windows[i : i + batch_size]
+            rows = torch.from_numpy(np.stack([tokens[s : s + context + 1] for s, _ in batch]).astype(np.int64))
+            x, y = rows[:, :-1], rows[:, 1:].clone()  # (B, context) each
+            for row, (_, first) in enumerate(batch):
+                y[row, :first] = -1  # scored by an earlier window
+            sums += score_batch(model, x.to(device), y.to(device))
     return summarize(*sums.tolist())
 
 
@@ -90,12 +104,11 @@ def _sliding(model: GPT, windows, context: int, stride: int, batch: int, device:
 
 def evaluate(cfg: EvalConfig) -> dict:
     """`carlos eval`: prints loss, perplexity and bpb of a checkpoint on a split; returns them."""
-    from carlos.checkpoint import build_model, check_checkpoint, load_checkpoint, pick_device, resolve_checkpoint
-    from carlos.memory import num_params
-    from carlos.workdir import PreparedData
-
     data = PreparedData.load(cfg.workdir)
     path = resolve_checkpoint(cfg.workdir, cfg.checkpoint, cfg.run)
+    from carlos.checkpoint import build_model, check_checkpoint, load_checkpoint, pick_device
+    from carlos.memory import num_params
+
     device = pick_device(cfg.device)
     ckpt = load_checkpoint(path)
     model_cfg, tok = check_checkpoint(ckpt, path)

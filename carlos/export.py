@@ -23,14 +23,14 @@ from typing import Any
 
 import torch
 
-from carlos.checkpoint import ADDED_MODEL_SETTINGS, build_model, check_checkpoint, load_checkpoint, resolve_checkpoint
+from carlos.checkpoint import ADDED_MODEL_SETTINGS, build_model, check_checkpoint, load_checkpoint
 from carlos.config import ExportConfig
 from carlos.errors import CarlosError
 from carlos.files import write_atomic, write_error
 from carlos.lock import DirLock
 from carlos.manifest import RECORD, Manifest
 from carlos.model import GPT, GPTConfig
-from carlos.ownership import Place
+from carlos.ownership import Place, resolve_checkpoint
 from carlos.tokenizer import BOS_ID, BYTES, EOS_ID, ByteTokenizer
 
 PROBE = "Exported from carlos: the same logits, byte for byte.\n"

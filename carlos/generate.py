@@ -1,23 +1,29 @@
 """Generate text with a KV cache from a checkpoint read by carlos/checkpoint.py. Imports neither Lightning
-nor Hydra's training pieces, so `carlos sample` starts fast."""
+nor Hydra's training pieces, and torch only in the functions that use it, so `carlos sample` starts fast
+and refuses a checkpoint that is not there before torch has loaded."""
 
 from __future__ import annotations
 
 import codecs
 import sys
+import typing
 from collections.abc import Callable
 
-import torch
-
-from carlos.checkpoint import load_checkpoint, model_from_checkpoint, pick_device, resolve_checkpoint
 from carlos.config import GenerateConfig
 from carlos.errors import CarlosError
-from carlos.model import GPT, KVCache
+from carlos.ownership import resolve_checkpoint
 from carlos.tokenizer import ByteTokenizer
+
+if typing.TYPE_CHECKING:
+    import torch
+
+    from carlos.model import GPT
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """Scaled logits with everything outside top-k and the top-p nucleus set to -inf."""
+    import torch
+
     if top_k and top_k < logits.size(-1):  # on the raw logits: scaling keeps the order but can create ties
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -46,7 +52,6 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return logits
 
 
-@torch.inference_mode()
 def generate(
     model: GPT,
     prompt: list[int],
@@ -60,34 +65,39 @@ def generate(
 ) -> list[int]:
     """New token ids after prompt. Uses a KV cache; when the context fills up, the window slides: the
     cache is rebuilt from the last three quarters of the context and decoding goes on."""
-    block = model.cfg.block_size
-    device = next(model.parameters()).device
-    cache = KVCache(model, 1, device, next(model.parameters()).dtype)
-    keep = max(1, block - block // 4)
-    context = list(prompt[-block:])
-    out: list[int] = []
-    logits = model(torch.tensor([context], device=device), cache)[0, -1]
-    for _ in range(max_new_tokens):
-        if not bool(torch.isfinite(logits).all()):  # finite weights can still overflow (a gain of 3e38)
-            raise CarlosError("the model's outputs are NaN or inf (its weights overflow); use another checkpoint")
-        if temperature == 0:
-            token = int(torch.argmax(logits))
-        else:
-            probs = torch.softmax(filter_logits(logits.float(), temperature, top_k, top_p), dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=generator))
-        out.append(token)
-        if on_token is not None:
-            on_token(token)
-        if token == eos_id:
-            break
-        context.append(token)
-        if cache.length == block:  # full: slide the window
-            context = context[-keep:]
-            cache.reset()
-            logits = model(torch.tensor([context], device=device), cache)[0, -1]
-        else:
-            logits = model(torch.tensor([[token]], device=device), cache)[0, -1]
-    return out
+    import torch
+
+    from carlos.model import KVCache
+
+    with torch.inference_mode():
+        block = model.cfg.block_size
+        device = next(model.parameters()).device
+        cache = KVCache(model, 1, device, next(model.parameters()).dtype)
+        keep = max(1, block - block // 4)
+        context = list(prompt[-block:])
+        out: list[int] = []
+        logits = model(torch.tensor([context], device=device), cache)[0, -1]
+        for _ in range(max_new_tokens):
+            if not bool(torch.isfinite(logits).all()):  # finite weights can still overflow (a gain of 3e38)
+                raise CarlosError("the model's outputs are NaN or inf (its weights overflow); use another checkpoint")
+            if temperature == 0:
+                token = int(torch.argmax(logits))
+            else:
+                probs = torch.softmax(filter_logits(logits.float(), temperature, top_k, top_p), dim=-1)
+                token = int(torch.multinomial(probs, 1, generator=generator))
+            out.append(token)
+            if on_token is not None:
+                on_token(token)
+            if token == eos_id:
+                break
+            context.append(token)
+            if cache.length == block:  # full: slide the window
+                context = context[-keep:]
+                cache.reset()
+                logits = model(torch.tensor([context], device=device), cache)[0, -1]
+            else:
+                logits = model(torch.tensor([[token]], device=device), cache)[0, -1]
+        return out
 
 
 class Utf8Stream:
@@ -119,6 +129,10 @@ def prompt_ids(tok: ByteTokenizer, prompt: str | None) -> list[int]:
 def sample(cfg: GenerateConfig) -> list[str]:
     """`carlos sample`: stream num_samples generations to stdout; returns their texts."""
     path = resolve_checkpoint(cfg.workdir, cfg.checkpoint, cfg.run)
+    import torch
+
+    from carlos.checkpoint import load_checkpoint, model_from_checkpoint, pick_device
+
     device = pick_device(cfg.device)
     model, tok = model_from_checkpoint(load_checkpoint(path), path, device)
     ids = prompt_ids(tok, cfg.prompt)

@@ -21,12 +21,14 @@ directory's outputs. Each is judged on the resolved path, so that no spelling of
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 from pathlib import Path
 
 from carlos.config import SPLITS
 from carlos.errors import CarlosError
-from carlos.files import MadeDirs
+from carlos.files import MadeDirs, kind_of, path_problem
 from carlos.lock import LOCK, DirLock
 from carlos.manifest import RECORD, Manifest
 
@@ -210,3 +212,67 @@ class Place:
 
     def __exit__(self, *exc: object) -> None:
         self._stack.__exit__(*exc)
+
+
+# ---------------------------------------------------------------- checkpoints: their names, found by name
+
+
+def step_file(directory: Path, step: int, suffix: str = ".pt") -> Path:
+    """directory/step_XXXXXX<suffix>: a step's checkpoint (.pt), or its text sample (.txt)."""
+    return Path(directory) / f"step_{step:06d}{suffix}"
+
+
+def step_of(path: Path) -> int | None:
+    """The step of a step_XXXXXX file, None for any other name."""
+    number = path.stem.removeprefix("step_")
+    return int(number) if path.stem.startswith("step_") and number.isdigit() else None
+
+
+def _available(ckpts: Path) -> list[str]:
+    """Names of the regular checkpoint files (symlinks to one included) in a checkpoints directory."""
+    try:
+        return sorted(p.stem for p in ckpts.glob("*.pt") if not p.name.startswith(".") and p.is_file())
+    except OSError:
+        return []
+
+
+def not_a_file(path: Path) -> str | None:
+    """Why path is not a checkpoint file ("is a directory, not a checkpoint file", "is a symlink loop ..."),
+    or None when it is a regular file or nothing is there."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ENOENT and not os.path.islink(path):
+            return None
+        return path_problem(path, e)
+    return None if stat.S_ISREG(st.st_mode) else f"is {kind_of(st)}, not a checkpoint file"
+
+
+def resolve_checkpoint(workdir: str | Path, spec: str, run: str | None = None) -> Path:
+    """best, last, a step number (1000 -> checkpoints/step_001000.pt) or a path; of the workdir's own run,
+    or of the run named with --run."""
+    ckpts = run_dir(Path(os.path.expanduser(workdir)), run) / "checkpoints"
+    spec = str(spec)
+    if spec in ("best", "last"):
+        path = ckpts / f"{spec}.pt"
+    elif spec.isdigit():
+        path = step_file(ckpts, int(spec))
+    else:
+        path = Path(os.path.expanduser(spec))  # ~user of a user that does not exist stays as it is
+    why, home = not_a_file(path), Path(os.path.expanduser(workdir))
+    if why:
+        raise CarlosError(f"checkpoint '{spec}' at {path} {why}; {_elsewhere(ckpts, home)}")
+    if not path.is_file():
+        raise CarlosError(f"checkpoint '{spec}' not found at {path}; {_elsewhere(ckpts, home)}")
+    return path
+
+
+def _elsewhere(ckpts: Path, workdir: Path) -> str:
+    """Where checkpoints are: the others in the directory looked in, or the workdir's runs that have some."""
+    have = _available(ckpts) if ckpts.is_dir() else []
+    if have:
+        return f"available: {', '.join(have)}"
+    runs = [r for r in trained_runs(workdir) if not (ckpts.parent == workdir and r.startswith("the workdir"))]
+    if runs:
+        return f"no checkpoints in {ckpts}; {workdir} has runs with checkpoints: {'; '.join(runs[:6])}"
+    return f"no checkpoints in {ckpts}; train first (carlos train)"

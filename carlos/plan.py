@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from carlos.checkpoint import PREFIX, check_checkpoint, device_type, load_checkpoint, not_a_file, step_of
+from carlos.checkpoint import PREFIX, check_checkpoint, device_type, load_checkpoint
 from carlos.config import WANDB_MODES, ModelConfig, TrainConfig
 from carlos.errors import CarlosError
 from carlos.files import printable, read_regular
@@ -24,7 +24,7 @@ from carlos.manifest import Manifest
 from carlos.memory import check_fits, num_params, training_bytes, validation_bytes
 from carlos.model import GPTConfig, ModelConfigError
 from carlos.optimization import check_optimization
-from carlos.ownership import LOGGER_DIRS, Place, run_dir
+from carlos.ownership import LOGGER_DIRS, Place, not_a_file, run_dir, step_of
 from carlos.precision import resolve_precision
 from carlos.sweep import in_multirun
 from carlos.workdir import PreparedData

@@ -25,12 +25,11 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
-from carlos.checkpoint import step_of
 from carlos.config import TrainConfig, parse, to_plain
 from carlos.errors import CarlosError, first_line, release_stop_handlers
 from carlos.lock import DirLock
 from carlos.manifest import Aside, Manifest
-from carlos.ownership import RUN_LOCK, RUN_OUTPUTS, Place
+from carlos.ownership import RUN_LOCK, RUN_OUTPUTS, Place, step_of
 from carlos.plan import RunPlan, is_leader, plan_run, run_dir_for
 from carlos.sweep import in_multirun
 from carlos.workdir import PreparedData

@@ -1,26 +1,28 @@
 """A prepared workdir read back: splits.json, tokenizer.json and the memory-mapped data/*.npy windows
 (the layout of the directories carlos writes is carlos/ownership.py's).
 
-Apart from the Lightning DataModule (carlos/data.py), so that eval, and train's checks of the workdir,
-do not wait for Lightning to import before they can refuse a workdir.
+Apart from the Lightning DataModule (carlos/data.py), and without importing torch until a batch is
+fetched, so that eval, and train's checks of the workdir, refuse a workdir before torch or Lightning load.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 from carlos.config import SPLITS
 from carlos.errors import CarlosError
 from carlos.files import read_regular
 from carlos.lock import preparing
 from carlos.tokenizer import ByteTokenizer
+
+if typing.TYPE_CHECKING:
+    import torch
 
 
 def unprepared(workdir: Path, why: str) -> CarlosError:
@@ -83,7 +85,7 @@ class PreparedData:
         return WindowDataset(arr, n_tokens=int(self.info["tokens"][split]), shifted=shifted)
 
 
-class WindowDataset(Dataset):
+class WindowDataset:
     """Windows of seq_len+1 tokens; item = (inputs, targets), fetched for a whole batch at once.
 
     Indexed by a list of window indices (evaluation), or with shifted=True by a list of token start
@@ -115,6 +117,8 @@ class WindowDataset(Dataset):
         return tokens
 
     def __getitem__(self, items: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         L = self.seq_len
         if self.shifted:
             starts = np.asarray(items, dtype=np.int64)
