@@ -209,7 +209,7 @@ def _check_weights(tensors: dict[str, torch.Tensor], cfg: GPTConfig) -> None:
     try:
         with torch.device("meta"):  # names and shapes only: nothing is allocated
             shapes = {PREFIX + k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
-    except (RuntimeError, OverflowError) as e:  # e.g. rotary tables for a block_size beyond int64
+    except (RuntimeError, OverflowError, TypeError) as e:  # e.g. rotary tables for a block_size beyond int64
         raise ValueError(f"its model settings cannot be built ({str(e).splitlines()[0][:100]})") from None
     _same_keys("its weights", " for its model settings", list(shapes), list(tensors), "unexpected", limit=3)
     for key, shape in shapes.items():

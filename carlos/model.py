@@ -82,6 +82,8 @@ def _norm(cfg: GPTConfig) -> nn.Module:
 
 def rope_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, each (length, head_dim // 2), of the rotation angles pos * base^(-2i / head_dim)."""
+    if torch.empty(0).is_meta:  # shapes only: arange on the meta device would import torch._dynamo (1.5 s)
+        return torch.empty(length, head_dim // 2), torch.empty(length, head_dim // 2)
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (length, head_dim // 2)
     return angles.cos(), angles.sin()
@@ -171,12 +173,18 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding; left uninitialized on the meta device (shapes only), where its init would import
+    torch._dynamo (1.5 s)."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim)) if torch.empty(0).is_meta else nn.Embedding(num, dim)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos == "learned" else None
+        self.tok_emb = _embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = _embedding(cfg.block_size, cfg.d_model) if cfg.pos == "learned" else None
         if cfg.pos == "rope":
             cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.block_size, cfg.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -186,7 +194,8 @@ class GPT(nn.Module):
         self.ln_f = _norm(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # tied input and output embeddings
-        self.apply(self._init_weights)
+        if not self.head.weight.is_meta:  # built on the meta device for its names and shapes only
+            self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
         # GPT-2: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layers)
