@@ -21,10 +21,12 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from carlos.checkpoint import save_checkpoint
-from carlos.generate import generate
+from carlos.config import SampleConfig
+from carlos.generate import generate, prompt_ids
 from carlos.manifest import Manifest
 from carlos.module import diverged, finite
 from carlos.ownership import step_file
+from carlos.tokenizer import ByteTokenizer
 
 
 class BeforeFirstStep(Callback):
@@ -142,26 +144,12 @@ class TrainMetrics(StepCallback):
 class SampleText(Callback):
     """After each validation, sample.tokens tokens from sample.prompt into samples/step_XXXXXX.txt (and W&B)."""
 
-    def __init__(
-        self,
-        samples_dir: Path,
-        manifest: Manifest,
-        prompt_ids: list[int],
-        prompt: str,
-        tokens: int,
-        temperature: float,
-        top_k: int,
-        top_p: float,
-        seed: int,
-        eos_id: int | None,
-    ) -> None:
-        self.dir, self.manifest = samples_dir, manifest
-        self.prompt_ids, self.prompt, self.tokens = prompt_ids, prompt, tokens
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.seed, self.eos_id = seed, eos_id
+    def __init__(self, samples_dir: Path, manifest: Manifest, sample: SampleConfig, seed: int, tok: ByteTokenizer):
+        self.dir, self.manifest, self.sample, self.seed = samples_dir, manifest, sample, seed
+        self.prompt_ids, self.eos_id = prompt_ids(tok, sample.prompt), tok.eos_id
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
-        if trainer.sanity_checking or self.tokens <= 0 or not trainer.is_global_zero:
+        if trainer.sanity_checking or self.sample.tokens <= 0 or not trainer.is_global_zero:
             return
         step = trainer.global_step
         model = pl_module.model
@@ -169,9 +157,10 @@ class SampleText(Callback):
         model.eval()
         # a private generator: sampling must not move the training RNG
         gen = torch.Generator(device=pl_module.device).manual_seed(self.seed + step)
-        ids = generate(model, self.prompt_ids, self.tokens, self.temperature, self.top_k, self.top_p, gen, self.eos_id)
+        s = self.sample
+        ids = generate(model, self.prompt_ids, s.tokens, s.temperature, s.top_k, s.top_p, gen, self.eos_id)
         model.train(was_training)
-        text = self.prompt + bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        text = s.prompt + bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
         self.manifest.write(step_file(self.dir, step, ".txt"), lambda f: f.write(text.encode("utf-8")))
         for logger in trainer.loggers:
             if hasattr(logger, "log_text"):

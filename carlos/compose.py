@@ -198,9 +198,7 @@ def check(command: str, cfg, overrides: list[str], multirun: bool = False) -> No
     parsed = parse(cfg, SCHEMAS[command])
     slurm = any(o.replace(" ", "") == "hydra/launcher=submitit_slurm" for o in overrides)
     if command == "train" and multirun:
-        parsed.refuse_run_in_sweep()
-    if command == "train" and multirun and not slurm and parsed.trainer.several_processes:
-        parsed.trainer.refuse_in_sweep()
+        parsed.check_in_sweep(ranks_started=slurm)
     if command == "bench":
         for name in ("train", "against"):
             _check_train_overrides(name, [str(o) for o in getattr(parsed, name)])

@@ -246,13 +246,6 @@ class TrainerConfig:
         many = str(self.devices) not in ("1", "auto") or self.num_nodes > 1
         return many and ("ddp" in str(self.strategy) or str(self.strategy) == "auto")
 
-    def refuse_in_sweep(self) -> None:
-        raise CarlosError(
-            f"trainer.devices={self.devices} (DDP) cannot run inside a multirun job on this launcher: use "
-            "hydra/launcher=submitit_slurm with hydra.launcher.tasks_per_node equal to trainer.devices, "
-            "or run it on its own without -m"
-        )
-
 
 @dataclass
 class SampleConfig:
@@ -411,11 +404,19 @@ class TrainConfig:
         if not isinstance(warmup, int) or warmup < 0:
             raise CarlosError(f"schedule.warmup_steps must be an integer >= 0, got {warmup!r}")
 
-    def refuse_run_in_sweep(self) -> None:
+    def check_in_sweep(self, ranks_started: bool) -> None:
+        """A sweep's job: --run would give every job the same directory, and DDP needs each rank started
+        for it (ranks_started: SLURM's tasks), since a job has no command line for Lightning to re-run."""
         if self.run:
             raise CarlosError(
                 "--run names one run, and each job of a sweep gets a directory of its own under WORKDIR/sweeps/; "
                 "drop --run (to name the sweep's directory, pass hydra.sweep.dir=WORKDIR/sweeps/NAME)"
+            )
+        if self.trainer.several_processes and not ranks_started:
+            raise CarlosError(
+                f"trainer.devices={self.trainer.devices} (DDP) cannot run inside a multirun job on this launcher: use "
+                "hydra/launcher=submitit_slurm with hydra.launcher.tasks_per_node equal to trainer.devices, "
+                "or run it on its own without -m"
             )
 
 

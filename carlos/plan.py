@@ -65,7 +65,7 @@ def run_dir_for(config: TrainConfig) -> Path:
 
     if not in_multirun():
         return run_dir(Path(os.path.expanduser(config.workdir)), config.run)
-    config.refuse_run_in_sweep()
+    config.check_in_sweep(ranks_started="SLURM_NTASKS" in os.environ)
     return Path(HydraConfig.get().runtime.output_dir)
 
 
@@ -87,7 +87,6 @@ def is_leader(config: TrainConfig) -> bool:
 def plan_run(composed: DictConfig, config: TrainConfig, data: PreparedData, place: Place, leader: bool) -> RunPlan:
     """Every check a run can fail, in order: resume, files in the way, model, precision, machine, optimizer,
     W&B. Imports neither Lightning nor wandb."""
-    _check_ddp_in_sweep(config)
     manifest, run_dir = place.manifest, place.path
     resume = _resume_from(config, run_dir, manifest, leader)
     resumed = _resume_state(resume) if resume else None
@@ -123,13 +122,6 @@ def _check_context(lengths: list[int], seq_len: int) -> None:
                 f"data.context_schedule={lengths}: {n} does not divide the prepared seq_len {seq_len} into shorter "
                 "windows; give divisors of it below it"
             )
-
-
-def _check_ddp_in_sweep(config: TrainConfig) -> None:
-    """A multirun job is called as a function by Hydra's launcher: there is no command line for
-    Lightning to re-run for the other ranks. Under SLURM each rank is a task of its own."""
-    if config.trainer.several_processes and in_multirun() and "SLURM_NTASKS" not in os.environ:
-        config.trainer.refuse_in_sweep()
 
 
 # ---------------------------------------------------------------- resuming

@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # Lightning takes seconds to import: train imports it only on
     import lightning as L
     from lightning.pytorch.loggers import Logger
 
-    from carlos.callbacks import Checkpoints, Preemption, SampleText, TrainMetrics
+    from carlos.callbacks import Checkpoints, Preemption, TrainMetrics
     from carlos.loggers import JsonlLogger
     from carlos.module import CarlosLM
 
@@ -102,7 +102,7 @@ def build_run(plan: RunPlan) -> Run:
     num_nodes here, still before anything is written."""
     import lightning as L
 
-    from carlos.callbacks import BeforeFirstStep, Checkpoints, Preemption, ProgressBar, TrainMetrics
+    from carlos.callbacks import BeforeFirstStep, Checkpoints, Preemption, ProgressBar, SampleText, TrainMetrics
     from carlos.loggers import JsonlLogger, LineLogger, lightning_loggers
 
     config, run_dir = plan.config, plan.run_dir
@@ -115,7 +115,8 @@ def build_run(plan: RunPlan) -> Run:
     # first: opening the run directory waits until Lightning has set up and restored the run, so a
     # checkpoint whose training state does not load is refused before anything is written
     first = BeforeFirstStep(lambda: open_run_dir(run))
-    callbacks = [first, metrics, _sample_text(plan), checkpoints, preemption]
+    text = SampleText(run_dir / "samples", plan.manifest, config.sample, config.seed, plan.data.tokenizer)
+    callbacks = [first, metrics, text, checkpoints, preemption]
     terminal = sys.stdout.isatty()
     if terminal:
         callbacks.append(ProgressBar(metrics))
@@ -140,20 +141,6 @@ def build_run(plan: RunPlan) -> Run:
         raise CarlosError(f"Lightning refused the trainer settings: {first_line(e)}") from None
     run = Run(plan, trainer, metrics, checkpoints, preemption, jsonl, loggers)
     return run  # open_run_dir(run), above, runs once Lightning has restored the run
-
-
-def _sample_text(plan: RunPlan) -> SampleText:
-    """The text sample written after each validation."""
-    from carlos.callbacks import SampleText
-    from carlos.generate import prompt_ids
-
-    sample, tokenizer = plan.config.sample, plan.data.tokenizer
-    prompt = prompt_ids(tokenizer, sample.prompt)
-    text = SampleText(
-        plan.run_dir / "samples", plan.manifest, prompt, sample.prompt, sample.tokens, sample.temperature,
-        sample.top_k, sample.top_p, plan.config.seed, tokenizer.eos_id,
-    )  # fmt: skip
-    return text
 
 
 def _trainer_arguments(plan: RunPlan) -> dict:
