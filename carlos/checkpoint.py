@@ -6,6 +6,7 @@ one-line CarlosError naming the file. Imports neither Lightning nor Hydra, so `c
 
 from __future__ import annotations
 
+import math
 import pickle
 import re
 import typing
@@ -201,16 +202,15 @@ def _check_weights(tensors: dict[str, torch.Tensor], cfg: GPTConfig) -> None:
     if held != cfg.n_layers:
         layers = f"{held} layer{'' if held == 1 else 's'}"
         raise ValueError(f"its model settings say n_layers={cfg.n_layers} but its weights hold {layers}")
-    # the head is tied to the embedding, and the state dict holds it under both names
-    expected = num_params(cfg) + cfg.vocab_size * cfg.d_model
-    have = sum(t.numel() for t in tensors.values())
-    if expected > 2 * have:  # an absurd claim (block_size 1e9): refused before even an empty model is built
-        raise ValueError(f"its model settings describe {expected:,} parameters but its weights hold {have:,}")
     try:
         with torch.device("meta"):  # names and shapes only: nothing is allocated
             shapes = {PREFIX + k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
     except (RuntimeError, OverflowError, TypeError) as e:  # e.g. rotary tables for a block_size beyond int64
         raise ValueError(f"its model settings cannot be built ({str(e).splitlines()[0][:100]})") from None
+    expected = sum(math.prod(shape) for shape in shapes.values())  # the tied head counted twice, as saved
+    have = sum(t.numel() for t in tensors.values())
+    if expected > 2 * have:  # an absurd claim (block_size 1e9): refused before any of it is compared
+        raise ValueError(f"its model settings describe {expected:,} parameters but its weights hold {have:,}")
     _same_keys("its weights", " for its model settings", list(shapes), list(tensors), "unexpected", limit=3)
     for key, shape in shapes.items():
         if tuple(tensors[key].shape) != shape:
