@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from carlos.config import SUITE_CORPORA
-from carlos.suite import CORPORA, LOCALES, mo_messages, render_suite, suite_runs
+from carlos.bench.suite import CORPORA, LOCALES, mo_messages, render_suite, suite_runs
 
 
 def test_every_suite_corpus_has_a_builder():
