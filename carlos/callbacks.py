@@ -26,6 +26,7 @@ from carlos.generate import generate, prompt_ids
 from carlos.manifest import Manifest
 from carlos.module import diverged, finite
 from carlos.ownership import step_file
+from carlos.private import set_stop_flag, stop_flag
 from carlos.tokenizer import ByteTokenizer
 
 
@@ -273,7 +274,7 @@ class Preemption(StepCallback):
 
     def _notice(self, signum: int, frame: Any) -> None:
         self.signum = signum
-        self.trainer._signal_connector.received_sigterm = True  # Lightning's stop flag (see the class doc)
+        set_stop_flag(self.trainer, True)  # Lightning's stop flag (see the class doc)
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl+C aborts at once
             if self.trainer.is_global_zero:
@@ -282,11 +283,12 @@ class Preemption(StepCallback):
     def on_micro_batch_end(self, trainer: L.Trainer, pl_module, step: int, boundary: bool) -> None:
         # Lightning stops right after this batch; mid-accumulation, hold the flag back to the step's end,
         # or the resumed run would count its micro-batches from a shifted boundary
-        connector = trainer._signal_connector
-        if connector.received_sigterm and not boundary:
-            connector.received_sigterm, self.pending = False, True
+        if stop_flag(trainer) and not boundary:
+            set_stop_flag(trainer, False)
+            self.pending = True
         elif self.pending and boundary:
-            connector.received_sigterm, self.pending = True, False
+            set_stop_flag(trainer, True)
+            self.pending = False
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.global_step == 0:

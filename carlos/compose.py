@@ -28,16 +28,14 @@ def prefer_carlos_hydra_configs() -> None:
     one as the file's schema: deprecated since Hydra 1.1, and refused when that schema has a defaults
     list, as Optuna's has. The plugins register when Hydra's plugin scan runs their modules, once a
     process: so the scan runs here first, then the entries that carlos's files replace are dropped."""
-    from hydra.core.config_store import ConfigStore
     from hydra.core.plugins import Plugins
+
+    from carlos.private import drop_registered
 
     Plugins.instance()  # the scan (later calls return the same instance and do not scan again)
     root = conf_dir() / "hydra"
     for path in root.rglob("*.yaml"):
-        node = ConfigStore.instance().repo.get("hydra", {})
-        for part in path.relative_to(root).parent.parts:
-            node = node.get(part, {})
-        node.pop(path.name, None)
+        drop_registered(path.relative_to(root).parent.parts, path.name)
 
 
 @contextlib.contextmanager

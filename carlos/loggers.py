@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from carlos.files import write_error
 from carlos.manifest import Manifest
 from carlos.ownership import LOGGER_DIRS
+from carlos.private import drop_anonymous
 
 if TYPE_CHECKING:
     from carlos.plan import RunPlan
@@ -123,8 +124,7 @@ def lightning_loggers(plan: RunPlan) -> list[Logger]:
         from lightning.pytorch.loggers import WandbLogger
 
         wandb = WandbLogger(**plan.wandb)
-        # Lightning passes anonymous=None, which wandb >= 0.19 answers with a deprecation warning on every run
-        getattr(wandb, "_wandb_init", {}).pop("anonymous", None)
+        drop_anonymous(wandb)
         loggers.append(wandb)
     return loggers
 

@@ -12,6 +12,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_method, instantiate
 
 from carlos.errors import CarlosError, first_line, nearest
+from carlos.private import muon_parts
 
 # ---------------------------------------------------------------- lr schedules
 # Written as closed-form functions of the step rather than chained torch schedulers: one formula is
@@ -161,16 +162,15 @@ def blockwise_muon(p: torch.Tensor, state: dict, group: dict) -> None:
     """torch's Muon step (torch.optim._muon._single_tensor_muon) for a matrix of p.stacked blocks stacked
     on its rows, each orthogonalized and lr-scaled on its own (modded-nanogpt's Q, K and V). Written here because
     torch's Muon takes whole parameters only; the momentum buffer is torch's, so checkpoints do not change."""
-    from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
-
+    orthogonalize, adjust_lr = muon_parts()
     lr, momentum, grad = group["lr"], group["momentum"], p.grad
     buf = state.setdefault("momentum_buffer", torch.zeros_like(grad, memory_format=torch.preserve_format))
     buf.lerp_(grad, 1 - momentum)
     update = grad.lerp(buf, momentum) if group["nesterov"] else buf
     p.mul_(1 - lr * group["weight_decay"])
     for block, u in zip(p.chunk(p.stacked), update.chunk(p.stacked), strict=True):
-        u = _zeropower_via_newtonschulz(u, group["ns_coefficients"], group["ns_steps"], group["eps"])
-        block.add_(u, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], block.shape))
+        u = orthogonalize(u, group["ns_coefficients"], group["ns_steps"], group["eps"])
+        block.add_(u, alpha=-adjust_lr(lr, group["adjust_lr_fn"], block.shape))
 
 
 # ---------------------------------------------------------------- building from config

@@ -308,24 +308,6 @@ def test_resume_without_last_pt_continues_from_the_newest_step_file(workdir, cap
     assert torch.load(workdir / "checkpoints" / "last.pt", weights_only=True)["global_step"] == 12
 
 
-def test_lightning_still_reads_the_sigterm_flag_that_preemption_sets():
-    """carlos's graceful stop (callbacks.Preemption) sets Lightning's private trainer._signal_connector
-    .received_sigterm, which Lightning's loops read through trainer.received_sigterm. pyproject.toml bounds
-    lightning below the next minor release; this says what to fix when a release moves the flag."""
-    import lightning as L
-
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    connector = getattr(trainer, "_signal_connector", None)
-    moved = (
-        f"lightning {L.__version__} moved trainer._signal_connector.received_sigterm, which carlos's Preemption "
-        "callback sets to stop a run at a step boundary; update carlos/callbacks.py and the lightning bound"
-    )
-    assert connector is not None and hasattr(connector, "received_sigterm"), moved
-    assert trainer.received_sigterm is False
-    connector.received_sigterm = True
-    assert trainer.received_sigterm is True, moved
-
-
 def test_weight_decay_auto_follows_the_epochs_of_the_budget(workdir, capsys):
     train(train_cfg(workdir, "regularization.epochs=[0.01,100]", "regularization.weight_decay=[0.0,0.9]"))
     train_tokens = json.loads((workdir / "splits.json").read_text())["tokens"]["train"]
