@@ -5,8 +5,9 @@ A second writer is refused in one line naming the holder. The lock is the operat
 `kill -9` or a node that went down does not block the next command. The file only tells who holds it.
 
 Written here rather than with the filelock package (a dependency of torch) because filelock truncates
-the lock file on every attempt, so a refused second writer could not read who holds it, and it has no
-shared mode, which the jobs of a sweep need to read one prepared workdir side by side.
+the lock file on every attempt, so a refused second writer could not read who holds it, and its shared
+mode (ReadWriteLock) is a SQLite database, not a lock on this file; the jobs of a sweep need a shared lock
+to read one prepared workdir side by side.
 """
 
 from __future__ import annotations
