@@ -4,10 +4,10 @@ A second writer is refused in one line naming the holder. The lock is the operat
 (flock on POSIX, a byte-range lock on Windows), so it dies with its process: a lock left by
 `kill -9` or a node that went down does not block the next command. The file only tells who holds it.
 
-Written here rather than with the filelock package (a dependency of torch) because filelock truncates
-the lock file on every attempt, so a refused second writer could not read who holds it, and its shared
-mode (ReadWriteLock) is a SQLite database, not a lock on this file; the jobs of a sweep need a shared lock
-to read one prepared workdir side by side.
+Written here rather than with the filelock package (a dependency of torch) because filelock's locks on a
+file are exclusive only (its ReadWriteLock is a SQLite database, not a lock on this file), and the jobs of
+a sweep need a shared lock to read one prepared workdir side by side; filelock 3 also truncated the file on
+every attempt, so a refused second writer could not read who holds it.
 """
 
 from __future__ import annotations
