@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from carlos.config import TrainDataConfig
 from carlos.workdir import PreparedData, WindowDataset
 
 
@@ -80,26 +81,18 @@ def eval_loader(dataset: WindowDataset, batch_size: int, rank: int = 0, world: i
 
 
 class ByteDataModule(L.LightningDataModule):
-    def __init__(
-        self,
-        data: PreparedData,
-        micro_batch_size: int,
-        eval_batch_size: int,
-        seed: int,
-        num_workers: int = 0,
-        random_offsets: bool = True,
-    ) -> None:
+    """The prepared splits as batches: `data`'s settings (micro_batch_size, eval_batch_size, num_workers,
+    random_offsets) and the run's seed."""
+
+    def __init__(self, prepared: PreparedData, data: TrainDataConfig, seed: int) -> None:
         super().__init__()
-        self.data = data
-        self.random_offsets = random_offsets
-        self.micro_batch_size = micro_batch_size
-        self.eval_batch_size = eval_batch_size
-        self.seed = seed
-        self.num_workers = num_workers
+        self.prepared, self.seed = prepared, seed
+        self.random_offsets, self.num_workers = data.random_offsets, data.num_workers
+        self.micro_batch_size, self.eval_batch_size = data.micro_batch_size, data.eval_batch_size
 
     def setup(self, stage: str) -> None:
-        self.train_set = self.data.windows("train", shifted=self.random_offsets)
-        self.val_set = self.data.windows("val")
+        self.train_set = self.prepared.windows("train", shifted=self.random_offsets)
+        self.val_set = self.prepared.windows("val")
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer

@@ -293,11 +293,7 @@ def fit(run: Run) -> tuple[CarlosLM, float]:
     )  # fmt: skip
     if plan.init is not None:  # fine-tuning: the weights only; the optimizer, step and schedule start anew
         module.model.load_state_dict(plan.init)
-    batches = config.data
-    datamodule = ByteDataModule(
-        data, batches.micro_batch_size, batches.eval_batch_size, config.seed, batches.num_workers,
-        batches.random_offsets,
-    )  # fmt: skip
+    datamodule = ByteDataModule(data, config.data, config.seed)
     if trainer.is_global_zero:
         _print_start(run, module)
     release_stop_handlers()  # Lightning's graceful stop (and Preemption's) is the only one while it trains
