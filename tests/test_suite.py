@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from carlos.config import SUITE_CORPORA
 from carlos.bench.suite import CORPORA, LOCALES, mo_messages, render_suite, suite_runs
+from carlos.config import SUITE_CORPORA
 
 
 def test_every_suite_corpus_has_a_builder():
