@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from carlos.compose import compose, conf_dir, prefer_carlos_hydra_configs, validate
-from carlos.config import config_keys
+from carlos.config import SCHEMAS, config_keys, text_keys
 from carlos.errors import CarlosError, guarded, nearest, stop_handlers
 
 COMMANDS = ("prepare", "train", "eval", "sample", "export", "bench", "report")
@@ -112,31 +112,7 @@ SCRIPT_FLAGS: dict[str, dict[str, str]] = {
         "device": "device",
     },
 }
-# keys whose values are always text, even when they look like numbers (a prompt of "42")
-TEXT_KEYS = {
-    "run",
-    "glob",
-    "init_from",
-    "wandb.tags",
-    "input",
-    "workdir",
-    "checkpoint",
-    "split",
-    "prompt",
-    "sample.prompt",
-    "data.separator",
-    "wandb.project",
-    "wandb.entity",
-    "wandb.run_name",
-    "wandb.mode",
-    "trainer.max_time",
-    "trainer.precision",
-    "device",
-    "output",
-    "train",
-    "format",
-    "out",
-}
+TEXT_KEYS = set().union(*map(text_keys, SCHEMAS.values()))  # values that stay text, as written
 # text keys whose values never hold a comma: in a sweep (-m), a flag's comma separates the values to sweep
 CHOICE_KEYS = {"trainer.precision", "trainer.max_time", "wandb.mode", "split", "device", "format"}
 RENAMED_KEYS = {"sample.prefix": "sample.prompt"}  # old name -> new name; the old one keeps working

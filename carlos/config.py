@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, fields
+import typing
+from dataclasses import dataclass, fields, is_dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -598,6 +599,19 @@ def parse(cfg: DictConfig, schema: type[T]) -> T:
         raise CarlosError(
             f"invalid value for '{getattr(e, 'full_key', '?')}': {msg}; write a literal $ as \\$"
         ) from None
+
+
+def text_keys(schema: type, prefix: str = "") -> set[str]:
+    """The keys of a schema whose values are text (str, str | None, list[str]), which a value given on the
+    command line stays even when it looks like a number (a prompt of "42", a run named 7)."""
+    keys: set[str] = set()
+    for name, kind in typing.get_type_hints(schema).items():
+        inner = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
+        if is_dataclass(inner[0]):
+            keys |= text_keys(inner[0], f"{prefix}{name}.")
+        elif str in inner and typing.get_origin(kind) is not dict:
+            keys.add(prefix + name)
+    return keys
 
 
 def to_plain(cfg: DictConfig | ListConfig) -> Any:
