@@ -95,22 +95,6 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _type_problem(name: str, value, want: type) -> str | None:
-    """Why a model setting is not of its GPTConfig field's type (bool is not an int here)."""
-    if want is bool:
-        ok = isinstance(value, bool)
-    elif want is float:  # an int is a fine float (YAML writes 0 for 0.0)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif want is int:
-        ok = _is_int(value)
-    elif want == float | None:
-        ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
-    else:
-        ok = isinstance(value, want)
-    kind = "a number or None" if want == float | None else want.__name__
-    return None if ok else f"model.{name} is {_short(value)} ({type(value).__name__}), not {kind}"
-
-
 def _same_keys(what: str, after: str, want: list, have: list, odd: str, limit: int | None = None) -> None:
     """ValueError naming the keys missing from have and those it has beyond want."""
     have_set, want_set = set(have), set(want)
@@ -133,15 +117,7 @@ def _model_config(meta: dict) -> GPTConfig:
     if not isinstance(model, dict):
         raise ValueError(f"its model settings are {'missing' if model is None else type(model).__name__}, not a dict")
     model = meta["model"] = {**model, **{k: v for k, v in ADDED_MODEL_SETTINGS.items() if k not in model}}
-    want = typing.get_type_hints(GPTConfig)  # the fields' types (their annotations are text here)
-    _same_keys("its model settings", "", list(want), list(model), "unknown")
-    for name, kind in want.items():
-        problem = _type_problem(name, model[name], kind)
-        if problem:
-            raise ValueError(problem)
-    d_model, n_heads = model["d_model"], model["n_heads"]
-    if d_model > 0 and n_heads > 0 and d_model % n_heads:  # before GPTConfig, whose message lists every divisor
-        raise ValueError(f"model.n_heads={n_heads} does not divide model.d_model={d_model}")
+    _same_keys("its model settings", "", list(typing.get_type_hints(GPTConfig)), list(model), "unknown")
     try:
         return GPTConfig(**model)
     except ModelConfigError as e:

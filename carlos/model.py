@@ -10,6 +10,7 @@ Two families share the code: the baseline (GPT-2: learned positions, LayerNorm, 
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import asdict, dataclass
 
 import torch
@@ -21,6 +22,21 @@ from carlos.config import ModelConfig
 
 class ModelConfigError(ValueError):
     """An impossible model shape; the message says which setting to change."""
+
+
+def _check_type(name: str, value, kind) -> None:
+    """A setting of its field's type: bool is no int here, an int is a fine float (YAML writes 0 for 0.0)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is bool or kind is str:
+        ok = isinstance(value, kind)
+    elif kind is int:
+        ok = number and isinstance(value, int)
+    else:  # float, or float | None
+        ok = number or (value is None and kind is not float)
+    if not ok:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        want = "a number or None" if kind == float | None else kind.__name__
+        raise ModelConfigError(f"model.{name} is {shown} ({type(value).__name__}), not {want}")
 
 
 @dataclass
@@ -35,14 +51,15 @@ class GPTConfig(ModelConfig):
         return cls(**asdict(model), vocab_size=vocab_size, block_size=block_size)
 
     def __post_init__(self) -> None:
+        for name, kind in typing.get_type_hints(GPTConfig).items():  # settings read from a checkpoint or export
+            _check_type(name, getattr(self, name), kind)
         for name in ("vocab_size", "block_size", "d_model", "n_layers", "n_heads", "d_ff"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ModelConfigError(f"model.{name} must be a positive integer, got {value!r}")
+            if getattr(self, name) <= 0:
+                raise ModelConfigError(f"model.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.d_model % self.n_heads != 0:
+            heads = [h for h in range(1, min(self.d_model, 1024) + 1) if self.d_model % h == 0]
             raise ModelConfigError(
-                f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}; "
-                f"pick n_heads among {[h for h in range(1, self.d_model + 1) if self.d_model % h == 0]}"
+                f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}; pick n_heads among {heads}"
             )
         # the rotary frequencies are powers of 1 / base: a base below 1 makes them grow to inf (NaN fails too)
         if not (isinstance(self.rope_base, (int, float)) and 1 < self.rope_base < math.inf):

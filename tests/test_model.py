@@ -209,9 +209,11 @@ def test_logit_softcap_bounds_the_logits_and_keeps_their_order():
     logits, raw = capped(x), plain(x)
     assert logits.abs().max() <= 2.0 < raw.abs().max()
     assert torch.allclose(logits, 2.0 * torch.tanh(raw / 2.0))  # the same model, its logits capped
-    for bad in (0.0, 0.5, 1e308, True):
+    for bad in (0.0, 0.5, 1e308):
         with pytest.raises(ModelConfigError, match="logit_softcap must be a number from 1 to 1000"):
             small(logit_softcap=bad)
+    with pytest.raises(ModelConfigError, match=r"logit_softcap is True \(bool\), not a number or None"):
+        small(logit_softcap=True)
 
 
 def test_zero_init_starts_every_block_as_the_identity():
