@@ -186,19 +186,20 @@ def trainer_plugins(manifest: Manifest) -> list:
 
 
 def _quiet_lightning() -> None:
-    from lightning.pytorch.utilities.warnings import PossibleUserWarning
-
     # Lightning's start-up chatter (GPU/TPU availability, tips) is not useful for a tiny model on one box
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
-    # PossibleUserWarning is Lightning's "this may be a mistake in your Lightning code", and in carlos that
-    # code is carlos's: each one it raises was looked into (a resumed sampler that resumes by itself, one
-    # process loading batches from memory, a run shorter than the logging interval, validation sums that
-    # CarlosLM reduces itself, srun not used because carlos runs where SLURM starts it)
-    warnings.filterwarnings("ignore", category=PossibleUserWarning)
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # torch's, inside Lightning
+    # the sampler resumes from trainer.global_step itself, so this Lightning warning does not apply
+    warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")  # carlos logs by itself
     # a resumed run's metrics.csv: CSVLogger starts it over, and carlos writes its history back (replay_history)
     warnings.filterwarnings("ignore", message=".*Previous log files in this directory will be deleted.*")
+    # carlos runs where it is started: under SLURM, srun starts the tasks (docs/SCALING_OUT.md)
+    warnings.filterwarnings("ignore", message=".*The .srun. command is available on your system but is not used.*")
+    # validation sums are reduced across ranks by CarlosLM itself before they are logged
+    warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
 
 # ---------------------------------------------------------------- the run directory
