@@ -1,5 +1,5 @@
-"""Checkpoint files, shared by train, eval, sample and bench: their names (best.pt, last.pt,
-step_XXXXXX.pt), their atomic writing, and reading one back safely: found by name, unpickled with
+"""Checkpoint files, shared by train, eval, sample and export (their names, and finding one by name, are
+the layout's: carlos/ownership.py): their atomic writing, and reading one back safely: unpickled with
 weights_only=True, its structure and weights checked against its own model settings before anything is
 built, and the model built only when it fits the device, which is chosen here too. Every problem is a
 one-line CarlosError naming the file. Imports neither Lightning nor Hydra, so `carlos sample` starts fast."""
@@ -121,7 +121,7 @@ def _model_config(meta: dict) -> GPTConfig:
     try:
         return GPTConfig(**model)
     except ModelConfigError as e:
-        raise ValueError(str(e).split(";")[0]) from None
+        raise ValueError(str(e).split("; pick n_heads")[0]) from None
 
 
 def _tokenizer(meta: dict, cfg: GPTConfig) -> ByteTokenizer:

@@ -424,7 +424,7 @@ class TrainConfig:
 # ---------------------------------------------------------------- eval and sample
 
 SPLITS = ("train", "val", "test")
-SUITE_CORPORA = ("input", "python", "docs", "translations")  # input: --input; the rest: carlos/suite.py
+SUITE_CORPORA = ("input", "python", "docs", "translations")  # input: --input; the rest: carlos/bench/suite.py
 
 
 @dataclass

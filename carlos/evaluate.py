@@ -1,7 +1,7 @@
 """Loss, perplexity and bits-per-byte: the sums of one batch, their summary, and `carlos eval`.
 
 torch is imported by the functions that use it, so that `carlos eval` refuses a workdir or checkpoint
-that is not there before torch has loaded (about 1.5 s)."""
+that is not there before torch has loaded (about 2 s)."""
 
 from __future__ import annotations
 

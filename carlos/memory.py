@@ -2,8 +2,8 @@
 allocated, so that a model or batch that cannot fit is refused in one line instead of being killed by
 the kernel (or swapping) after the run has started writing.
 
-The counts are exact for the weights (carlos/model.py's model, built on the meta device) and a lower
-bound for activations, so a refusal never happens for a run that would fit.
+The counts are exact for the weights (the same shapes as carlos/model.py, computed without building
+the model) and a lower bound for activations, so a refusal never happens for a run that would fit.
 """
 
 from __future__ import annotations
@@ -13,18 +13,23 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 from carlos.errors import CarlosError
-from carlos.model import GPT, GPTConfig
+from carlos.model import GPTConfig
 
 FLOAT = 4  # bytes: weights, gradients, optimizer state and activations are float32 (autocast aside)
 
 
 def num_params(cfg: GPTConfig) -> int:
-    """GPT(cfg).num_params() of the model built on the meta device: shapes only, nothing allocated."""
-    with torch.device("meta"):
-        return GPT(cfg).num_params()
+    """GPT(cfg).num_params(), from the shapes alone (the output head is tied to the embedding)."""
+    d, ff = cfg.d_model, cfg.d_ff
+    bias = 1 if cfg.bias else 0
+    norm = d * (1 + bias) if cfg.norm == "layernorm" else d
+    attn = 3 * d * d + 3 * d * bias + d * d + d * bias
+    width = 2 * ff if cfg.mlp == "swiglu" else ff
+    mlp = d * width + width * bias + ff * d + d * bias
+    block = 2 * norm + attn + mlp
+    pos = cfg.block_size * d if cfg.pos == "learned" else 0
+    return cfg.vocab_size * d + pos + cfg.n_layers * block + norm
 
 
 def buffer_bytes(cfg: GPTConfig) -> int:
@@ -118,6 +123,8 @@ def host_available() -> int | None:
 def device_available(device: str) -> tuple[int | None, str]:
     """(bytes available, what they belong to) for a torch device type or name: free GPU memory on
     CUDA, RAM otherwise."""
+    import torch
+
     if str(device).startswith("cuda") and torch.cuda.is_available():
         index = torch.device(device).index or 0
         free, _ = torch.cuda.mem_get_info(index)

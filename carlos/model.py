@@ -99,7 +99,7 @@ def _norm(cfg: GPTConfig) -> nn.Module:
 
 def rope_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, each (length, head_dim // 2), of the rotation angles pos * base^(-2i / head_dim)."""
-    if torch.empty(0).is_meta:  # shapes only: arange on the meta device would import torch._dynamo (1.5 s)
+    if torch.empty(0).is_meta:  # shapes only: this arithmetic on the meta device would import torch._dynamo
         return torch.empty(length, head_dim // 2), torch.empty(length, head_dim // 2)
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (length, head_dim // 2)

@@ -2,7 +2,7 @@
 (the layout of the directories carlos writes is carlos/ownership.py's).
 
 Apart from the Lightning DataModule (carlos/data.py), and without importing torch until a batch is
-fetched, so that eval, and train's checks of the workdir, refuse a workdir before torch or Lightning load.
+fetched, so that eval refuses a workdir before torch loads, and train before Lightning does.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from carlos.generate import filter_logits, generate
+from carlos.memory import num_params
 from carlos.model import GPT, KVCache, ModelConfigError
 from tests.conftest import gpt_config
 
@@ -279,3 +280,16 @@ def test_muon_split_qkv_orthogonalizes_q_k_and_v_each_as_a_matrix_of_its_own():
     muon([whole]).step()
     muon([split], split_qkv=True).step()
     assert not torch.allclose(whole, split, atol=1e-4)
+
+
+def test_the_parameter_count_by_hand_is_the_models_own():
+    """memory.num_params answers for any size at once (a model too big to build is refused by it), so it
+    counts by hand: it must count what GPT builds, for every option that changes the weights."""
+    for settings in (
+        {},
+        {"pos": "learned", "vocab_size": 258},
+        {"norm": "rmsnorm", "mlp": "swiglu", "bias": False},
+        {"mlp": "relu2", "n_layers": 3, "qk_norm": True, "block_size": 64},
+    ):
+        cfg = gpt_config(**settings)
+        assert num_params(cfg) == GPT(cfg).num_params(), settings

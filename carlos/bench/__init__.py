@@ -48,8 +48,7 @@ SECTIONS = {
     "suite": ("<!-- suite:start -->", "<!-- suite:end -->", "Corpora of several kinds: `carlos bench suite=...`"),
 }
 
-# The plain loop's recipe, fixed here rather than taken from carlos's config so that tuning carlos's
-# defaults never moves the baseline: what a careful hand-written script does (nanoGPT's choices).
+# carlos's optimizer set to the plain loop's (bench/reference.py's PLAIN) for the like-for-like contender
 SAME_OPTIMIZER = ["optimizer=adamw", f"optimizer.weight_decay={PLAIN['weight_decay']}"]
 # carlos's model sizes in the plain loop's architecture (GPT-2: learned positions, LayerNorm, GELU)
 GPT2 = {"dropout": 0.0, "bias": True, "norm": "layernorm", "mlp": "gelu", "pos": "learned"}
