@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from carlos.errors import CarlosError
+from carlos.errors import CarlosError, short
 from carlos.manifest import Manifest
 from carlos.memory import check_fits, inference_bytes, num_params
 from carlos.model import GPT, GPTConfig, ModelConfigError
@@ -84,12 +84,6 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 # ---------------------------------------------------------------- the structure, before anything is built
 
 
-def _short(value) -> str:
-    """A value from the file, as one short line."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def _is_int(value) -> bool:
     """An int and not a bool (True == 1 in Python), nor a tensor, whose == gives no plain answer."""
     return isinstance(value, int) and not isinstance(value, bool)
@@ -102,7 +96,7 @@ def _same_keys(what: str, after: str, want: list, have: list, odd: str, limit: i
     extra = [k for k in have if k not in want_set][:limit]
     if missing or extra:
         parts = [f"lack {', '.join(missing)}"] if missing else []
-        parts += [f"have {odd} {', '.join(map(_short, extra))}"] if extra else []
+        parts += [f"have {odd} {', '.join(map(short, extra))}"] if extra else []
         raise ValueError(f"{what} {' and '.join(parts)}{after}")
 
 
@@ -131,11 +125,11 @@ def _tokenizer(meta: dict, cfg: GPTConfig) -> ByteTokenizer:
         raise ValueError(f"its tokenizer is {'missing' if saved is None else type(saved).__name__}, not a dict")
     for flag in ("add_bos", "add_eos"):
         if not isinstance(saved.get(flag, False), bool):
-            raise ValueError(f"tokenizer.{flag} is {_short(saved[flag])}, not true or false")
+            raise ValueError(f"tokenizer.{flag} is {short(saved[flag])}, not true or false")
     tok = ByteTokenizer.from_dict(saved)
     if "vocab_size" in saved and not (_is_int(saved["vocab_size"]) and saved["vocab_size"] == tok.vocab_size):
         raise ValueError(
-            f"tokenizer.vocab_size is {_short(saved['vocab_size'])} but add_bos={tok.add_bos}, add_eos={tok.add_eos} "
+            f"tokenizer.vocab_size is {short(saved['vocab_size'])} but add_bos={tok.add_bos}, add_eos={tok.add_eos} "
             f"make {tok.vocab_size}"
         )
     if tok.vocab_size != cfg.vocab_size:
@@ -145,7 +139,7 @@ def _tokenizer(meta: dict, cfg: GPTConfig) -> ByteTokenizer:
         )
     seq_len = meta.get("seq_len", cfg.block_size)
     if not (_is_int(seq_len) and seq_len == cfg.block_size):
-        raise ValueError(f"it was trained with seq_len={_short(seq_len)} but model.block_size={cfg.block_size}")
+        raise ValueError(f"it was trained with seq_len={short(seq_len)} but model.block_size={cfg.block_size}")
     return tok
 
 
@@ -156,14 +150,14 @@ def _tensors(state) -> dict[str, torch.Tensor]:
     out = {}
     for key, t in state.items():
         if not isinstance(key, str):
-            raise ValueError(f"its state_dict has a key {_short(key)} that is not a name")
+            raise ValueError(f"its state_dict has a key {short(key)} that is not a name")
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"state_dict entry {_short(key)} is a {type(t).__name__}, not a tensor")
+            raise ValueError(f"state_dict entry {short(key)} is a {type(t).__name__}, not a tensor")
         if key.startswith(PREFIX):
             if t.layout != torch.strided or t.device.type == "meta":
-                raise ValueError(f"state_dict entry {_short(key)} is a {t.layout} {t.device.type} tensor, not weights")
+                raise ValueError(f"state_dict entry {short(key)} is a {t.layout} {t.device.type} tensor, not weights")
             if not t.is_floating_point():
-                raise ValueError(f"state_dict entry {_short(key)} holds {t.dtype}, not floating-point weights")
+                raise ValueError(f"state_dict entry {short(key)} holds {t.dtype}, not floating-point weights")
             out[key] = t
     return out
 

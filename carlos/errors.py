@@ -30,6 +30,12 @@ def nearest(word: str, choices, cutoff: float = 0.5) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+def short(value: Any) -> str:
+    """A value read from a file, as one short piece of a message."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def first_line(e: BaseException) -> str:
     """An exception's message cut to its first line (its type's name when it has none)."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0]

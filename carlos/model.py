@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from carlos.config import ModelConfig
+from carlos.errors import short
 
 
 class ModelConfigError(ValueError):
@@ -34,9 +35,8 @@ def _check_type(name: str, value, kind) -> None:
     else:  # float, or float | None
         ok = number or (value is None and kind is not float)
     if not ok:
-        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
         want = "a number or None" if kind == float | None else kind.__name__
-        raise ModelConfigError(f"model.{name} is {shown} ({type(value).__name__}), not {want}")
+        raise ModelConfigError(f"model.{name} is {short(value)} ({type(value).__name__}), not {want}")
 
 
 @dataclass
@@ -97,9 +97,16 @@ def _norm(cfg: GPTConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, bias=cfg.bias) if cfg.norm == "layernorm" else nn.RMSNorm(cfg.d_model)
 
 
+def _shapes_only() -> bool:
+    """Whether modules are being built on the meta device, for their names and shapes only: there the
+    weights' init and the rotary tables are skipped, since normal_ and tensor arithmetic on that device
+    import torch._dynamo (1.5 s of every carlos sample and eval that checks a checkpoint)."""
+    return torch.empty(0).is_meta
+
+
 def rope_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, each (length, head_dim // 2), of the rotation angles pos * base^(-2i / head_dim)."""
-    if torch.empty(0).is_meta:  # shapes only: this arithmetic on the meta device would import torch._dynamo
+    if _shapes_only():
         return torch.empty(length, head_dim // 2), torch.empty(length, head_dim // 2)
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (length, head_dim // 2)
@@ -191,9 +198,8 @@ class Block(nn.Module):
 
 
 def _embedding(num: int, dim: int) -> nn.Embedding:
-    """nn.Embedding; left uninitialized on the meta device (shapes only), where its init would import
-    torch._dynamo (1.5 s)."""
-    return nn.Embedding(num, dim, _weight=torch.empty(num, dim)) if torch.empty(0).is_meta else nn.Embedding(num, dim)
+    """nn.Embedding, left uninitialized when only its shape is wanted (_shapes_only)."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim)) if _shapes_only() else nn.Embedding(num, dim)
 
 
 class GPT(nn.Module):
@@ -211,7 +217,7 @@ class GPT(nn.Module):
         self.ln_f = _norm(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # tied input and output embeddings
-        if not self.head.weight.is_meta:  # built on the meta device for its names and shapes only
+        if not _shapes_only():
             self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
