@@ -1,15 +1,16 @@
-"""The input of `carlos prepare` when it is more than one file: several files, a directory (searched
-recursively for --glob, *.txt by default) or a glob pattern.
+"""The input of `carlos prepare`: one file, or several (files, a directory searched recursively for
+--glob, *.txt by default, or a glob pattern).
 
-The files, in sorted path order, are read as one corpus: each file is one document, and the files are
+Several files, in sorted path order, are read as one corpus: each file is one document, and the files are
 joined with the separator, so `carlos prepare` splits, tokenizes and packs them exactly as it does one
-file (carlos/prepare.py), reading one file at a time in bounded memory. `scan`, the UTF-8 check of one
-file, lives here because both kinds of input use it.
+file (carlos/prepare.py), reading one file at a time in bounded memory. One plain file is read the same
+way, with the separator splitting it into documents.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import fnmatch
 import hashlib
 import os
@@ -176,21 +177,43 @@ def _under(path: Path, workdir: Path) -> bool:
     return any(Path(f(path)).is_relative_to(f(workdir)) for f in (os.path.abspath, os.path.realpath))
 
 
-# ---------------------------------------------------------------- several files read as one
+# ---------------------------------------------------------------- the corpus
 
 
-class Sources:
-    """Several files read as one corpus: file 1, separator, file 2, separator, ... Offsets are in that
-    joined text. Each file is opened when it is read, and one that changed since it was listed (size,
-    modification time or, at the end, its bytes) is refused, like a single input that changes."""
+def open_corpus(spec: str | list[str] | None, pattern: str, separator: str, workdir: Path) -> Corpus:
+    """--input opened: one plain file, or the files of several paths, a directory or a glob."""
+    if not spec:
+        raise CarlosError("no input corpus given; pass --input corpus.txt (or input=corpus.txt)")
+    files = input_files(spec, pattern, workdir)
+    shown = spec if isinstance(spec, str) else " ".join(spec)
+    return Corpus(files or [Path(os.path.expanduser(spec))], separator, shown, one=files is None)
 
-    def __init__(self, paths: list[Path], separator: str, shown: str) -> None:
-        self.path = Path(shown)  # the --input as given, for messages
-        self.sep = separator.encode("utf-8")
-        self.files = [(p, self._stat(p)) for p in paths]
-        self.files = [(p, st) for p, st in self.files if st.st_size > 0]  # an empty file adds no document
+
+def _change(before: os.stat_result, now: os.stat_result) -> str | None:
+    if now.st_size != before.st_size:
+        return f"{before.st_size:,} bytes when opened, {now.st_size:,} now"
+    if now.st_mtime_ns != before.st_mtime_ns:
+        return "its modification time changed"
+    return None if now.st_ino == before.st_ino else "it was replaced"
+
+
+class Corpus:
+    """The input, read as one text: one file, or file 1, separator, file 2, ... (offsets are in that joined
+    text). One plain file (one=True) is opened once and read from that descriptor, so a file renamed over
+    it meanwhile is not read; of several, each is opened when it is read and checked against its listing.
+    A file that changes while it is read (size, modification time or, at the end, its bytes) is refused,
+    never read half old, half new."""
+
+    def __init__(self, paths: list[Path], separator: str, shown: str, one: bool = False) -> None:
+        self.one, self.sep = one, separator.encode("utf-8")
+        self.path = paths[0] if one else Path(shown)  # for messages
+        self.held = self._open(paths[0]) if one else None  # one file: its one descriptor
+        listed = [(paths[0], os.fstat(self.held.fileno()))] if one else [(p, self._stat(p)) for p in paths]
+        self.files = [(p, st) for p, st in listed if st.st_size > 0]  # an empty file adds no document
         if not self.files:
-            raise CarlosError(f"input {shown}: every file is empty; give UTF-8 text files with some text in them")
+            self.close()
+            empty = f"{self.path} is empty" if one else f"{shown}: every file is empty"
+            raise CarlosError(f"input {empty}; give a UTF-8 text corpus with some text in it")
         self.starts, pos = [], 0
         for _, st in self.files:
             self.starts.append(pos)
@@ -203,24 +226,34 @@ class Sources:
         try:
             st = os.stat(path)
         except OSError as e:
-            raise CarlosError(f"input {path} {path_problem(path, e)}; check the paths given to --input") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise CarlosError(f"input {path} is {kind_of(st)}; --input reads regular files")
+            raise CarlosError(f"input {path} {path_problem(path, e)}; check the path given to --input") from None
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block or never end
+            raise CarlosError(f"input {path} is {kind_of(st)}; save the text to a file and pass that to --input")
         return st
 
-    def open(self, i: int) -> BinaryIO:
-        """File i, opened and checked to be the file that was listed."""
-        path, listed = self.files[i]
+    def _open(self, path: Path) -> BinaryIO:
+        self._stat(path)
+        # open_regular checks again on the open file: a path swapped for a FIFO in between cannot hang it
         f = os.fdopen(open_regular(path, "check its permissions", label="input "), "rb")
-        f.raw.name = str(path)
-        now = os.fstat(f.fileno())
-        if (now.st_size, now.st_mtime_ns, now.st_ino) != (listed.st_size, listed.st_mtime_ns, listed.st_ino):
-            f.close()
-            raise self.changed(path)
+        f.raw.name = str(path)  # messages name the path, not the descriptor
         return f
 
-    def changed(self, path: Path) -> CarlosError:
-        return CarlosError(f"input {path} changed while it was read; let whatever writes it finish, or prepare a copy")
+    def open(self, i: int) -> contextlib.AbstractContextManager[BinaryIO]:
+        """File i, checked to be the file that was listed."""
+        if self.held is not None:
+            return contextlib.nullcontext(self.held)
+        path, listed = self.files[i]
+        f = self._open(path)
+        how = _change(listed, os.fstat(f.fileno()))
+        if how:
+            f.close()
+            raise self.changed(path, how)
+        return f
+
+    def changed(self, path: Path, how: str) -> CarlosError:
+        return CarlosError(
+            f"input {path} changed while it was read ({how}); let whatever writes it finish, or prepare a copy"
+        )
 
     def scan(self) -> tuple[int, str]:
         """(size, sha256) of the joined corpus; each file checked to be UTF-8 (its path and the offset of
@@ -258,32 +291,35 @@ class Sources:
                 parts.append(f.read(b - a))
         data = b"".join(parts)
         if len(data) != n:
-            raise self.changed(self.path)
+            raise self.changed(self.path, "it is shorter now")
         return data
 
     def check_unchanged(self, sha256: str, digest_now: str) -> None:
         for path, listed in self.files:
-            now = os.stat(path)
-            if (now.st_size, now.st_mtime_ns) != (listed.st_size, listed.st_mtime_ns):
-                raise self.changed(path)
+            how = _change(listed, os.fstat(self.held.fileno()) if self.held else os.stat(path))
+            if how:
+                raise self.changed(path, how)
         if digest_now != sha256:
-            raise self.changed(self.path)
+            raise self.changed(self.path, "its bytes differ between two reads")
 
     def same_file(self, other: os.stat_result) -> Path | None:
         """The input file that is other, if one is."""
         return next((p for p, st in self.files if os.path.samestat(st, other)), None)
 
-    def record(self) -> list[dict]:
-        """The files for splits.json: path, bytes and sha256, in the order they were read."""
-        return [
-            {"path": str(p.resolve()), "bytes": st.st_size, "sha256": h}
-            for (p, st), h in zip(self.files, self.hashes, strict=True)
-        ]
+    def record(self) -> dict:
+        """The input for splits.json: one file's path, or the paths as given with each file's path, bytes
+        and sha256, in the order they were read."""
+        if self.one:
+            return {"input": str(self.path.resolve())}
+        files = zip(self.files, self.hashes, strict=True)
+        listed = [{"path": str(p.resolve()), "bytes": st.st_size, "sha256": h} for (p, st), h in files]
+        return {"input": str(self.path), "files": listed}
 
     def close(self) -> None:
-        pass  # each file is closed once read
+        if self.held is not None:
+            self.held.close()
 
-    def __enter__(self) -> Sources:
+    def __enter__(self) -> Corpus:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import shutil
-import stat
 import time
 import unicodedata
 from pathlib import Path
@@ -31,9 +30,9 @@ from typing import BinaryIO
 import numpy as np
 
 from carlos.config import SPLITS, PrepareConfig
-from carlos.corpus import CHUNK, Sources, input_files, scan
+from carlos.corpus import CHUNK, Corpus, open_corpus
 from carlos.errors import CarlosError
-from carlos.files import kind_of, open_regular, path_problem, write_error
+from carlos.files import write_error
 from carlos.lock import DirLock
 from carlos.manifest import RECORD, Manifest
 from carlos.ownership import PREPARED, Place, prepared_paths, runs_outputs, workdir_has_run
@@ -45,75 +44,7 @@ FORMAT_VERSION = 1
 NON_ASCII = bytes(range(0x80, 0x100))
 
 
-class Source:
-    """The input corpus, opened once: every pass reads this open file, and one that changes while it is
-    read (grows, shrinks, is rewritten in place) is refused rather than read half old, half new."""
-
-    def __init__(self, path_str: str | None) -> None:
-        if not path_str:
-            raise CarlosError("no input corpus given; pass --input corpus.txt (or input=corpus.txt)")
-        self.path = Path(os.path.expanduser(path_str))
-        self.f = self._open()
-        self.stat = os.fstat(self.f.fileno())
-        self.size = self.stat.st_size
-        if self.size == 0:
-            self.f.close()
-            raise CarlosError(f"input {self.path} is empty; give a UTF-8 text corpus with some text in it")
-
-    def _open(self) -> BinaryIO:
-        path = self.path
-        try:
-            st = os.stat(path)
-        except OSError as e:
-            raise CarlosError(f"input {path} {path_problem(path, e)}; check the path given to --input") from None
-        if stat.S_ISDIR(st.st_mode):
-            raise CarlosError(f"input {path} is a directory; pass a UTF-8 text file to --input")
-        if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block or never end
-            raise CarlosError(f"input {path} is {kind_of(st)}; save the text to a file and pass that to --input")
-        # open_regular checks again on the open file: a path swapped for a FIFO in between cannot hang it
-        f = os.fdopen(open_regular(path, "check its permissions", label="input "), "rb")
-        f.raw.name = str(path)  # messages name the path, not the descriptor
-        return f
-
-    def changed(self, how: str) -> CarlosError:
-        return CarlosError(
-            f"input {self.path} changed while it was read ({how}); let whatever writes it finish, or prepare a copy"
-        )
-
-    def read_at(self, start: int, n: int) -> bytes:
-        self.f.seek(start)
-        data = self.f.read(n)
-        if len(data) != n:
-            raise self.changed("it is shorter now")
-        return data
-
-    def check_unchanged(self, sha256: str, digest_now: str) -> None:
-        """The same size, modification time and file as when it was opened, and the same bytes."""
-        now = os.fstat(self.f.fileno())
-        if now.st_size != self.size:
-            raise self.changed(f"{self.size:,} bytes when opened, {now.st_size:,} now")
-        if now.st_mtime_ns != self.stat.st_mtime_ns:
-            raise self.changed("its modification time changed")
-        if digest_now != sha256:
-            raise self.changed("its bytes differ between two reads")
-
-    def scan(self) -> tuple[int, str]:
-        return scan(self.f)
-
-    def same_file(self, other: os.stat_result) -> Path | None:
-        return self.path if os.path.samestat(self.stat, other) else None
-
-    def close(self) -> None:
-        self.f.close()
-
-    def __enter__(self) -> Source:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _newline_after(source: Source, target: int, reach: int, block: int) -> int | None:
+def _newline_after(source: Corpus, target: int, reach: int, block: int) -> int | None:
     """The offset just after the first newline at or after target, within reach (the end counts as one)."""
     pos, end = target, min(source.size, target + reach)
     while pos < end:
@@ -125,7 +56,7 @@ def _newline_after(source: Source, target: int, reach: int, block: int) -> int |
     return source.size if end == source.size else None
 
 
-def _newline_before(source: Source, target: int, reach: int, block: int) -> int | None:
+def _newline_before(source: Corpus, target: int, reach: int, block: int) -> int | None:
     """The offset just after the last newline before target, within reach."""
     pos, start = target, max(0, target - reach)
     while pos > start:
@@ -137,7 +68,7 @@ def _newline_before(source: Source, target: int, reach: int, block: int) -> int 
     return None
 
 
-def cut_near(source: Source, target: int, reach: int, block: int = 1 << 16) -> int:
+def cut_near(source: Corpus, target: int, reach: int, block: int = 1 << 16) -> int:
     """A cut between splits near target: just after the nearest newline within reach bytes (the later
     one on a tie); failing that (a corpus with no newlines, one long line, CR-only line ends), before the
     nearest ASCII byte, which NFKC never joins to the character before it, or else at the nearest
@@ -155,7 +86,7 @@ def cut_near(source: Source, target: int, reach: int, block: int = 1 << 16) -> i
     return target
 
 
-def split_offsets(source: Source, val_fraction: float, test_fraction: float) -> dict[str, tuple[int, int]]:
+def split_offsets(source: Corpus, val_fraction: float, test_fraction: float) -> dict[str, tuple[int, int]]:
     """Contiguous train, val, test byte ranges, each cut near its target size (see cut_near). A cut
     moves at most a quarter of the smallest split away from its target, so no split is emptied."""
     size = source.size
@@ -293,12 +224,11 @@ class _Hashes:
             h.update(data)
 
 
-def tokenize_range(source: Source | Sources, start: int, end: int, tok, cfg: PrepareConfig, out, whole):
-    """tokenize_split over bytes [start, end) of the input; of several files, each file's part as one
-    document (a separator inside a file is text) and the separators between files as they are."""
+def tokenize_range(source: Corpus, start: int, end: int, tok, cfg: PrepareConfig, out, whole):
+    """tokenize_split over bytes [start, end) of the input: one file's documents are cut at the separator;
+    of several, each file's part is one document (a separator inside a file is text) and the separators
+    between files are as they are."""
     data = cfg.data
-    if isinstance(source, Source):
-        return tokenize_split(source.f, start, end, tok, data.separator, data.normalize_nfkc, out, whole=whole)
     digest = hashlib.sha256()
     both, n = _Hashes(digest, whole), 0
     for i, a, b in source.segments(start, end):
@@ -310,8 +240,9 @@ def tokenize_range(source: Source | Sources, start: int, end: int, tok, cfg: Pre
             out.write(ids.tobytes())
             n += len(ids)
             continue
+        separator = data.separator if source.one else None
         with source.open(i) as f:
-            n += tokenize_split(f, a, b, tok, None, data.normalize_nfkc, out, whole=both)[0]
+            n += tokenize_split(f, a, b, tok, separator, data.normalize_nfkc, out, whole=both)[0]
     return n, digest.hexdigest()
 
 
@@ -337,7 +268,7 @@ def pack(tokens: Path, n: int, seq_len: int, dtype: np.dtype, out: Path, windows
     return full + tail
 
 
-def check_workdir(cfg: PrepareConfig, source: Source | Sources, workdir: Path, manifest: Manifest) -> None:
+def check_workdir(cfg: PrepareConfig, source: Corpus, workdir: Path, manifest: Manifest) -> None:
     """Everything in the way, refused before a byte is written."""
     if workdir_has_run(workdir, manifest) and not cfg.overwrite:
         raise CarlosError(
@@ -373,7 +304,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     if workdir.is_file():
         raise CarlosError(f"workdir {workdir} is a file; pass a directory to --workdir")
     place = Place(workdir, "workdir", f"--workdir {workdir}", "choose another --workdir", DirLock(workdir, "prepare"))
-    with open_input(cfg, workdir) as source, place:
+    with open_corpus(cfg.input, cfg.glob, cfg.data.separator, workdir) as source, place:
         manifest = place.manifest
         try:
             check_workdir(cfg, source, workdir, manifest)
@@ -390,15 +321,6 @@ def prepare(cfg: PrepareConfig) -> dict:
     return record
 
 
-def open_input(cfg: PrepareConfig, workdir: Path) -> Source | Sources:
-    """One file, read as it always was, or several (a directory, a glob, a list) read as one corpus."""
-    files = input_files(cfg.input, cfg.glob, workdir) if cfg.input else None
-    if files is None:
-        return Source(cfg.input)
-    shown = cfg.input if isinstance(cfg.input, str) else " ".join(cfg.input)
-    return Sources(files, cfg.data.separator, shown)
-
-
 def summary(record: dict, workdir: str) -> str:
     """The line prepare prints: each split's bytes and windows, the size and the speed."""
     mb = record["size"] / 1e6
@@ -412,9 +334,7 @@ def summary(record: dict, workdir: str) -> str:
     )
 
 
-def build_and_install(
-    cfg: PrepareConfig, source: Source | Sources, workdir: Path, manifest: Manifest, size, sha256
-) -> dict:
+def build_and_install(cfg: PrepareConfig, source: Corpus, workdir: Path, manifest: Manifest, size, sha256) -> dict:
     """Build in a temporary directory inside the workdir, then install; the temporary goes either way."""
     manifest.remove_stale()  # what a prepare killed midway (kill -9) left
     tmp = None
@@ -431,7 +351,7 @@ def build_and_install(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def build(cfg: PrepareConfig, source: Source | Sources, tmp: Path, size: int, sha256: str) -> dict:
+def build(cfg: PrepareConfig, source: Corpus, tmp: Path, size: int, sha256: str) -> dict:
     """Every prepared file, in tmp: tokens and windows of each split, then tokenizer.json, rng_state.json
     and splits.json; returns the splits.json record."""
     data = cfg.data
@@ -458,8 +378,7 @@ def build(cfg: PrepareConfig, source: Source | Sources, tmp: Path, size: int, sh
     source.check_unchanged(sha256, whole.hexdigest())
     record = {
         "splits": splits,
-        "input": str(source.path.resolve()) if isinstance(source, Source) else str(source.path),
-        **({"files": source.record()} if isinstance(source, Sources) else {}),
+        **source.record(),
         "size": size,
         "sha256": sha256,
         "normalization": "NFKC" if data.normalize_nfkc else None,

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from carlos.corpus import Sources, input_files
+from carlos.corpus import Corpus, input_files
 from carlos.errors import CarlosError
 
 from .conftest import run_cli
@@ -134,14 +134,14 @@ def test_the_workdir_inside_the_input_directory_is_not_read(texts, capsys):
 
 
 def test_a_file_that_changes_after_it_was_listed_is_refused(texts):
-    sources = Sources([texts / "a.txt", texts / "b.txt"], "\n\n", "texts")
+    sources = Corpus([texts / "a.txt", texts / "b.txt"], "\n\n", "texts")
     (texts / "b.txt").write_text(B + "more\n", encoding="utf-8")
     with pytest.raises(CarlosError, match=r"b.txt changed while it was read"):
         sources.scan()
 
 
 def test_segments_cover_the_joined_text_exactly(texts):
-    sources = Sources([texts / "a.txt", texts / "b.txt", texts / "sub" / "c.txt"], "<|>", "texts")
+    sources = Corpus([texts / "a.txt", texts / "b.txt", texts / "sub" / "c.txt"], "<|>", "texts")
     joined = "<|>".join([A, B, C]).encode()
     assert sources.size == len(joined)
     for start, n in [(0, len(joined)), (len(A.encode()) - 2, 7), (5, 1), (len(joined) - 4, 4)]:

@@ -228,13 +228,13 @@ carlos.prepare.pack = pack
 """
 SLOW_SCAN = """
 import time
-import carlos.prepare
-real_scan = carlos.prepare.scan
+import carlos.corpus
+real_scan = carlos.corpus.scan
 def scan(*args, **kwargs):
     print("SCANNING", flush=True)
     time.sleep(60)
     return real_scan(*args, **kwargs)
-carlos.prepare.scan = scan
+carlos.corpus.scan = scan
 """
 
 

@@ -5,8 +5,9 @@ import unicodedata
 import numpy as np
 import pytest
 
+from carlos.corpus import scan
 from carlos.errors import CarlosError
-from carlos.prepare import DocumentTokens, pack, scan, tokenize, tokenize_split
+from carlos.prepare import DocumentTokens, pack, tokenize, tokenize_split
 from carlos.tokenizer import ByteTokenizer
 from carlos.workdir import PreparedData
 

@@ -31,6 +31,7 @@ import torch
 
 from carlos.bench.reference import PLAIN
 from carlos.config import BenchConfig
+from carlos.corpus import open_corpus
 from carlos.demo_corpus import stdlib_corpus
 from carlos.errors import CarlosError
 from carlos.files import write_atomic, write_error
@@ -38,7 +39,6 @@ from carlos.lock import DirLock
 from carlos.manifest import Manifest
 from carlos.model import GPT, GPTConfig
 from carlos.ownership import Place
-from carlos.prepare import Source
 from carlos.tokenizer import ByteTokenizer
 
 SECTIONS = {
@@ -220,7 +220,7 @@ def bench(cfg: BenchConfig) -> dict:
     if os.path.lexists(root) and not root.is_dir():
         raise CarlosError(f"workdir {cfg.workdir} is a file; pass a directory to --workdir")
     if cfg.input is not None:
-        Source(cfg.input).close()  # the corpus's problems, before any work
+        open_corpus(cfg.input, "*.txt", "\n\n", root).close()  # the corpus's problems, before any work
     fix = "choose a new directory for --workdir, or an earlier bench's"
     with Place(root, "bench", f"--workdir {cfg.workdir}", fix, DirLock(root, "bench", fix=fix)) as place:
         return _bench(cfg, root, place.manifest)  # a directory it made is removed again, when empty, if it fails
