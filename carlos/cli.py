@@ -24,136 +24,45 @@ from carlos.errors import CarlosError, guarded, nearest, stop_handlers
 
 COMMANDS = ("prepare", "train", "eval", "sample", "export", "bench", "report")
 
-# script-style flags: the original script's `--flag value` spellings, per command -> config key
-SCRIPT_FLAGS: dict[str, dict[str, str]] = {
-    "prepare": {
-        "input": "input",
-        "glob": "glob",
-        "workdir": "workdir",
-        "seed": "seed",
-        "overwrite": "overwrite",
-        "seq_len": "data.seq_len",
-        "normalize_nfkc": "data.normalize_nfkc",
-        "add_bos": "data.add_bos",
-        "add_eos": "data.add_eos",
-        "val_fraction": "data.val_fraction",
-        "test_fraction": "data.test_fraction",
-        "separator": "data.separator",
-    },
-    "train": {
-        "workdir": "workdir",
-        "run": "run",
-        "seed": "seed",
-        "resume": "resume",
-        "overwrite": "overwrite",
-        "init_from": "init_from",
-        "micro_batch_size": "data.micro_batch_size",
-        "grad_accum_steps": "trainer.accumulate_grad_batches",
-        "precision": "trainer.precision",
-        "max_steps": "trainer.max_steps",
-        "max_time": "trainer.max_time",
-        "peak_lr": "optimizer.lr",
-        "weight_decay": "optimizer.weight_decay",
-        "grad_clip": "trainer.gradient_clip_val",
-        "warmup_steps": "schedule.warmup_steps",
-        "min_lr": "schedule.min_lr",
-        "eval_interval": "eval_interval",
-        "ckpt_interval": "ckpt_interval",
-        "log_interval": "log_interval",
-        "sample_prompt": "sample.prompt",
-        "sample_prefix": "sample.prompt",  # its old name
-        "sample_tokens": "sample.tokens",
-        "wandb_project": "wandb.project",
-        "wandb_entity": "wandb.entity",
-        "wandb_run_name": "wandb.run_name",
-        "wandb_tags": "wandb.tags",
-        "wandb_mode": "wandb.mode",
-    },
-    "eval": {
-        "workdir": "workdir",
-        "run": "run",
-        "checkpoint": "checkpoint",
-        "split": "split",
-        "json": "json",
-        "batch_size": "batch_size",
-        "stride": "stride",
-        "device": "device",
-    },
-    "export": {
-        "workdir": "workdir",
-        "run": "run",
-        "checkpoint": "checkpoint",
-        "format": "format",
-        "out": "out",
-    },
-    "bench": {
-        "input": "input",
-        "workdir": "workdir",
-        "steps": "steps",
-        "rounds": "rounds",
-        "log_interval": "log_interval",
-        "seq_len": "seq_len",
-        "batch": "batch",
-        "budgets": "budgets",
-        "prepare_gb": "prepare_gb",
-        "output": "output",
-    },
-    "sample": {
-        "workdir": "workdir",
-        "run": "run",
-        "checkpoint": "checkpoint",
-        "prompt": "prompt",
-        "max_new_tokens": "max_new_tokens",
-        "temperature": "temperature",
-        "top_p": "top_p",
-        "top_k": "top_k",
-        "num_samples": "num_samples",
-        "seed": "seed",
-        "device": "device",
-    },
+# script-style flags: the original script's `--flag value` spellings, per command, in --help's order. Each
+# names its config key, or the key's last part where that is unique; FLAG_KEYS names the others
+SCRIPT_FLAGS: dict[str, str] = {
+    "prepare": "input glob workdir seed overwrite seq_len normalize_nfkc add_bos add_eos val_fraction test_fraction "
+    "separator",
+    "train": "workdir run seed resume overwrite init_from micro_batch_size grad_accum_steps precision max_steps "
+    "max_time peak_lr weight_decay grad_clip warmup_steps min_lr eval_interval ckpt_interval log_interval "
+    "sample_prompt sample_tokens wandb_project wandb_entity wandb_run_name wandb_tags wandb_mode",
+    "eval": "workdir run checkpoint split json batch_size stride device",
+    "export": "workdir run checkpoint format out",
+    "bench": "input workdir steps rounds log_interval seq_len batch budgets prepare_gb output",
+    "sample": "workdir run checkpoint prompt max_new_tokens temperature top_p top_k num_samples seed device",
+}
+FLAG_KEYS = {  # train's
+    "grad_accum_steps": "trainer.accumulate_grad_batches",
+    "peak_lr": "optimizer.lr",
+    "weight_decay": "optimizer.weight_decay",
+    "grad_clip": "trainer.gradient_clip_val",
+    "sample_prompt": "sample.prompt",
+    "sample_prefix": "sample.prompt",  # its old name, still taken
+    "sample_tokens": "sample.tokens",
+    **{f"wandb_{name}": f"wandb.{name}" for name in ("project", "entity", "run_name", "tags", "mode")},
 }
 TEXT_KEYS = set().union(*map(text_keys, SCHEMAS.values()))  # values that stay text, as written
 # text keys whose values never hold a comma: in a sweep (-m), a flag's comma separates the values to sweep
 CHOICE_KEYS = {"trainer.precision", "trainer.max_time", "wandb.mode", "split", "device", "format"}
 RENAMED_KEYS = {"sample.prefix": "sample.prompt"}  # old name -> new name; the old one keeps working
-# Hydra's own command-line flags, passed through unchanged (True: takes a value)
-HYDRA_FLAGS = {
-    "-m": False,
-    "--multirun": False,
-    "-h": False,
-    "--help": False,
-    "--hydra-help": False,
-    "--version": False,
-    "--resolve": False,
-    "-r": False,  # Hydra's --run (a single run, what carlos does anyway) is carlos's --run NAME
-    "-sc": False,
-    "--shell-completion": False,
-    "-c": True,
-    "--cfg": True,
-    "-p": True,
-    "--package": True,
-    "-cp": True,
-    "--config-path": True,
-    "-cn": True,
-    "--config-name": True,
-    "-cd": True,
-    "--config-dir": True,
-    "--experimental-rerun": True,
-    "-i": None,
-    "--info": None,  # optional value
+# Hydra's own command-line flags, passed through unchanged, and whether they take a value (--info: optionally).
+# Hydra's -r (a single run) is what carlos does anyway; carlos's --run NAME names one
+HYDRA_FLAGS: dict[str, bool | None] = {
+    **dict.fromkeys(("-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name"), True),
+    **dict.fromkeys(("-cd", "--config-dir", "--experimental-rerun"), True),
+    **dict.fromkeys(("-m", "--multirun", "-h", "--help", "--hydra-help", "--version", "--resolve", "-r"), False),
+    **dict.fromkeys(("-sc", "--shell-completion"), False),
+    **dict.fromkeys(("-i", "--info"), None),
 }
 INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
-BOOL_WORDS = {
-    "true": "true",
-    "yes": "true",
-    "on": "true",
-    "1": "true",
-    "false": "false",
-    "no": "false",
-    "off": "false",
-    "0": "false",
-    "auto": "auto",
-}
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+BOOL_WORDS = {**dict.fromkeys(TRUE_WORDS, "true"), **dict.fromkeys(FALSE_WORDS, "false"), "auto": "auto"}
 NUMBER = r"[-+]?([0-9][0-9_.eE+-]*|inf|nan)"
 PLAIN_VALUE = re.compile(rf"^{NUMBER}(,{NUMBER})*$|^(true|false|null)$")
 SWEEP_FUNCTION = re.compile(r"^(range|choice|interval|glob|tag|shuffle|sort)\(.*\)$")
@@ -185,9 +94,7 @@ def _format(key: str, value: str, default: Any, sweep: bool = False) -> str:
 def translate(command: str, args: list[str], defaults: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(Hydra flags, overrides) for the script-style and Hydra-style arguments of one command;
     defaults maps every config key to its default value."""
-    leaves: dict[str, list[str]] = {}
-    for key in defaults:
-        leaves.setdefault(key.rsplit(".", 1)[-1], []).append(key)
+    leaves = _leaves(defaults)
     hydra_args: list[str] = []
     overrides: list[str] = []
     sweep = any(a in ("-m", "--multirun") for a in args)
@@ -241,19 +148,30 @@ def _hydra_flag(arg: str, args: list[str], i: int, hydra_args: list[str]) -> int
     return i
 
 
+def _leaves(defaults: dict[str, Any]) -> dict[str, list[str]]:
+    leaves: dict[str, list[str]] = {}
+    for key in defaults:
+        leaves.setdefault(key.rsplit(".", 1)[-1], []).append(key)
+    return leaves
+
+
 def _flag_key(command: str, name: str, defaults: dict[str, Any], leaves: dict[str, list[str]]) -> str:
-    """The config key of --name: a script-style flag, a dotted key, or a leaf name that is unique."""
-    flags = SCRIPT_FLAGS[command]
+    """The config key of --name: a script-style flag's, a dotted key, or a leaf name that is unique."""
     if command == "train" and name == "seq_len":
         raise CarlosError("seq_len is fixed when the data is prepared; run carlos prepare --seq_len N")
-    if name in flags:
-        return flags[name]
+    if FLAG_KEYS.get(name) in defaults:
+        return FLAG_KEYS[name]
     if name in defaults:
         return name
     if len(leaves.get(name, [])) == 1:
         return leaves[name][0]
-    match = nearest(name, [*flags, *defaults]).replace("'", "'--", 1)
+    match = nearest(name, [*SCRIPT_FLAGS[command].split(), *defaults]).replace("'", "'--", 1)
     raise CarlosError(f"unknown flag --{name}{match}; see: carlos {command} --help")
+
+
+def flag_keys(command: str, defaults: dict[str, Any]) -> dict[str, str]:
+    """The command's script-style flags with their config keys."""
+    return {name: _flag_key(command, name, defaults, _leaves(defaults)) for name in SCRIPT_FLAGS[command].split()}
 
 
 def _flag_override(
@@ -455,7 +373,7 @@ def _main(argv: list[str]) -> None:
     if any(a in ("-h", "--help") for a in hydra_args):
         from carlos.help import help_text
 
-        print(help_text(command, SCRIPT_FLAGS[command]))
+        print(help_text(command, flag_keys(command, defaults)))
         return
     if not any(a in ("--hydra-help", "--version", "-i", "--info", "-sc", "--shell-completion") for a in hydra_args):
         multirun = any(a in ("-m", "--multirun") for a in hydra_args)
