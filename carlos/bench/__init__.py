@@ -31,7 +31,7 @@ import torch
 
 from carlos.bench.reference import PLAIN
 from carlos.config import BenchConfig
-from carlos.corpus import open_corpus
+from carlos.corpus import Corpus
 from carlos.demo_corpus import stdlib_corpus
 from carlos.errors import CarlosError
 from carlos.files import write_atomic, write_error
@@ -220,7 +220,8 @@ def bench(cfg: BenchConfig) -> dict:
     if os.path.lexists(root) and not root.is_dir():
         raise CarlosError(f"workdir {cfg.workdir} is a file; pass a directory to --workdir")
     if cfg.input is not None:
-        open_corpus(cfg.input, "*.txt", "\n\n", root).close()  # the corpus's problems, before any work
+        path = Path(os.path.expanduser(cfg.input))  # one file: the scale section copies it
+        Corpus([path], "\n\n", cfg.input, one=True).close()  # the corpus's problems, before any work
     fix = "choose a new directory for --workdir, or an earlier bench's"
     with Place(root, "bench", f"--workdir {cfg.workdir}", fix, DirLock(root, "bench", fix=fix)) as place:
         return _bench(cfg, root, place.manifest)  # a directory it made is removed again, when empty, if it fails
