@@ -171,7 +171,8 @@ def _flag_key(command: str, name: str, defaults: dict[str, Any], leaves: dict[st
 
 def flag_keys(command: str, defaults: dict[str, Any]) -> dict[str, str]:
     """The command's script-style flags with their config keys."""
-    return {name: _flag_key(command, name, defaults, _leaves(defaults)) for name in SCRIPT_FLAGS[command].split()}
+    leaves = _leaves(defaults)
+    return {name: _flag_key(command, name, defaults, leaves) for name in SCRIPT_FLAGS[command].split()}
 
 
 def _flag_override(
