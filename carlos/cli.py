@@ -32,7 +32,7 @@ SCRIPT_FLAGS: dict[str, str] = {
     "train": "workdir run seed resume overwrite init_from micro_batch_size grad_accum_steps precision max_steps "
     "max_time peak_lr weight_decay grad_clip warmup_steps min_lr eval_interval ckpt_interval log_interval "
     "sample_prompt sample_tokens wandb_project wandb_entity wandb_run_name wandb_tags wandb_mode",
-    "eval": "workdir run checkpoint split json batch_size stride device",
+    "eval": "workdir run checkpoint split json batch_size stride adapt adapt_lr device compressors compressor_context",
     "export": "workdir run checkpoint format out",
     "bench": "input workdir steps rounds log_interval seq_len batch budgets prepare_gb output",
     "sample": "workdir run checkpoint prompt max_new_tokens temperature top_p top_k num_samples seed device",
@@ -342,6 +342,10 @@ def main(argv: list[str] | None = None) -> None:
     """`carlos <command>`: everything under the failure policy, with SIGTERM turned into Stopped so that
     a stopped command cleans up after itself (train hands SIGTERM to Lightning once it trains), and given
     back when it ends."""
+    # OpenMP threads that spin while they wait made a tiny model train 26 times slower when another process
+    # held the cores, where waiting passively costs about 10% on a quiet machine (docs/PERFORMANCE.md,
+    # "Threads"). OpenMP reads it when torch loads, which no command has done yet; the user's setting wins
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     with stop_handlers(), _paths_printable():
         try:
             guarded(_main, list(sys.argv[1:] if argv is None else argv))

@@ -424,7 +424,7 @@ class TrainConfig:
 # ---------------------------------------------------------------- eval and sample
 
 SPLITS = ("train", "val", "test")
-SUITE_CORPORA = ("input", "python", "docs", "translations")  # input: --input; the rest: carlos/bench/suite.py
+SUITE_CORPORA = ("input", "python", "docs", "translations", "licences")  # input: --input; the rest: carlos/bench/suite.py
 
 
 @dataclass
@@ -437,9 +437,15 @@ class EvalConfig:
     batch_size: int
     stride: int | None
     device: str
+    compressors: bool
+    compressor_context: int
+    adapt: bool
+    adapt_lr: float
 
     def __post_init__(self) -> None:
         check_run(self.run)
+        _positive("compressor_context", self.compressor_context, allow_zero=True)
+        _positive("adapt_lr", self.adapt_lr)
         if self.split not in SPLITS:
             raise CarlosError(f"unknown split {self.split!r}{nearest(self.split, SPLITS)}; choose train, val or test")
         _positive("batch_size", self.batch_size)

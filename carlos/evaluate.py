@@ -92,6 +92,40 @@ def score_sliding(model: GPT, tokens, context: int, stride: int, batch_size: int
     return summarize(*sums.tolist())
 
 
+def score_adaptive(model: GPT, tokens, context: int, stride: int, lr: float, device: torch.device) -> dict:
+    """`carlos eval --adapt`: dynamic evaluation (Krause et al. 2018). The sliding windows of score_sliding, one
+    at a time in order: each scores its new targets, then takes one SGD step on their mean loss, so that every
+    byte is predicted by the model adapted to all the text before it and to none after it. The weights
+    change in memory only; the model ends adapted to the whole split."""
+    import numpy as np
+    import torch
+
+    windows = sliding_windows(len(tokens), context, stride)
+    context = min(context, len(tokens) - 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for start, first in windows:
+        row = torch.from_numpy(tokens[start : start + context + 1].astype(np.int64))[None].to(device)  # (1, context + 1)
+        x, y = row[:, :-1], row[:, 1:].clone()
+        y[:, :first] = -1  # scored by an earlier window
+        scores = score_batch(model, x, y)  # [nats, tokens, bytes]
+        sums += scores.detach()
+        optimizer.zero_grad(set_to_none=True)
+        (scores[0] / scores[1]).backward()
+        optimizer.step()
+    return summarize(*sums.tolist())
+
+
+def _adaptive(model: GPT, windows, context: int, stride: int, lr: float, device: torch.device) -> dict:
+    """--adapt: the adaptive score, printed on its own line after the standard one (never in its place)."""
+    scores = score_adaptive(model, windows.stream(), context, stride, lr, device)
+    print(
+        f"adaptive (dynamic evaluation: SGD at lr {lr:g} on each window of {stride} new tokens, up to {context} "
+        f"tokens of context): loss {scores['loss']:.4f} nats/token, bits-per-byte {scores['bpb']:.4f}"
+    )
+    return {"stride": stride, "context": context, "lr": lr, "loss": scores["loss"], "bpb": scores["bpb"]}
+
+
 def _sliding(model: GPT, windows, context: int, stride: int, batch: int, device: torch.device) -> dict:
     """--stride: the sliding-window score, printed on its own line beside the standard one."""
     scores = score_sliding(model, windows.stream(), context, stride, batch, device)
@@ -100,6 +134,22 @@ def _sliding(model: GPT, windows, context: int, stride: int, batch: int, device:
         f"loss {scores['loss']:.4f} nats/token, bits-per-byte {scores['bpb']:.4f}"
     )
     return {"stride": stride, "context": context, "loss": scores["loss"], "bpb": scores["bpb"]}
+
+
+def _compressors(data: PreparedData, split: str, cap: int) -> dict:
+    """The reference compressors on the split's bytes, after up to `cap` bytes from the end of the train split
+    (none when the split is train itself), printed on their own lines beside the model's numbers."""
+    from carlos.compressors import compressed_bpb, ppmd_missing
+
+    text = data.windows(split).text()
+    context = data.windows("train").text(last=cap) if split != "train" and cap else b""
+    scores = compressed_bpb(context, text)
+    after = f"after the last {len(context):,} bytes of the train split" if context else "on their own"
+    print(f"compressors on the same {len(text):,} bytes, {after} (bits-per-byte):")
+    print("  " + " · ".join(f"{name} {bpb:.4f}" for name, bpb in scores.items()))
+    if ppmd_missing():
+        print(f"  PPMd not measured: {ppmd_missing()}")
+    return {"context_bytes": len(context), **scores}
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -143,6 +193,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     print(f"perplexity: {metrics['ppl']:.4f}")
     print(f"bits-per-byte: {metrics['bpb']:.4f}")
     sliding = _sliding(model, windows, context, cfg.stride, batch, device) if cfg.stride is not None else None
+    compressors = _compressors(data, cfg.split, cfg.compressor_context) if cfg.compressors else None
+    stride = cfg.stride or max(context // 2, 1)
+    adaptive = _adaptive(model, windows, context, stride, cfg.adapt_lr, device) if cfg.adapt else None
     result = {
         "split": cfg.split,
         "loss": metrics["loss"],
@@ -153,6 +206,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         "checkpoint": str(path),
         "step": step,
         "sliding": sliding,
+        "compressors": compressors,
+        "adaptive": adaptive,
     }
     if cfg.json:
         print(json.dumps(result))

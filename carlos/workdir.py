@@ -19,7 +19,7 @@ from carlos.config import SPLITS
 from carlos.errors import CarlosError
 from carlos.files import read_regular
 from carlos.lock import preparing
-from carlos.tokenizer import ByteTokenizer
+from carlos.tokenizer import BYTES, ByteTokenizer
 
 if typing.TYPE_CHECKING:
     import torch
@@ -107,14 +107,21 @@ class WindowDataset:
     def __len__(self) -> int:
         return len(self.windows)
 
-    def stream(self) -> np.ndarray:
-        """The split's tokens in order, as one array (the windows without their overlaps)."""
+    def stream(self, last: int | None = None) -> np.ndarray:
+        """The split's tokens in order, as one array (the windows without their overlaps); with `last`, only
+        its last tokens (read from the windows they are in, not from the whole split)."""
         n, L = len(self.windows), self.seq_len
-        n_tokens = n * L + 1 - max(self.tail_overlap, 0)
+        first = 0 if last is None else max(0, n - 2 - -(-last // L))  # the first window `last` reaches into
+        n_tokens = (n - first) * L + 1 - max(self.tail_overlap, 0)
         tokens = np.empty(n_tokens, dtype=self.windows.dtype)
-        tokens[: (n - 1) * L] = np.asarray(self.windows[: n - 1, :L]).reshape(-1)
+        tokens[: (n - 1 - first) * L] = np.asarray(self.windows[first : n - 1, :L]).reshape(-1)
         tokens[n_tokens - (L + 1) :] = self.windows[n - 1]  # the last window, right-aligned on the end
-        return tokens
+        return tokens if last is None else tokens[max(0, n_tokens - last) :]
+
+    def text(self, last: int | None = None) -> bytes:
+        """The split's text as bytes (BOS and EOS left out), or the text of its last `last` tokens."""
+        tokens = self.stream(last)
+        return tokens[tokens < BYTES].astype(np.uint8).tobytes()
 
     def __getitem__(self, items: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         import torch

@@ -206,3 +206,14 @@ def test_report_shows_unset_settings_as_a_dash_and_keeps_the_legend_off_the_curv
         "runs/a (init_from=-, lr=0.003)",
         "runs/b (init_from=x.pt, lr=0.001)",
     ]
+
+
+def test_openmp_threads_wait_passively_unless_the_user_chose(monkeypatch, capsys):
+    from carlos.cli import main
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    main(["--help"])  # set before any command loads torch, whose OpenMP reads it once
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    main(["--help"])
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

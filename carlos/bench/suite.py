@@ -3,7 +3,9 @@ already has, so that a default is judged on more than one corpus and nothing is 
 
 - python: this Python's standard library source (code; every installation has it);
 - docs: the plain-text documentation under /usr/share/doc (English prose, changelogs, licences);
-- translations: the translated messages of /usr/share/locale (many languages and scripts, short lines).
+- translations: the translated messages of /usr/share/locale (many languages and scripts, short lines);
+- licences: the copyright files of /usr/share/doc, each text once (small and repetitive formal text, at most
+  300 KB: licence boilerplate, as in many a user's own legal or configuration text).
 
 Each is deterministic for a given machine: files in sorted order, cut at the first file past its size."""
 
@@ -75,6 +77,22 @@ def _translations(root: Path) -> Iterator[str]:
     yield from blocks
 
 
+def _copyrights(root: Path) -> Iterator[str]:
+    seen = set()
+    for path in sorted(root.glob("*/copyright")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if text.strip() and text not in seen:  # packages of one source share a file: each text once
+            seen.add(text)
+            yield f"==== {path.parent.name}\n{text}\n"
+
+
+def licences_corpus(max_bytes: int) -> str:
+    return _until(_copyrights(DOCS), min(max_bytes, 300_000)) if DOCS.is_dir() else ""
+
+
 def docs_corpus(max_bytes: int) -> str:
     return _until(_doc_texts(DOCS), max_bytes) if DOCS.is_dir() else ""
 
@@ -87,6 +105,7 @@ CORPORA: dict[str, Callable[[int], str]] = {
     "python": stdlib_corpus,
     "docs": docs_corpus,
     "translations": translations_corpus,
+    "licences": licences_corpus,
 }
 
 
