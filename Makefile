@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[test,sweep,plot,tensorboard,hf]"
+	$(BIN)/python -m pip install --quiet -e ".[test,sweep,plot,tensorboard,hf,compressors]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -352,23 +352,33 @@ class WeightDecayByEpochs(StepCallback):
 
 
 class TimeBudget(StepCallback):
-    """--max_time: stops training early enough that the final validation, sample and checkpoints also
-    finish by the deadline, and gives CarlosLM the deadline its lr schedule aims at.
+    """--max_time: the run's wall time, counted from the moment the command started (a sweep's job: the job):
+    training stops early enough that the final validation, sample and checkpoints also end by then, and
+    CarlosLM gets the deadline its lr schedule aims at (in training seconds: the start-up is taken off).
 
-    The reserve kept for the end is 1.5 times the longest validation seen so far (its callbacks'
-    sampling and checkpointing included) plus half a second; before the first validation, 5% of the
-    budget (at most 10 s). Lightning's own Timer (Trainer(max_time)) stays on as a backstop."""
+    The reserve kept for the end is 1.5 times the longest validation seen so far (its callbacks' sampling
+    and checkpointing included) plus half a second. Before the first validation, it is estimated from the
+    validation split's size and the training pace: scoring a token costs about VAL_COST of training on one
+    (measured: docs/PERFORMANCE.md, "The time budget"); before the first steps, 5% of the budget."""
 
-    def __init__(self, max_time_s: float) -> None:
-        self.max_time = max_time_s
-        self.reserve = min(0.05 * max_time_s, 10.0)
+    VAL_COST = 0.5
+    LARGE_SHARE = 0.25  # a validation that would take more of a run than this is worth a word at its start
+
+    def __init__(self, max_time_s: float, started: float, val_tokens: int, tokens_per_batch: int) -> None:
+        self.max_time, self.started = max_time_s, started
+        self.val_tokens, self.tokens_per_batch = val_tokens, tokens_per_batch
+        self.reserve = 0.05 * max_time_s
+        self.startup = 0.0
         self.longest_val = 0.0
+        self.estimated_at = None
 
     def _deadline(self) -> float:
-        return max(self.max_time - self.reserve, 0.0)
+        return max(self.max_time - self.startup - self.reserve, 0.0)
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
+        self.startup = time.time() - self.started  # imports, data, model: the clock has been running
+        self.estimated_at = trainer.global_step + 10  # the first steps are slower: the pace after them
         pl_module.deadline_s = self._deadline()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
@@ -380,8 +390,23 @@ class TimeBudget(StepCallback):
     def on_step_end(self, trainer: L.Trainer, pl_module, step: int) -> None:
         seconds, deadline = _agreed(trainer, pl_module.elapsed_s(), self._deadline())
         pl_module.pace, pl_module.deadline_s = (step, seconds), deadline
+        if step == self.estimated_at and not self.longest_val:
+            self._estimate(trainer, step, seconds)
         if seconds >= deadline:  # only between optimizer steps, never mid-accumulation
             trainer.should_stop = True  # Lightning validates now; Checkpoints saves the final state
+
+    def _estimate(self, trainer: L.Trainer, step: int, seconds: float) -> None:
+        """The reserve from the pace so far, and a word when validating takes a large share of the run."""
+        tokens = step * self.tokens_per_batch * trainer.accumulate_grad_batches * trainer.world_size
+        validation = self.VAL_COST * self.val_tokens * seconds / max(tokens, 1) + 0.5  # + sample, checkpoints
+        self.reserve = 1.5 * validation + 0.5
+        if validation > self.LARGE_SHARE * self.max_time and trainer.is_global_zero:
+            print(
+                f"a validation will take about {validation:.0f} s, {validation / self.max_time:.0%} of --max_time "
+                f"{self.max_time:g}: prepare a smaller val split (--val_fraction), validate less often "
+                "(--eval_interval) or give more time",
+                flush=True,
+            )
 
 
 def _agreed(trainer: L.Trainer, seconds: float, deadline: float) -> tuple[float, float]:

@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -346,10 +347,14 @@ def main(argv: list[str] | None = None) -> None:
     # held the cores, where waiting passively costs about 10% on a quiet machine (docs/PERFORMANCE.md,
     # "Threads"). OpenMP reads it when torch loads, which no command has done yet; the user's setting wins
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "LOCAL_RANK" not in os.environ or "CARLOS_STARTED" not in os.environ:  # a DDP rank keeps its command's
+        os.environ["CARLOS_STARTED"] = repr(time.time())  # where --max_time's clock starts (train.job_started)
     with stop_handlers(), _paths_printable():
         try:
             guarded(_main, list(sys.argv[1:] if argv is None else argv))
-        finally:  # a reader that went away (carlos sample --help | head): a quiet exit here, not a traceback at exit
+        finally:
+            os.environ.pop("CARLOS_STARTED", None)  # a later train() in this process starts its own clock
+            # a reader that went away (carlos sample --help | head): a quiet exit here, not a traceback at exit
             guarded(sys.stdout.flush)
 
 

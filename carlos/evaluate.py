@@ -145,7 +145,7 @@ def _compressors(data: PreparedData, split: str, cap: int) -> dict:
     context = data.windows("train").text(last=cap) if split != "train" and cap else b""
     scores = compressed_bpb(context, text)
     after = f"after the last {len(context):,} bytes of the train split" if context else "on their own"
-    print(f"compressors on the same {len(text):,} bytes, {after} (bits-per-byte):")
+    print(f"compressors on the split's {len(text):,} bytes, {after} (bits-per-byte):")
     print("  " + " · ".join(f"{name} {bpb:.4f}" for name, bpb in scores.items()))
     if ppmd_missing():
         print(f"  PPMd not measured: {ppmd_missing()}")

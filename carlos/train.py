@@ -63,6 +63,7 @@ class Run:
 
 def train(cfg: DictConfig) -> float:
     """Train on a prepared workdir; returns the best validation bits-per-byte."""
+    started = job_started()
     config = parse(cfg, TrainConfig)
     workdir, leader = Path(os.path.expanduser(config.workdir)), is_leader(config)
     command = f"train --run {config.run}" if config.run else "train"
@@ -72,9 +73,16 @@ def train(cfg: DictConfig) -> float:
         data = PreparedData.load(workdir)
         place = held.enter_context(run_place(config, data.workdir, command, leader))
         plan = plan_run(cfg, config, data, place, leader)
-        run = build_run(plan)
+        run = build_run(plan, started)
         module, seconds = fit(run)
         return summarize(run, module, seconds)
+
+
+def job_started() -> float:
+    """When --max_time's clock started: when the command did (carlos.cli.main), or this sweep job."""
+    if in_multirun() or "CARLOS_STARTED" not in os.environ:
+        return time.time()
+    return float(os.environ["CARLOS_STARTED"])
 
 
 def run_place(config: TrainConfig, workdir: Path, command: str, leader: bool) -> Place:
@@ -97,7 +105,7 @@ def run_place(config: TrainConfig, workdir: Path, command: str, leader: bool) ->
 # ---------------------------------------------------------------- callbacks, loggers, Trainer
 
 
-def build_run(plan: RunPlan) -> Run:
+def build_run(plan: RunPlan, started: float) -> Run:
     """The callbacks, loggers and Lightning Trainer. Lightning checks accelerator, devices, strategy and
     num_nodes here, still before anything is written."""
     import lightning as L
@@ -132,7 +140,8 @@ def build_run(plan: RunPlan) -> Run:
     if config.trainer.max_time_delta is not None:
         from carlos.callbacks import TimeBudget
 
-        callbacks.append(TimeBudget(config.trainer.max_time_delta.total_seconds()))  # last: it times the others
+        budget, val_tokens = config.trainer.max_time_delta.total_seconds(), int(plan.data.info["tokens"]["val"])
+        callbacks.append(TimeBudget(budget, started, val_tokens, metrics.tokens_per_batch))  # last: times the others
     try:
         trainer = L.Trainer(
             **_trainer_arguments(plan), enable_progress_bar=terminal, logger=[jsonl, *loggers], callbacks=callbacks
