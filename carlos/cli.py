@@ -22,6 +22,7 @@ from typing import Any
 from carlos.compose import compose, conf_dir, prefer_carlos_hydra_configs, validate
 from carlos.config import SCHEMAS, config_keys, text_keys
 from carlos.errors import CarlosError, guarded, nearest, stop_handlers
+from carlos.openmp import choose_wait_policy
 
 COMMANDS = ("prepare", "train", "eval", "sample", "export", "bench", "report")
 
@@ -343,10 +344,6 @@ def main(argv: list[str] | None = None) -> None:
     """`carlos <command>`: everything under the failure policy, with SIGTERM turned into Stopped so that
     a stopped command cleans up after itself (train hands SIGTERM to Lightning once it trains), and given
     back when it ends."""
-    # OpenMP threads that spin while they wait made a tiny model train 26 times slower when another process
-    # held the cores, where waiting passively costs about 10% on a quiet machine (docs/PERFORMANCE.md,
-    # "Threads"). OpenMP reads it when torch loads, which no command has done yet; the user's setting wins
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if "LOCAL_RANK" not in os.environ or "CARLOS_STARTED" not in os.environ:  # a DDP rank keeps its command's
         os.environ["CARLOS_STARTED"] = repr(time.time())  # where --max_time's clock starts (train.job_started)
     with stop_handlers(), _paths_printable():
@@ -371,6 +368,8 @@ def _main(argv: list[str]) -> None:
     if command == "report":
         _report(argv[1:])
         return
+    if command != "prepare" and "LOCAL_RANK" not in os.environ:  # a DDP rank keeps its command's choice
+        choose_wait_policy()  # before torch loads
     defaults = config_keys(compose(command, []))
     hydra_args, overrides = translate(command, argv[1:], defaults)
     one_run = [a for a in hydra_args if a in ("-c", "--cfg", "-i", "--info", "-r", "-sc", "--shell-completion")]

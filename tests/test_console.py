@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -208,12 +209,26 @@ def test_report_shows_unset_settings_as_a_dash_and_keeps_the_legend_off_the_curv
     ]
 
 
-def test_openmp_threads_wait_passively_unless_the_user_chose(monkeypatch, capsys):
-    from carlos.cli import main
+
+def test_openmp_threads_wait_passively_on_a_busy_machine_unless_the_user_chose(monkeypatch):
+    from carlos import openmp
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    main(["--help"])  # set before any command loads torch, whose OpenMP reads it once
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setattr(openmp, "others_cores", lambda: 0.1)  # quiet: OpenMP's own default (spinning)
+    assert openmp.choose_wait_policy() is None and "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.setattr(openmp, "others_cores", lambda: 1.0)  # another process holds a core
+    assert openmp.choose_wait_policy() == "PASSIVE" and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    main(["--help"])
-    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert openmp.choose_wait_policy() is None and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="measures through Linux's /proc/stat")
+def test_a_process_spinning_on_a_core_is_seen_as_busy():
+    from carlos.openmp import others_cores
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert others_cores(0.3) >= 0.5
+    finally:
+        spinner.kill()

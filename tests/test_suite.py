@@ -46,7 +46,9 @@ def test_the_suite_keeps_each_run_and_continues_where_it_stopped(tmp_path):
         if len(calls) == 4:
             raise KeyboardInterrupt  # stopped in the middle
         better = 0.0 if "optimizer=adamw" in overrides else 0.1
-        return {"test_bpb": 2.5 - better, "val_bpb": 2.4 - better, "tokens": 100, "epochs": 2.0}
+        compressors = {"context_bytes": 1000, "xz -9e": 2.6, "PPMd order 6": 2.1}
+        scores = {"test_bpb": 2.5 - better, "val_bpb": 2.4 - better, "adaptive_bpb": 2.2, "compressors": compressors}
+        return {**scores, "tokens": 100, "epochs": 2.0}
 
     prepare = lambda corpus, workdir: {"splits": {"train": {"start": 0, "end": 1000}}}  # noqa: E731
     with pytest.raises(KeyboardInterrupt):
@@ -58,4 +60,6 @@ def test_the_suite_keeps_each_run_and_continues_where_it_stopped(tmp_path):
     rows = suite_runs(cfg, train, prepare, tmp_path)  # continues: only the runs not yet in results.jsonl
     assert len(calls) == 4 + 3 and len(rows) == 6
     table = render_suite(["Machine: x"], cfg.against, rows)
-    assert "| input | 1,000 | 60 s | 2.5000 | 2.4000 | +0.1000 | 3 of 3 | 2.4000 / 2.3000 | 2.0 |" in table
+    assert (
+        "| input | 1,000 | 60 s | 2.5000 | 2.4000 | +0.1000 | 3 of 3 | 2.4000 / 2.3000 | 2.0 | 2.2000 | 2.6000 | 2.1000 |"
+    ) in table

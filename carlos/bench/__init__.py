@@ -166,8 +166,11 @@ def _suite_train(py: list[str], root: Path, workdir: Path, overrides: list[str])
     run = next(o.split("=", 1)[1] for o in overrides if o.startswith("run="))
     records = [json.loads(line) for line in (workdir / "runs" / run / "metrics.jsonl").read_text().splitlines()]
     train_tokens = json.loads((workdir / "splits.json").read_text())["tokens"]["train"]
+    ev = _eval(py, root, workdir, f"run={run}", "adapt=true")
     return {
-        "test_bpb": _eval(py, root, workdir, f"run={run}")["bpb"],
+        "test_bpb": ev["bpb"],
+        "adaptive_bpb": ev["adaptive"]["bpb"],
+        "compressors": ev["compressors"],
         "val_bpb": min(r["val_bpb"] for r in records if "val_bpb" in r),
         "tokens": records[-1]["tokens"],
         "epochs": records[-1]["tokens"] / train_tokens,

@@ -165,12 +165,13 @@ def render_suite(head: list[str], against: list[str], rows: list[dict]) -> str:
     """One line per corpus and budget: medians over seeds of each side, and how many seeds the defaults won."""
     lines = [
         *head,
-        f"Each cell: the median over seeds of `carlos train --max_time B` then `carlos eval --split test` of its best "
-        f'checkpoint. "against": the defaults plus `{" ".join(against) or "(nothing)"}`.',
+        f"Each cell: the median over seeds of `carlos train --max_time B` then `carlos eval --split test --adapt` of "
+        f'its best checkpoint. "against": the defaults plus `{" ".join(against) or "(nothing)"}`. "adaptive": '
+        "the defaults' `--adapt` score; xz and PPMd: the compressors of `carlos eval` on the same test split.",
         "",
         "| corpus | train bytes | budget | against: test bpb | defaults: test bpb | better by | seeds won "
-        "| val bpb against / defaults | epochs (defaults) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| val bpb against / defaults | epochs (defaults) | adaptive | xz -9e | PPMd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     cells: dict[tuple, dict[str, list[dict]]] = {}
     for r in rows:
@@ -184,6 +185,17 @@ def render_suite(head: list[str], against: list[str], rows: list[dict]) -> str:
         lines.append(
             f"| {name} | {d[0]['train_bytes']:,} | {budget:g} s | {med(a, 'test_bpb'):.4f} | {med(d, 'test_bpb'):.4f} "
             f"| {med(a, 'test_bpb') - med(d, 'test_bpb'):+.4f} | {won} of {min(len(a), len(d))} "
-            f"| {med(a, 'val_bpb'):.4f} / {med(d, 'val_bpb'):.4f} | {med(d, 'epochs'):.1f} |"
+            f"| {med(a, 'val_bpb'):.4f} / {med(d, 'val_bpb'):.4f} | {med(d, 'epochs'):.1f} "
+            f"| {_cell(d, 'adaptive_bpb')} | {_compressor(d, 'xz -9e')} | {_compressor(d, 'PPMd order 6')} |"
         )
     return "\n".join(lines)
+
+
+def _cell(rows: list[dict], key: str) -> str:
+    """The median of a number the rows may lack (results.jsonl written before it was recorded): '-' then."""
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return f"{statistics.median(values):.4f}" if values else "-"
+
+
+def _compressor(rows: list[dict], name: str) -> str:
+    return _cell([{"bpb": (r.get("compressors") or {}).get(name)} for r in rows], "bpb")
