@@ -361,7 +361,7 @@ class TimeBudget(StepCallback):
     validation split's size and the training pace: scoring a token costs about VAL_COST of training on one
     (measured: docs/PERFORMANCE.md, "The time budget"); before the first steps, 5% of the budget."""
 
-    VAL_COST = 0.5
+    VAL_COST = 0.3
     LARGE_SHARE = 0.25  # a validation that would take more of a run than this is worth a word at its start
 
     def __init__(self, max_time_s: float, started: float, val_tokens: int, tokens_per_batch: int) -> None:
@@ -370,7 +370,8 @@ class TimeBudget(StepCallback):
         self.reserve = 0.05 * max_time_s
         self.startup = 0.0
         self.longest_val = 0.0
-        self.estimated_at = None
+        self.pace_from: tuple[int, float] | None = None  # (step, seconds) the pace is measured from
+        self.measure_at = 0
 
     def _deadline(self) -> float:
         return max(self.max_time - self.startup - self.reserve, 0.0)
@@ -378,7 +379,7 @@ class TimeBudget(StepCallback):
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         self.startup = time.time() - self.started  # imports, data, model: the clock has been running
-        self.estimated_at = trainer.global_step + 10  # the first steps are slower: the pace after them
+        self.pace_from, self.measure_at = None, trainer.global_step + 10
         pl_module.deadline_s = self._deadline()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
@@ -390,14 +391,18 @@ class TimeBudget(StepCallback):
     def on_step_end(self, trainer: L.Trainer, pl_module, step: int) -> None:
         seconds, deadline = _agreed(trainer, pl_module.elapsed_s(), self._deadline())
         pl_module.pace, pl_module.deadline_s = (step, seconds), deadline
-        if step == self.estimated_at and not self.longest_val:
-            self._estimate(trainer, step, seconds)
+        if step == self.measure_at and not self.longest_val:
+            if self.pace_from is None:  # the first steps are slower: the pace is measured after them
+                self.pace_from, self.measure_at = (step, seconds), step + 20
+            else:
+                self._estimate(trainer, step - self.pace_from[0], seconds - self.pace_from[1])
         if seconds >= deadline:  # only between optimizer steps, never mid-accumulation
             trainer.should_stop = True  # Lightning validates now; Checkpoints saves the final state
 
-    def _estimate(self, trainer: L.Trainer, step: int, seconds: float) -> None:
-        """The reserve from the pace so far, and a word when validating takes a large share of the run."""
-        tokens = step * self.tokens_per_batch * trainer.accumulate_grad_batches * trainer.world_size
+    def _estimate(self, trainer: L.Trainer, steps: int, seconds: float) -> None:
+        """The reserve from the pace of `steps` steps in `seconds`, and a word when validating takes a large
+        share of the run."""
+        tokens = steps * self.tokens_per_batch * trainer.accumulate_grad_batches * trainer.world_size
         validation = self.VAL_COST * self.val_tokens * seconds / max(tokens, 1) + 0.5  # + sample, checkpoints
         self.reserve = 1.5 * validation + 0.5
         if validation > self.LARGE_SHARE * self.max_time and trainer.is_global_zero:

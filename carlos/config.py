@@ -424,7 +424,13 @@ class TrainConfig:
 # ---------------------------------------------------------------- eval and sample
 
 SPLITS = ("train", "val", "test")
-SUITE_CORPORA = ("input", "python", "docs", "translations", "licences")  # input: --input; the rest: carlos/bench/suite.py
+SUITE_CORPORA = (
+    "input",
+    "python",
+    "docs",
+    "translations",
+    "licences",
+)  # input: --input; the rest: carlos/bench/suite.py
 
 
 @dataclass

@@ -105,7 +105,9 @@ def score_adaptive(model: GPT, tokens, context: int, stride: int, lr: float, dev
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for start, first in windows:
-        row = torch.from_numpy(tokens[start : start + context + 1].astype(np.int64))[None].to(device)  # (1, context + 1)
+        row = torch.from_numpy(tokens[start : start + context + 1].astype(np.int64))[None].to(
+            device
+        )  # (1, context + 1)
         x, y = row[:, :-1], row[:, 1:].clone()
         y[:, :first] = -1  # scored by an earlier window
         scores = score_batch(model, x, y)  # [nats, tokens, bytes]

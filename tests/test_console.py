@@ -209,7 +209,6 @@ def test_report_shows_unset_settings_as_a_dash_and_keeps_the_legend_off_the_curv
     ]
 
 
-
 def test_openmp_threads_wait_passively_on_a_busy_machine_unless_the_user_chose(monkeypatch):
     from carlos import openmp
 

@@ -44,9 +44,10 @@ def test_eval_reports_the_compressors_on_the_split_after_the_train_text(w, capsy
     assert f"PPMd order 6 {expected['PPMd order 6']:.4f}" in out
     # the context is capped; the train split itself is scored on its own; and they can be left out
     _, out, _ = run_cli([*evaluate, "--compressor_context", "100"], capsys)
-    assert json.loads(out.strip().splitlines()[-1])["compressors"]["xz -9e"] == compressed_bpb(train[-100:], test)[
-        "xz -9e"
-    ]
+    assert (
+        json.loads(out.strip().splitlines()[-1])["compressors"]["xz -9e"]
+        == compressed_bpb(train[-100:], test)["xz -9e"]
+    )
     _, out, _ = run_cli(["eval", "--workdir", "w", "--split", "train", "--json"], capsys)
     assert json.loads(out.strip().splitlines()[-1])["compressors"]["context_bytes"] == 0
     _, out, _ = run_cli([*evaluate, "--compressors", "false"], capsys)
@@ -76,5 +77,5 @@ def test_adapt_scores_after_learning_from_the_text_before_and_changes_nothing_on
     adaptive = json.loads(out.strip().splitlines()[-1])["adaptive"]
     assert adaptive["stride"] == 16 and adaptive["lr"] == 0.007  # half the context of 32, the default step
     assert adaptive["bpb"] != pytest.approx(static["sliding"]["bpb"], rel=1e-3)
-    assert f"adaptive (dynamic evaluation: SGD at lr 0.007 on each window of 16 new tokens" in out
+    assert "adaptive (dynamic evaluation: SGD at lr 0.007 on each window of 16 new tokens" in out
     assert hashlib.sha256(best.read_bytes()).hexdigest() == before
