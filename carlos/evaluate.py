@@ -92,11 +92,12 @@ def score_sliding(model: GPT, tokens, context: int, stride: int, batch_size: int
     return summarize(*sums.tolist())
 
 
-def score_adaptive(model: GPT, tokens, context: int, stride: int, lr: float, device: torch.device) -> dict:
+def score_adaptive(model: GPT, tokens, context: int, stride: int, lr: float, clip: float, device) -> dict:
     """`carlos eval --adapt`: dynamic evaluation (Krause et al. 2018). The sliding windows of score_sliding, one
-    at a time in order: each scores its new targets, then takes one SGD step on their mean loss, so that every
-    byte is predicted by the model adapted to all the text before it and to none after it. The weights
-    change in memory only; the model ends adapted to the whole split."""
+    at a time in order: each scores its new targets, then takes one SGD step on their mean loss, its gradient
+    clipped to norm `clip` (a model trained longer has larger gradients, and unclipped steps made it worse),
+    so that every byte is predicted by the model adapted to all the text before it and to none after it.
+    The weights change in memory only; the model ends adapted to the whole split."""
     import numpy as np
     import torch
 
@@ -105,27 +106,30 @@ def score_adaptive(model: GPT, tokens, context: int, stride: int, lr: float, dev
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for start, first in windows:
-        row = torch.from_numpy(tokens[start : start + context + 1].astype(np.int64))[None].to(
-            device
-        )  # (1, context + 1)
+        row = torch.from_numpy(tokens[start : start + context + 1].astype(np.int64))[None]  # (1, context + 1)
+        row = row.to(device)
         x, y = row[:, :-1], row[:, 1:].clone()
         y[:, :first] = -1  # scored by an earlier window
         scores = score_batch(model, x, y)  # [nats, tokens, bytes]
         sums += scores.detach()
         optimizer.zero_grad(set_to_none=True)
         (scores[0] / scores[1]).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
     return summarize(*sums.tolist())
 
 
-def _adaptive(model: GPT, windows, context: int, stride: int, lr: float, device: torch.device) -> dict:
+def _adaptive(model: GPT, windows, context: int, stride: int, cfg: EvalConfig, device: torch.device) -> dict:
     """--adapt: the adaptive score, printed on its own line after the standard one (never in its place)."""
-    scores = score_adaptive(model, windows.stream(), context, stride, lr, device)
+    lr, clip = cfg.adapt_lr, cfg.adapt_clip
+    scores = score_adaptive(model, windows.stream(), context, stride, lr, clip, device)
     print(
-        f"adaptive (dynamic evaluation: SGD at lr {lr:g} on each window of {stride} new tokens, up to {context} "
-        f"tokens of context): loss {scores['loss']:.4f} nats/token, bits-per-byte {scores['bpb']:.4f}"
+        f"adaptive (dynamic evaluation: SGD at lr {lr:g}, gradients clipped to {clip:g}, on each window of {stride} "
+        f"new tokens, up to {context} tokens of context): loss {scores['loss']:.4f} nats/token, "
+        f"bits-per-byte {scores['bpb']:.4f}"
     )
-    return {"stride": stride, "context": context, "lr": lr, "loss": scores["loss"], "bpb": scores["bpb"]}
+    scores = {"loss": scores["loss"], "bpb": scores["bpb"]}
+    return {"stride": stride, "context": context, "lr": lr, "clip": clip, **scores}
 
 
 def _sliding(model: GPT, windows, context: int, stride: int, batch: int, device: torch.device) -> dict:
@@ -197,7 +201,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     sliding = _sliding(model, windows, context, cfg.stride, batch, device) if cfg.stride is not None else None
     compressors = _compressors(data, cfg.split, cfg.compressor_context) if cfg.compressors else None
     stride = cfg.stride or max(context // 2, 1)
-    adaptive = _adaptive(model, windows, context, stride, cfg.adapt_lr, device) if cfg.adapt else None
+    adaptive = _adaptive(model, windows, context, stride, cfg, device) if cfg.adapt else None
     result = {
         "split": cfg.split,
         "loss": metrics["loss"],
