@@ -77,5 +77,5 @@ def test_adapt_scores_after_learning_from_the_text_before_and_changes_nothing_on
     adaptive = json.loads(out.strip().splitlines()[-1])["adaptive"]
     assert adaptive["stride"] == 16 and adaptive["lr"] == 0.012 and adaptive["clip"] == 2.0  # half the context
     assert adaptive["bpb"] != pytest.approx(static["sliding"]["bpb"], rel=1e-3)
-    assert "adaptive (dynamic evaluation: SGD at lr 0.007 on each window of 16 new tokens" in out
+    assert "adaptive (dynamic evaluation: SGD at lr 0.012, gradients clipped to 2, on each window of 16 new" in out
     assert hashlib.sha256(best.read_bytes()).hexdigest() == before
