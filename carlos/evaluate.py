@@ -153,8 +153,9 @@ def _compressors(data: PreparedData, split: str, cap: int) -> dict:
     after = f"after the last {len(context):,} bytes of the train split" if context else "on their own"
     print(f"compressors on the split's {len(text):,} bytes, {after} (bits-per-byte):")
     print("  " + " · ".join(f"{name} {bpb:.4f}" for name, bpb in scores.items()))
-    if ppmd_missing():
-        print(f"  PPMd not measured: {ppmd_missing()}")
+    missing = ppmd_missing()
+    if missing:
+        print(f"  PPMd not measured: {missing}")
     return {"context_bytes": len(context), **scores}
 
 
