@@ -34,8 +34,8 @@ SCRIPT_FLAGS: dict[str, str] = {
     "train": "workdir run seed resume overwrite init_from micro_batch_size grad_accum_steps precision max_steps "
     "max_time peak_lr weight_decay grad_clip warmup_steps min_lr eval_interval ckpt_interval log_interval "
     "sample_prompt sample_tokens wandb_project wandb_entity wandb_run_name wandb_tags wandb_mode",
-    "eval": "workdir run checkpoint split json batch_size stride adapt adapt_lr adapt_clip device compressors "
-    "compressor_context",
+    "eval": "workdir run checkpoint split json batch_size stride adapt adapt_lr adapt_clip adapt_order device "
+    "compressors compressor_context",
     "export": "workdir run checkpoint format out",
     "bench": "input workdir steps rounds log_interval seq_len batch budgets prepare_gb output",
     "sample": "workdir run checkpoint prompt max_new_tokens temperature top_p top_k num_samples seed device",

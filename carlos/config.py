@@ -448,12 +448,14 @@ class EvalConfig:
     adapt: bool
     adapt_lr: float
     adapt_clip: float
+    adapt_order: int
 
     def __post_init__(self) -> None:
         check_run(self.run)
         _positive("compressor_context", self.compressor_context, allow_zero=True)
         _positive("adapt_lr", self.adapt_lr)
         _positive("adapt_clip", self.adapt_clip)
+        _positive("adapt_order", self.adapt_order, allow_zero=True)
         if self.split not in SPLITS:
             raise CarlosError(f"unknown split {self.split!r}{nearest(self.split, SPLITS)}; choose train, val or test")
         _positive("batch_size", self.batch_size)

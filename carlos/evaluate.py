@@ -16,6 +16,7 @@ from carlos.tokenizer import BYTES
 from carlos.workdir import PreparedData
 
 if typing.TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from carlos.model import GPT
@@ -92,44 +93,64 @@ def score_sliding(model: GPT, tokens, context: int, stride: int, batch_size: int
     return summarize(*sums.tolist())
 
 
-def score_adaptive(model: GPT, tokens, context: int, stride: int, lr: float, clip: float, device) -> dict:
+def score_adaptive(model: GPT, tokens, context: int, stride: int, lr: float, clip: float, device) -> np.ndarray:
     """`carlos eval --adapt`: dynamic evaluation (Krause et al. 2018). The sliding windows of score_sliding, one
     at a time in order: each scores its new targets, then takes one SGD step on their mean loss, its gradient
     clipped to norm `clip` (a model trained longer has larger gradients, and unclipped steps made it worse),
     so that every byte is predicted by the model adapted to all the text before it and to none after it.
-    The weights change in memory only; the model ends adapted to the whole split."""
+    Returns the loss in nats of each target, tokens[1:]. The weights change in memory only; the model ends
+    adapted to the whole split."""
     import numpy as np
     import torch
 
-    windows = sliding_windows(len(tokens), context, stride)
     context = min(context, len(tokens) - 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for start, first in windows:
+    nats = np.zeros(len(tokens) - 1)
+    for start, first in sliding_windows(len(tokens), context, stride):
         row = torch.from_numpy(tokens[start : start + context + 1].astype(np.int64))[None]  # (1, context + 1)
         row = row.to(device)
         x, y = row[:, :-1], row[:, 1:].clone()
         y[:, :first] = -1  # scored by an earlier window
-        scores = score_batch(model, x, y)  # [nats, tokens, bytes]
-        sums += scores.detach()
+        losses = model.loss(x, y, reduction="none")[first:]  # (new targets,)
+        nats[start + first : start + context] = losses.detach().double().cpu().numpy()
         optimizer.zero_grad(set_to_none=True)
-        (scores[0] / scores[1]).backward()
+        losses.mean().backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
-    return summarize(*sums.tolist())
+    return nats
 
 
-def _adaptive(model: GPT, windows, context: int, stride: int, cfg: EvalConfig, device: torch.device) -> dict:
-    """--adapt: the adaptive score, printed on its own line after the standard one (never in its place)."""
-    lr, clip = cfg.adapt_lr, cfg.adapt_clip
-    scores = score_adaptive(model, windows.stream(), context, stride, lr, clip, device)
+def _adaptive(model: GPT, data: PreparedData, context: int, stride: int, cfg: EvalConfig, device) -> dict:
+    """--adapt: the adaptive scores, printed on their own lines after the standard one (never in its place):
+    dynamic evaluation, then (--adapt_order above 0) its mixture with an n-gram of the text before each byte."""
+    import numpy as np
+
+    lr, clip, order = cfg.adapt_lr, cfg.adapt_clip, cfg.adapt_order
+    tokens = data.windows(cfg.split).stream()
+    nats = score_adaptive(model, tokens, context, stride, lr, clip, device)
+    n_bytes = float(np.count_nonzero(tokens[1:] < BYTES))
+    dynamic = summarize(float(nats.sum()), len(nats), n_bytes)
     print(
         f"adaptive (dynamic evaluation: SGD at lr {lr:g}, gradients clipped to {clip:g}, on each window of {stride} "
-        f"new tokens, up to {context} tokens of context): loss {scores['loss']:.4f} nats/token, "
-        f"bits-per-byte {scores['bpb']:.4f}"
+        f"new tokens, up to {context} tokens of context): loss {dynamic['loss']:.4f} nats/token, "
+        f"bits-per-byte {dynamic['bpb']:.4f}"
     )
-    scores = {"loss": scores["loss"], "bpb": scores["bpb"]}
-    return {"stride": stride, "context": context, "lr": lr, "clip": clip, **scores}
+    result = {"stride": stride, "context": context, "lr": lr, "clip": clip, "order": order}
+    result |= {"dynamic_loss": dynamic["loss"], "dynamic_bpb": dynamic["bpb"], "weight": None}
+    if not order:
+        return result | {"loss": dynamic["loss"], "bpb": dynamic["bpb"]}
+    from carlos.ngram import mix, ngram_probs
+
+    history = data.windows("train").stream(last=cfg.compressor_context) if cfg.split != "train" else tokens[:0]
+    ngram = ngram_probs(np.concatenate([history, tokens]), len(history) + 1, data.tokenizer.vocab_size, order)
+    mixed, weight = mix(np.exp(-nats), ngram)
+    scores = summarize(float(-np.log(mixed).sum()), len(nats), n_bytes)
+    after = f"the last {len(history):,} tokens of the train split and " if len(history) else ""
+    print(
+        f"adaptive, mixed with an order-{order} n-gram of {after}the text before each byte (the model's weight "
+        f"ends at {weight:.2f}): loss {scores['loss']:.4f} nats/token, bits-per-byte {scores['bpb']:.4f}"
+    )
+    return result | {"weight": weight, "loss": scores["loss"], "bpb": scores["bpb"]}
 
 
 def _sliding(model: GPT, windows, context: int, stride: int, batch: int, device: torch.device) -> dict:
@@ -202,7 +223,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     sliding = _sliding(model, windows, context, cfg.stride, batch, device) if cfg.stride is not None else None
     compressors = _compressors(data, cfg.split, cfg.compressor_context) if cfg.compressors else None
     stride = cfg.stride or max(context // 2, 1)
-    adaptive = _adaptive(model, windows, context, stride, cfg, device) if cfg.adapt else None
+    adaptive = _adaptive(model, data, context, stride, cfg, device) if cfg.adapt else None
     result = {
         "split": cfg.split,
         "loss": metrics["loss"],
