@@ -5,6 +5,7 @@ loss and tokens/s."""
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -427,6 +428,14 @@ def _agreed(trainer: L.Trainer, seconds: float, deadline: float) -> tuple[float,
     return both[0].item(), -both[1].item()
 
 
+def _terminal_shape(_file) -> tuple[int, int]:
+    """The terminal's columns and lines, the standard library's way: tqdm reads a terminal that reports 0
+    columns and lines (some CI terminals, `script`) as -1 x -1 and then draws nothing; shutil falls back
+    to $COLUMNS and $LINES, or 80 x 24."""
+    columns, lines = shutil.get_terminal_size()
+    return columns, lines
+
+
 class ProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar counting optimizer steps (Lightning counts micro-batches) and showing the
     latest train loss, tokens/s and val bpb: one bar for the whole run, which starts where a resumed run
@@ -441,7 +450,7 @@ class ProgressBar(TQDMProgressBar):
 
     def init_train_tqdm(self) -> Tqdm:
         trainer = self.trainer
-        return Tqdm(
+        bar = Tqdm(
             desc="train",
             total=trainer.max_steps if trainer.max_steps > 0 else None,
             initial=trainer.global_step,
@@ -452,6 +461,9 @@ class ProgressBar(TQDMProgressBar):
             smoothing=0,
             bar_format=self.BAR_FORMAT,
         )
+        bar.dynamic_ncols = _terminal_shape
+        bar.ncols, bar.nrows = _terminal_shape(sys.stdout)
+        return bar
 
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
         pass  # Lightning's resets the bar to count the epoch's micro-batches, under "Epoch N"

@@ -231,3 +231,25 @@ def test_a_process_spinning_on_a_core_is_seen_as_busy():
         assert others_cores(0.3) >= 0.5
     finally:
         spinner.kill()
+
+
+def test_the_progress_bar_draws_at_80_columns_on_a_terminal_that_reports_none(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    import tqdm.std
+
+    from carlos.callbacks import ProgressBar
+
+    # what tqdm reads from a terminal of 0 x 0 (`script`, some CI terminals): -1 x -1, and then it draws nothing
+    monkeypatch.setattr(tqdm.std, "_screen_shape_wrapper", lambda: lambda _file: (-1, -1))
+    monkeypatch.setattr(os, "get_terminal_size", lambda *_: os.terminal_size((0, 0)))
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.delenv("LINES", raising=False)
+    progress = ProgressBar(SimpleNamespace(last={}))
+    progress._trainer = SimpleNamespace(max_steps=100, global_step=0, is_global_zero=True)
+    bar = progress.init_train_tqdm()
+    bar.update(5)
+    bar.refresh()
+    bar.close()
+    drawn = capsys.readouterr().out.split("\r")[-1]
+    assert "5/100" in drawn and len(drawn.rstrip("\n")) == 80
