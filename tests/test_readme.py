@@ -14,6 +14,7 @@ from carlos.cli import main
 from .conftest import make_corpus
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = README.parent / "docs"
 SETUP = {"python", "python3", "pip", ".", "make", ".venv/bin/pip"}  # installing: done already for the tests
 TINY_MODEL = ["model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.d_ff=64"]
 TINY = {
@@ -72,3 +73,19 @@ def test_every_readme_command_runs_as_written(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "rope_hf" / "config.json").is_file() and (
         tmp_path / "run2" / "checkpoints" / "best.pt"
     ).is_file()
+
+
+def test_the_docs_numbers_and_lists_come_from_the_code():
+    from carlos.cli import COMMANDS
+    from carlos.compose import compose
+    from carlos.config import ModelConfig
+    from carlos.memory import num_params
+    from carlos.model import GPTConfig
+
+    seq_len = compose("prepare", []).data.seq_len
+    model = GPTConfig.for_data(ModelConfig(**compose("train", []).model), vocab_size=256, block_size=seq_len)
+    count = re.search(r"about (\d+)K parameters by default", README.read_text(encoding="utf-8")).group(1)
+    assert int(count) == round(num_params(model) / 1000)  # 99,968 for bytes at the default context
+    listed = re.search(r"carlos has (\w+) commands: (.*?)\.", (DOCS / "COMMAND_LINE.md").read_text(encoding="utf-8"))
+    assert re.findall(r"`(\w+)`", listed.group(2)) == list(COMMANDS)
+    assert listed.group(1) == ["one", "two", "three", "four", "five", "six", "seven", "eight"][len(COMMANDS) - 1]
