@@ -1,5 +1,7 @@
 """`carlos bench` end to end on a tiny corpus: every section runs and writes its table."""
 
+from pathlib import Path
+
 import pytest
 
 from carlos.cli import main
@@ -37,3 +39,15 @@ def test_bench_writes_its_sections(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "round 1/1   carlos:" in printed and "round 1/1    plain:" in printed and "round 1/1 defaults:" in printed
     assert "round 1/1      ddp:" in printed
+
+
+@pytest.mark.slow
+def test_bench_writes_into_its_workdir_unless_told_a_file(tmp_path, monkeypatch, capsys):
+    corpus = make_corpus(tmp_path / "corpus.txt", n_lines=300)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "PERFORMANCE.md").write_text("my own notes\n")
+    main(["bench", f"input={corpus}", "workdir=b", "rounds=0", "prepare_gb=0.001"])
+    assert (tmp_path / "docs" / "PERFORMANCE.md").read_text() == "my own notes\n"  # a file of the same name
+    assert "<!-- scale:start -->" in (tmp_path / "b" / "PERFORMANCE.md").read_text()
+    assert f"wrote {Path('b') / 'PERFORMANCE.md'}" in capsys.readouterr().out

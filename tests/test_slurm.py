@@ -20,9 +20,8 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 CARLOS = str(Path(sys.executable).parent / "carlos")
 MODEL = ["model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.d_ff=64", "--sample_tokens", "4"]
 TINY = [*MODEL, "--micro_batch_size", "4", "--warmup_steps", "1", "--eval_interval", "5"]
-# what a job may ask of this one node: no GPU, one CPU, a little memory, minutes
-LOCAL = ["hydra/launcher=submitit_slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1"]
-LOCAL += ["hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=5"]
+# what a job may ask of this one node: the CPU preset (no GPU, one CPU, 2 GB), and minutes
+LOCAL = ["hydra/launcher=submitit_slurm_cpu", "hydra.launcher.timeout_min=5"]
 
 
 def squeue_ids() -> list[str]:

@@ -259,31 +259,30 @@ def _bench(cfg: BenchConfig, root: Path, manifest: Manifest) -> dict:
         "default_batch": train_config.data.micro_batch_size * train_config.trainer.accumulate_grad_batches,
     }
     out: dict = {"header": header}
+    output = Path(cfg.output) if cfg.output else root / "PERFORMANCE.md"  # a user's own file only when named
     if cfg.rounds:
         micro = train_config.data.micro_batch_size
         out["throughput"] = _throughput(cfg, py, root, same, defaults, spec, model, micro)
-        _emit(cfg, "throughput", render_throughput({**header, **out["throughput"]}))
+        _emit(output, "throughput", render_throughput({**header, **out["throughput"]}))
     if cfg.budgets:
         out["quality"] = _quality(cfg, py, root, same, defaults, spec)
-        _emit(cfg, "quality", render_quality(header, out["quality"]))
+        _emit(output, "quality", render_quality(header, out["quality"]))
     if cfg.suite:
         from carlos.bench.suite import render_suite, suite_runs
 
         train = lambda workdir, overrides: _suite_train(py, root, workdir, overrides)  # noqa: E731
         out["suite"] = suite_runs(cfg, train, lambda corpus, w: _prepare(py, str(corpus), w), root)
-        _emit(cfg, "suite", render_suite(_head(header), cfg.against, out["suite"]))
+        _emit(output, "suite", render_suite(_head(header), cfg.against, out["suite"]))
     if cfg.prepare_gb:
         out["scale"] = _scale(cfg, py, root, corpus, manifest)
-        _emit(cfg, "scale", render_scale(header, out["scale"]))
-    if cfg.output:
-        print(f"wrote {cfg.output}")
+        _emit(output, "scale", render_scale(header, out["scale"]))
+    print(f"wrote {output}")
     return out
 
 
-def _emit(cfg: BenchConfig, section: str, table: str) -> None:
+def _emit(output: Path, section: str, table: str) -> None:
     print(table, flush=True)
-    if cfg.output:
-        write_section(Path(cfg.output), table, *SECTIONS[section])
+    write_section(output, table, *SECTIONS[section])
 
 
 def _throughput(
