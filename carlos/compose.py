@@ -61,6 +61,24 @@ def compose(command: str, overrides: list[str], with_hydra: bool = False):
         return hydra_compose(config_name=command, overrides=overrides, return_hydra_config=with_hydra)
 
 
+def set_by(key: str, value) -> str:
+    """`key=value` as the user can find it: named by the experiment preset that set it, when the running
+    job's command line chose one and did not set the key itself (the user never typed that key)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    said = f"{key}={value}"
+    if not HydraConfig.initialized():
+        return said
+    job = HydraConfig.get()
+    experiment = job.runtime.choices.get("experiment")
+    typed = any(o.lstrip("+~").split("=", 1)[0] == key for o in job.overrides.task)
+    preset = conf_dir() / "experiment" / f"{experiment}.yaml"
+    if not experiment or typed or (preset.is_file() and OmegaConf.select(OmegaConf.load(preset), key) is None):
+        return said
+    return f"experiment={experiment} sets {said}"
+
+
 def group_options(group: str) -> list[str]:
     """The options Hydra knows for a config group: carlos's files, Hydra's own and its plugins'."""
     with _hydra() as hydra:

@@ -69,9 +69,9 @@ def input_files(spec: str | list[str], pattern: str, workdir: Path) -> list[Path
         for path in _expand(str(item), pattern, workdir):
             found.setdefault(os.path.realpath(path), path)  # a file given twice is read once
     shown = spec if isinstance(spec, str) else " ".join(spec)
-    if not found:
+    if not found:  # only a pattern matches nothing: a plain path is refused by Sources, a directory above
         raise CarlosError(
-            f"input {shown} matches no file; check the path, or pass --glob PATTERN for the files to read"
+            f"input {shown} matches no file; check the pattern (a relative one is matched from {Path.cwd()})"
         )
     return sorted(found.values(), key=lambda p: p.as_posix())
 

@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from carlos.checkpoint import PREFIX, check_checkpoint, device_type, load_checkpoint
+from carlos.compose import set_by
 from carlos.config import WANDB_MODES, ModelConfig, TrainConfig
 from carlos.errors import CarlosError
 from carlos.files import printable, read_regular
@@ -332,7 +333,7 @@ def _check_machine(config: TrainConfig, model: GPTConfig, device: str, val_windo
         )
     if trainer.accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
         raise CarlosError(
-            f"trainer.accelerator={trainer.accelerator}: this machine has no CUDA GPU (torch sees none); "
+            f"{set_by('trainer.accelerator', trainer.accelerator)}: this machine has no CUDA GPU (torch sees none); "
             "use trainer.accelerator=cpu or auto"
         )
     cluster = any(k in os.environ for k in ("SLURM_NTASKS", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"))

@@ -880,6 +880,13 @@ CASES = [
         no_cuda,
     ),
     Case(
+        "accelerator-experiment",
+        "a preset that asks for a GPU, on a machine without CUDA",
+        ["train", "--workdir", "w", "--overwrite", "experiment=gpu"],
+        "experiment=gpu sets trainer.accelerator=gpu: this machine has no CUDA GPU",
+        no_cuda,
+    ),
+    Case(
         "devices-text",
         "trainer.devices not a number",
         ["train", "--workdir", "w", "--overwrite", "trainer.devices=abc"],
