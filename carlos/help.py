@@ -56,6 +56,18 @@ def _shown(value) -> str:
     return text if len(text) <= 24 else text[:21] + "..."
 
 
+def _row(meaning: str, default, defaults: dict) -> str:
+    """A flag's meaning and default in one sentence: a comment that says what null does says the default
+    itself, and a key it names shows that key's value."""
+    for key in set(re.findall(r"\b[a-z_]+\.[a-z_.]+\b", meaning)) & set(defaults):
+        meaning = meaning.replace(key, f"{key} ({_shown(defaults[key])})")
+    if default is None and "null: " in meaning:
+        return meaning.replace("null: ", "default: ", 1)
+    if default is None and meaning.endswith("required"):
+        return meaning
+    return f"{meaning} (default {_shown(default)})"
+
+
 def help_text(command: str, flags: dict[str, str]) -> str:
     """The help of `carlos <command>`: usage, the script-style flags, the config groups."""
     cfg = compose(command, [], with_hydra=True)
@@ -63,9 +75,7 @@ def help_text(command: str, flags: dict[str, str]) -> str:
     defaults, meanings = config_keys(cfg), _meanings(command, choices)
     lines = [f"usage: carlos {command} [--flag value ...] [key=value ...]", "", "flags (each sets a config key):"]
     for flag, key in flags.items():
-        meaning = meanings.get(key, "")
-        default = f"(default {_shown(defaults.get(key))})"
-        lines.append(f"  --{flag:<17} {meaning} {default}".rstrip() if meaning else f"  --{flag:<17} {default}")
+        lines.append(f"  --{flag:<17} {_row(meanings.get(key, ''), defaults.get(key), defaults)}")
     if any(not g.startswith("hydra") for g in choices):
         lines += ["", "config groups (group=option):"]
         for group, chosen in sorted(choices.items()):

@@ -4,6 +4,7 @@ spelling (a lone path, units of time, a sweep over a flag), consistent numbers a
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -115,9 +116,33 @@ def test_help_lists_the_flags_with_meaning_and_default_and_only_the_commands_gro
     assert "  model: baseline (default), medium, modern" in p.stdout
     assert "  logger: csv, tensorboard, wandb  (none by default)" in p.stdout
     p = subprocess.run([CARLOS, "sample", "--help"], cwd=tmp_path, capture_output=True, text=True, check=True)
-    assert "--temperature       0 is greedy (default 0.8)" in p.stdout
+    assert "--temperature       divides the logits; 0 always takes the likeliest token (default 0.8)" in p.stdout
     assert "model:" not in p.stdout and "config groups" not in p.stdout  # sample has none
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_help_row_is_a_sentence_that_says_its_default_once():
+    from carlos.cli import COMMANDS, flag_keys
+    from carlos.compose import compose
+    from carlos.config import config_keys
+    from carlos.help import help_text
+
+    for command in set(COMMANDS) - {"report"}:  # report's help is argparse's usage line
+        flags = flag_keys(command, config_keys(compose(command, [])))
+        text = help_text(command, flags)
+        rows = [line.split(None, 1) for line in text.splitlines() if line.startswith("  --")]
+        meanings = [meaning for _, meaning in rows]
+        assert [flag for flag, _ in rows] == [f"--{flag}" for flag in flags]
+        assert len(set(meanings)) == len(meanings), command  # no two rows alike
+        for flag, meaning in rows:
+            said = f"carlos {command} {flag}: {meaning}"
+            assert not re.search(rf"{flag}\b(?!')", meaning), said  # no row explains a flag by itself
+            assert meaning.count("(default") == 1 or meaning.endswith("; required"), said  # one default
+            assert not meaning.startswith("("), said  # a meaning first
+            assert not re.search(r"\w:\)|:$", meaning), said  # no fragments
+            assert not ("null" in meaning and "(default none)" in meaning), said  # the default said twice
+        if command == "train":
+            assert "--max_steps         optimizer steps (default: trainer.default_steps (5000), or no limit" in text
 
 
 def test_help_does_not_import_lightning_or_torch():
