@@ -12,6 +12,7 @@ reason when it cannot be written. The table always comes first, so it is printed
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import json
 import math
@@ -31,6 +32,7 @@ from carlos.ownership import misplaced
 NUMBERS = ("step", "tokens", "val_bpb", "tokens_per_s")  # the fields the table and the plot read
 NAMING = {"run"}  # settings that only name the run, which the table's first column already shows
 UNSHOWN = ("logger.",)  # settings that change where records go, never the run's numbers
+UNNAMED = {"hydra", "experiment", "logger"}  # conf/ groups whose options are not a run's whole setting of a key
 
 
 class Unreadable(Exception):
@@ -105,6 +107,36 @@ def _settings(run_dir: Path) -> tuple[dict[str, Any], str | None]:
     return flatten(plain), None
 
 
+@functools.cache
+def presets() -> dict[str, dict[str, dict[str, Any]]]:
+    """{group: {option: its settings, flattened under the keys it sets}} of the config groups in conf/
+    whose options each set the whole of the same keys (model, optimizer, schedule, precision)."""
+    from omegaconf import OmegaConf
+
+    from carlos.compose import conf_dir
+
+    groups: dict[str, dict[str, dict[str, Any]]] = {}
+    for path in sorted(conf_dir().glob("*/*.yaml")):
+        group, text = path.parent.name, path.read_text(encoding="utf-8")
+        if group not in UNNAMED:
+            package = text.split()[2] if text.startswith("# @package ") else group
+            settings = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+            groups.setdefault(group, {})[path.stem] = flatten({package: settings})
+    return groups
+
+
+def _named(settings: dict[str, Any], groups: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """A run's settings, with {group: option} added for each group whose settings are exactly one option's."""
+    named = dict(settings)
+    for group, options in groups.items():
+        keys = {k for option in options.values() for k in option}
+        mine = {k: v for k, v in settings.items() if k in keys}
+        same = [name for name, option in options.items() if _same(option) == _same(mine)]
+        if same:
+            named[group] = same[0]
+    return named
+
+
 def _finite(value: Any) -> bool:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False  # JSON's true and false are ints to Python, but no count or loss
@@ -164,7 +196,7 @@ def _records(path: Path) -> tuple[list[dict], int]:
 def _read_run(metrics: Path, name: str) -> Run:
     records, damaged = _records(metrics)
     settings, problem = _settings(metrics.parent)
-    run = Run(metrics.parent, name, settings, records)
+    run = Run(metrics.parent, name, _named(settings, presets()) if settings else {}, records)
     if damaged:
         run.notes.append(f"{_plural(damaged, 'damaged line')} in metrics.jsonl skipped")
     if problem:
@@ -210,10 +242,17 @@ def _same(value: Any) -> str:
 
 def differing(runs: list[Run]) -> list[str]:
     """Settings whose values differ between the runs (all of them... none for a single run). Runs without
-    settings are left out: their unknown values differ from nothing."""
+    settings are left out: their unknown values differ from nothing. Where every run's settings of a group
+    are exactly one of its options (model=modern), the group's one column replaces those of its keys;
+    otherwise its keys are shown one by one."""
     known = [r for r in runs if r.settings]
     keys = sorted({k for r in known for k in r.settings if not k.startswith(UNSHOWN)} - NAMING)
-    return [k for k in keys if len({_same(r.settings.get(k)) for r in known}) > 1]
+    keys = [k for k in keys if len({_same(r.settings.get(k)) for r in known}) > 1]
+    for group, options in presets().items():  # a group's name, or its keys one by one
+        named = all(group in r.settings for r in known)
+        owned = {k for option in options.values() for k in option} if named else {group}
+        keys = [k for k in keys if k not in owned]
+    return keys
 
 
 def _cell(run: Run, key: str) -> str:

@@ -491,3 +491,23 @@ def test_a_run_whose_path_is_not_utf8_is_shown_with_replacement_characters_besid
     legend = _figure(read_runs(here / "s")[0]).axes[1].get_legend()
     labels = ["0 (lr=0.001, scaled=0.001)", "1 (lr=0.003, scaled=0.003)", "odd\ufffd (lr=0.002, scaled=0.002)"]
     assert [t.get_text() for t in legend.get_texts()] == labels
+
+
+def _composed_run(d: Path, overrides: list[str]) -> None:
+    from omegaconf import OmegaConf
+
+    from carlos.compose import compose
+
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(compose("train", overrides)))
+    (d / "metrics.jsonl").write_text(json.dumps({"step": 10, "tokens": 100, "val_bpb": 2.5}) + "\n")
+
+
+def test_a_group_whose_settings_are_exactly_one_preset_is_shown_by_its_name(tmp_path):
+    _composed_run(tmp_path / "a", ["model=baseline", "optimizer=adamw"])
+    _composed_run(tmp_path / "b", ["model=modern", "optimizer=adamw"])
+    assert differing(find_runs(tmp_path)) == ["model"]  # not model.bias, model.d_ff, model.mlp, model.norm
+    assert "| b | modern | 10 |" in report(tmp_path)[0]
+    _composed_run(tmp_path / "c", ["model=modern", "model.d_ff=128", "optimizer=adamw", "optimizer.lr=1e-3"])
+    keys = differing(find_runs(tmp_path))  # c's model is no preset: every run's settings are shown one by one
+    assert {"model.d_ff", "model.bias", "optimizer.lr"} <= set(keys) and not {"model", "optimizer"} & set(keys)
