@@ -59,15 +59,31 @@ def scan(src: BinaryIO, chunk: int = CHUNK, also=None) -> tuple[int, str]:
 # ---------------------------------------------------------------- which files
 
 
-def input_files(spec: str | list[str], pattern: str, workdir: Path) -> list[Path] | None:
+class Listing:
+    """What a search of --input's paths has met: the directories it has been in (each once), and what it
+    left out, {why: [path, ...]}, for prepare to say."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir, self.seen = workdir, set()
+        self.left_out: dict[str, list[str]] = {}
+
+    def leave_out(self, why: str, path: Path | str) -> None:
+        paths = self.left_out.setdefault(why, [])
+        if str(path) not in paths:  # met again through another of the paths given
+            paths.append(str(path))
+
+
+def input_files(spec: str | list[str], pattern: str, listing: Listing) -> list[Path] | None:
     """The files of --input in sorted path order, or None for one plain file path (read as it always was).
     A directory is searched recursively for pattern, hidden files and directories and the workdir left out."""
     if isinstance(spec, str) and not (MAGIC & set(spec)) and not os.path.isdir(Path(os.path.expanduser(spec))):
         return None
     found: dict[str, Path] = {}
     for item in [spec] if isinstance(spec, str) else spec:
-        for path in _expand(str(item), pattern, workdir):
-            found.setdefault(os.path.realpath(path), path)  # a file given twice is read once
+        for path in _expand(str(item), pattern, listing):
+            first = found.setdefault(os.path.realpath(path), path)  # a file given twice is read once
+            if first != path:
+                listing.leave_out("duplicate", f"{path} (the same file as {first})")
     shown = spec if isinstance(spec, str) else " ".join(spec)
     if not found:  # only a pattern matches nothing: a plain path is refused by Sources, a directory above
         raise CarlosError(
@@ -76,20 +92,27 @@ def input_files(spec: str | list[str], pattern: str, workdir: Path) -> list[Path
     return sorted(found.values(), key=lambda p: p.as_posix())
 
 
-def _expand(item: str, pattern: str, workdir: Path) -> list[Path]:
-    path = Path(os.path.expanduser(item))
+def _expand(item: str, pattern: str, listing: Listing) -> list[Path]:
+    path, workdir = Path(os.path.expanduser(item)), listing.workdir
     if os.path.isdir(path):  # False, not an error, for a path it cannot reach: Sources names why
         name = pattern.replace("**/", "")  # a directory is searched at every depth anyway
-        found = _glob(path, ("**", name), workdir, set())
-        inside = [p for p in found if not _hidden(p, path) and not _under(p, workdir)]
+        inside = []
+        for found in _glob(path, ("**", name), listing):
+            if _hidden(found, path):
+                listing.leave_out("hidden", found)
+            elif _under(found, workdir):
+                listing.leave_out("inside the workdir", found)
+            else:
+                inside.append(found)
         if not inside:
             raise CarlosError(f"input {path} holds no file matching {pattern!r}; pass --glob PATTERN (e.g. '*.md')")
         return sorted((p for p in inside if not os.path.isdir(p)), key=lambda p: p.as_posix())
     if MAGIC & set(item) and not os.path.lexists(path):
-        matched = _glob(Path(), Path(os.path.expanduser(item)).parts, workdir, set())
-        return sorted(
-            (p for p in matched if not os.path.isdir(p) and not _under(p, workdir)), key=lambda p: p.as_posix()
-        )
+        matched = [p for p in _glob(Path(), Path(os.path.expanduser(item)).parts, listing) if not os.path.isdir(p)]
+        for p in matched:
+            if _under(p, workdir):
+                listing.leave_out("inside the workdir", p)
+        return sorted((p for p in matched if not _under(p, workdir)), key=lambda p: p.as_posix())
     return [path]  # a file; Sources refuses it when it is missing or not a regular file
 
 
@@ -98,10 +121,11 @@ def _expand(item: str, pattern: str, workdir: Path) -> list[Path]:
 LEFT_OUT = "name the files to read instead (several paths, or a glob that leaves it out)"
 
 
-def _glob(base: Path, parts: tuple[str, ...], workdir: Path, seen: set) -> Iterator[Path]:
+def _glob(base: Path, parts: tuple[str, ...], listing: Listing) -> Iterator[Path]:
     """The paths under base that match parts, as glob matches them: '**' any depth of directories (those
     reached through a symlink too, each directory once, so a link back up the tree ends), a wildcard no
-    name starting with '.' unless it starts with '.' itself; the workdir is never searched."""
+    name starting with '.' unless it starts with '.' itself; the workdir is never searched. What it leaves
+    out that would have matched, it tells the listing."""
     if not parts:
         yield base
         return
@@ -111,18 +135,22 @@ def _glob(base: Path, parts: tuple[str, ...], workdir: Path, seen: set) -> Itera
             st = os.stat(base)
         except OSError:
             return
-        if (st.st_dev, st.st_ino, len(parts)) in seen or not stat.S_ISDIR(st.st_mode):
+        if (st.st_dev, st.st_ino, len(parts)) in listing.seen or not stat.S_ISDIR(st.st_mode):
             return
-        seen.add((st.st_dev, st.st_ino, len(parts)))
-        yield from _glob(base, rest, workdir, seen)
-        for sub in _subdirs(base, workdir):
-            yield from _glob(sub, parts, workdir, seen)
+        listing.seen.add((st.st_dev, st.st_ino, len(parts)))
+        yield from _glob(base, rest, listing)
+        for sub in _subdirs(base, listing):
+            yield from _glob(sub, parts, listing)
     elif MAGIC & set(head):
         for entry in _entries(base):
-            if fnmatch.fnmatch(entry.name, head) and (head.startswith(".") or not entry.name.startswith(".")):
-                yield from _glob(base / entry.name, rest, workdir, seen)
+            if not fnmatch.fnmatch(entry.name, head):
+                continue
+            if head.startswith(".") or not entry.name.startswith("."):
+                yield from _glob(base / entry.name, rest, listing)
+            elif not rest:
+                listing.leave_out("hidden", base / entry.name)
     elif _lexists(base / head):
-        yield from _glob(base / head, rest, workdir, seen)
+        yield from _glob(base / head, rest, listing)
 
 
 def _entries(directory: Path) -> list[os.DirEntry]:
@@ -140,13 +168,15 @@ def _entries(directory: Path) -> list[os.DirEntry]:
         ) from None
 
 
-def _subdirs(directory: Path, workdir: Path) -> Iterator[Path]:
+def _subdirs(directory: Path, listing: Listing) -> Iterator[Path]:
     """The directories in directory, symlinks to one included, hidden ones and the workdir left out. A
     link that cannot be followed (a loop, a target that cannot be reached) is refused: it may lead to a
     directory of the corpus; a dangling one leads to nothing."""
     for entry in _entries(directory):
         path = directory / entry.name
         if entry.name.startswith("."):
+            if entry.is_dir():
+                listing.leave_out("hidden", f"{path}{os.sep} (not searched)")
             continue
         try:
             is_dir = stat.S_ISDIR(entry.stat().st_mode)
@@ -154,7 +184,9 @@ def _subdirs(directory: Path, workdir: Path) -> Iterator[Path]:
             continue
         except OSError as e:
             raise CarlosError(f"input {path} {path_problem(path, e)}; fix or remove it, or {LEFT_OUT}") from None
-        if is_dir and not _under(path, workdir):
+        if is_dir and _under(path, listing.workdir):
+            listing.leave_out("inside the workdir", f"{path}{os.sep} (not searched)")
+        elif is_dir:
             yield path
 
 
@@ -184,9 +216,12 @@ def open_corpus(spec: str | list[str] | None, pattern: str, separator: str, work
     """--input opened: one plain file, or the files of several paths, a directory or a glob."""
     if not spec:
         raise CarlosError("no input corpus given; pass --input corpus.txt (or input=corpus.txt)")
-    files = input_files(spec, pattern, workdir)
+    listing = Listing(workdir)
+    files = input_files(spec, pattern, listing)
     shown = spec if isinstance(spec, str) else " ".join(spec)
-    return Corpus(files or [Path(os.path.expanduser(spec))], separator, shown, one=files is None)
+    corpus = Corpus(files or [Path(os.path.expanduser(spec))], separator, shown, one=files is None)
+    corpus.left_out = {**listing.left_out, **corpus.left_out}
+    return corpus
 
 
 def _change(before: os.stat_result, now: os.stat_result) -> str | None:
@@ -210,6 +245,7 @@ class Corpus:
         self.held = self._open(paths[0]) if one else None  # one file: its one descriptor
         listed = [(paths[0], os.fstat(self.held.fileno()))] if one else [(p, self._stat(p)) for p in paths]
         self.files = [(p, st) for p, st in listed if st.st_size > 0]  # an empty file adds no document
+        self.left_out = {"empty": [str(p) for p, st in listed if st.st_size == 0]} if not one else {}
         if not self.files:
             self.close()
             empty = f"{self.path} is empty" if one else f"{shown}: every file is empty"

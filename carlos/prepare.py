@@ -32,7 +32,7 @@ import numpy as np
 from carlos.config import SPLITS, PrepareConfig
 from carlos.corpus import CHUNK, Corpus, open_corpus
 from carlos.errors import CarlosError
-from carlos.files import write_error
+from carlos.files import printable, write_error
 from carlos.lock import DirLock
 from carlos.manifest import RECORD, Manifest
 from carlos.ownership import PREPARED, Place, prepared_paths, runs_outputs, workdir_has_run
@@ -317,8 +317,24 @@ def prepare(cfg: PrepareConfig) -> dict:
                     (workdir / RECORD).unlink(missing_ok=True)
             raise
     record = {**record, "seconds": time.perf_counter() - started}
+    if "files" in record:
+        print(files_read(record["files"], source.left_out))
     print(summary(record, cfg.workdir))
     return record
+
+
+def files_read(files: list[dict], left_out: dict[str, list[str]]) -> str:
+    """The line prepare prints for several files: how many it read and their bytes, and what it left out
+    and why (three named for each reason)."""
+    line = f"read {len(files):,} file{'s' if len(files) != 1 else ''}, {sum(f['bytes'] for f in files):,} bytes"
+    why = []
+    for reason, paths in left_out.items():
+        if paths:
+            named = ", ".join(printable(p) for p in paths[:3]) + (
+                f" and {len(paths) - 3:,} more" if len(paths) > 3 else ""
+            )
+            why.append(f"{len(paths):,} {reason} ({named})")
+    return line + ("; left out: " + "; ".join(why) if why else "")
 
 
 def summary(record: dict, workdir: str) -> str:

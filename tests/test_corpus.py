@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from carlos.corpus import Corpus, input_files
+from carlos.corpus import Corpus, Listing, input_files
 from carlos.errors import CarlosError
 
 from .conftest import run_cli
@@ -123,6 +123,26 @@ def test_inputs_that_match_nothing_are_refused(texts, capsys):
     assert not Path("w").exists()
 
 
+def test_prepare_says_how_many_files_it_read_and_what_it_left_out_and_why(texts, capsys):
+    (texts / ".draft.txt").write_text("hidden\n", encoding="utf-8")
+    if sys.platform != "win32":
+        (texts / "again.txt").symlink_to("a.txt")
+    prepare = ["prepare", "--input", "texts", "texts/*.txt", "--workdir", "texts/w", "--seq_len", "16"]
+    assert run_cli(prepare, capsys)[0] == 0
+    code, out, _ = run_cli([*prepare, "--overwrite"], capsys)  # now with the workdir inside the input
+    size = sum(len(t.encode()) for t in (A, B, C))
+    assert code == 0 and out.startswith(f"read 3 files, {size:,} bytes; left out: ")
+    left_out = out.splitlines()[0].split("; left out: ")[1]
+    assert f"2 hidden ({Path('texts/.draft.txt')}, {Path('texts/.git')}{os.sep} (not searched))" in left_out
+    assert f"1 inside the workdir ({Path('texts/w')}{os.sep} (not searched))" in left_out
+    assert f"1 empty ({Path('texts/empty.txt')})" in left_out
+    if sys.platform != "win32":  # a.txt given twice by the same name is read once and not named
+        assert f"1 duplicate ({Path('texts/again.txt')} (the same file as {Path('texts/a.txt')}))" in left_out
+    assert run_cli(["prepare", "--input", "texts/b.txt", "--workdir", "w1", "--seq_len", "8"], capsys)[1].startswith(
+        "prepared w1:"
+    )  # one file: as it always was
+
+
 def test_the_workdir_inside_the_input_directory_is_not_read(texts, capsys):
     assert run(["prepare", "--input", "texts", "--workdir", "texts/w", "--seq_len", "16"], capsys)[0] == 0
     assert run(["train", "--workdir", "texts/w", "--max_steps", "2", "--sample_tokens", "4"], capsys)[0] == 0
@@ -186,7 +206,9 @@ def test_a_subdirectory_that_cannot_be_listed_is_refused_not_left_out(texts, loc
         assert err.startswith(f"carlos: error: input {Path('texts/more')} cannot be listed (Permission denied), ")
         assert LEFT_OUT in err and not Path("w").exists()
     # a glob that does not need it reads what it names
-    assert input_files("texts/*.txt", "*.txt", Path("w")) == [Path("texts", n) for n in ("a.txt", "b.txt", "empty.txt")]
+    assert input_files("texts/*.txt", "*.txt", Listing(Path("w"))) == [
+        Path("texts", n) for n in ("a.txt", "b.txt", "empty.txt")
+    ]
 
 
 def test_linked_directories_are_read_each_once_and_links_that_lead_nowhere_are_named(texts, lock, capsys):
@@ -197,18 +219,20 @@ def test_linked_directories_are_read_each_once_and_links_that_lead_nowhere_are_n
     assert run(["prepare", "--input", "texts", "--workdir", "w", "--seq_len", "16"], capsys)[0] == 0
     files = [f["path"] for f in json.loads(Path("w/splits.json").read_text())["files"]]
     assert files == [str(texts.parent / n) for n in ("texts/a.txt", "texts/b.txt", "more/d.txt", "texts/sub/c.txt")]
-    assert input_files("texts/**/*.txt", "*.txt", Path("w")) == input_files("texts", "*.txt", Path("w"))
+    assert input_files("texts/**/*.txt", "*.txt", Listing(Path("w"))) == input_files(
+        "texts", "*.txt", Listing(Path("w"))
+    )
 
     (texts.parent / "locked").mkdir()
     (texts / "locked").symlink_to("../locked")  # a link to a directory that cannot be listed
     lock(texts.parent / "locked")
     with pytest.raises(CarlosError, match=rf"^input {re.escape(str(Path('texts/locked')))} cannot be listed"):
-        input_files("texts", "*.txt", Path("w"))
+        input_files("texts", "*.txt", Listing(Path("w")))
     (texts / "locked").unlink()
     (texts / "sub" / "loop").symlink_to("loop")  # a link that leads to itself: a directory or not, no one can say
     for spec in ("texts", "texts/**/*.txt"):
         with pytest.raises(CarlosError) as refused:
-            input_files(spec, "*.txt", Path("w"))
+            input_files(spec, "*.txt", Listing(Path("w")))
         assert str(refused.value).startswith(
             f"input {Path('texts/sub/loop')} is a symlink loop (a link that leads back to itself); fix or remove it"
         )
