@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from carlos.checkpoint import save_checkpoint
-from carlos.config import SampleConfig
+from carlos.config import EVAL_INTERVAL, SampleConfig
 from carlos.generate import generate, prompt_ids
 from carlos.manifest import Manifest
 from carlos.module import diverged, finite
@@ -176,17 +176,21 @@ class Checkpoints(StepCallback):
     Written here rather than by two ModelCheckpoint callbacks because the order matters for resuming:
     at a step that both validates and checkpoints, best.pt must be written first and last.pt after it,
     so that last.pt's record of the best loss includes that validation. ModelCheckpoint saves its step
-    files before validation runs."""
+    files before validation runs.
 
-    def __init__(self, dirpath: Path, manifest: Manifest, ckpt_interval: int, eval_interval: int) -> None:
+    A validation of part of the val split (--eval_tokens) is compared only with others of that part: the
+    first validation of the whole split (the last one) replaces their best, whatever its loss."""
+
+    def __init__(self, dirpath: Path, manifest: Manifest, ckpt_interval: int) -> None:
         self.dir, self.manifest = dirpath, manifest
-        self.every, self.eval_every = ckpt_interval, eval_interval
+        self.every = ckpt_interval
         self.best = self.best_bpb = math.inf
         self.best_step = -1
+        self.best_of_part = False  # the best so far scored part of the val split
         self.saved_step = -1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_bpb": self.best_bpb, "best_step": self.best_step}
+        return {"best": self.best, "best_bpb": self.best_bpb, "best_step": self.best_step, "part": self.best_of_part}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.best_bpb, self.best_step = (
@@ -194,6 +198,7 @@ class Checkpoints(StepCallback):
             float(state["best_bpb"]),
             int(state["best_step"]),
         )
+        self.best_of_part = bool(state.get("part", False))  # absent from the checkpoints of earlier versions
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
@@ -202,16 +207,21 @@ class Checkpoints(StepCallback):
     def on_step_end(self, trainer: L.Trainer, pl_module, step: int) -> None:
         if 0 < trainer.max_steps <= step:
             trainer.should_stop = True  # makes Lightning validate now; on_validation_end saves
-        elif step % self.every == 0 and step % self.eval_every != 0:
+        elif step % self.every == 0 and not _validates_after(trainer, step):
             self.save(trainer, step)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
         step = trainer.global_step
-        loss = pl_module.val_metrics["loss"]
-        if loss < self.best:
+        loss, part = pl_module.val_metrics["loss"], pl_module.eval_share < 1 and not trainer.should_stop
+        if part:
+            better = loss < self.best and (self.best_of_part or math.isinf(self.best))
+        else:
+            better = self.best_of_part or loss < self.best
+        if better:
             self.best, self.best_bpb, self.best_step = loss, pl_module.val_metrics["bpb"], step
+            self.best_of_part = part
             trainer.save_checkpoint(self.dir / "best.pt", weights_only=False)
         if step % self.every == 0 or trainer.should_stop:
             self.save(trainer, step)
@@ -352,23 +362,38 @@ class WeightDecayByEpochs(StepCallback):
             )
 
 
+def _validates_after(trainer: L.Trainer, step: int) -> bool:
+    """Whether Lightning validates after this optimizer step: every val_check_batch micro-batches, which is
+    eval_interval's steps, or the interval TimeBudget chose under --max_time."""
+    every = trainer.val_check_batch
+    return math.isfinite(every) and step % max(int(every) // trainer.accumulate_grad_batches, 1) == 0
+
+
 class TimeBudget(StepCallback):
     """--max_time: the run's wall time, counted from the moment the command started (a sweep's job: the job):
     training stops early enough that the final validation, sample and checkpoints also end by then, and
     CarlosLM gets the deadline its lr schedule aims at (in training seconds: the start-up is taken off).
 
-    The reserve kept for the end is 1.5 times the longest validation seen so far (its callbacks' sampling
-    and checkpointing included) plus half a second. Before the first validation, it is estimated from the
-    validation split's size and the training pace: scoring a token costs about VAL_COST of training on one
-    (measured: docs/PERFORMANCE.md, "The time budget"); before the first steps, 5% of the budget."""
+    The reserve kept for the end is 1.5 times the longest validation (its callbacks' sampling and
+    checkpointing included) plus half a second. At step 30 it is estimated from the validation split's
+    size and the training pace: scoring a token costs about VAL_COST of training on one (measured:
+    docs/PERFORMANCE.md, "The time budget"); before that, 5% of the budget. Then too, with eval_interval
+    and eval_tokens auto, it chooses how often to validate (VALIDATIONS a run) and how much of the val
+    split the validations before the last score (those all together within VAL_SHARE of the budget), and
+    says so: the run's validation curve and what it costs."""
 
     VAL_COST = 0.3
-    LARGE_SHARE = 0.25  # a validation that would take more of a run than this is worth a word at its start
+    LARGE_SHARE = 0.25  # a final validation that would take more of a run than this is worth a word
+    VALIDATIONS = 10  # enough points for a curve
+    VAL_SHARE = 0.1
 
-    def __init__(self, max_time_s: float, started: float, val_tokens: int, tokens_per_batch: int) -> None:
+    def __init__(
+        self, max_time_s: float, started: float, val_tokens: int, tokens_per_batch: int, **choose: bool
+    ) -> None:
         self.max_time, self.started = max_time_s, started
         self.val_tokens, self.tokens_per_batch = val_tokens, tokens_per_batch
-        self.reserve = 0.05 * max_time_s
+        self.choose_interval, self.choose_tokens = choose.get("interval", False), choose.get("tokens", False)
+        self.reserve = self.final_reserve = 0.05 * max_time_s
         self.startup = 0.0
         self.longest_val = 0.0
         self.pace_from: tuple[int, float] | None = None  # (step, seconds) the pace is measured from
@@ -387,7 +412,8 @@ class TimeBudget(StepCallback):
         if trainer.sanity_checking:
             return
         self.longest_val = max(self.longest_val, pl_module.validation_seconds())  # last callback: all of it
-        self.reserve = 1.5 * self.longest_val + 0.5  # pl_module sees the new deadline at the next step's end
+        # the final validation scores the whole split, which the earlier ones may not have
+        self.reserve = max(1.5 * self.longest_val + 0.5, self.final_reserve if pl_module.eval_share < 1 else 0)
 
     def on_step_end(self, trainer: L.Trainer, pl_module, step: int) -> None:
         seconds, deadline = _agreed(trainer, pl_module.elapsed_s(), self._deadline())
@@ -396,17 +422,42 @@ class TimeBudget(StepCallback):
             if self.pace_from is None:  # the first steps are slower: the pace is measured after them
                 self.pace_from, self.measure_at = (step, seconds), step + 20
             else:
-                self._estimate(trainer, step - self.pace_from[0], seconds - self.pace_from[1])
+                self._estimate(trainer, pl_module, step - self.pace_from[0], seconds - self.pace_from[1])
         if seconds >= deadline:  # only between optimizer steps, never mid-accumulation
             trainer.should_stop = True  # Lightning validates now; Checkpoints saves the final state
 
-    def _estimate(self, trainer: L.Trainer, steps: int, seconds: float) -> None:
-        """The reserve from the pace of `steps` steps in `seconds`, and a word when validating takes a large
-        share of the run."""
+    def _estimate(self, trainer: L.Trainer, pl_module, steps: int, seconds: float) -> None:
+        """The reserve from the pace of `steps` steps in `seconds`; the validations chosen where auto; a
+        word when the final validation takes a large share of the run."""
         tokens = steps * self.tokens_per_batch * trainer.accumulate_grad_batches * trainer.world_size
         validation = self.VAL_COST * self.val_tokens * seconds / max(tokens, 1) + 0.5  # + sample, checkpoints
-        self.reserve = 1.5 * validation + 0.5
-        if validation > self.LARGE_SHARE * self.max_time and trainer.is_global_zero:
+        self.reserve = self.final_reserve = 1.5 * validation + 0.5
+        pl_module.deadline_s = self._deadline()
+        if self.choose_tokens:
+            pl_module.eval_share = min(1.0, self.VAL_SHARE * self.max_time / self.VALIDATIONS / validation)
+        total = pl_module.total_steps(trainer.global_step)
+        if self.choose_interval:
+            interval = max(int(total / self.VALIDATIONS), 1) if math.isfinite(total) else EVAL_INTERVAL
+            trainer.val_check_batch = interval * trainer.accumulate_grad_batches
+        if trainer.is_global_zero:
+            self._say(trainer, pl_module.eval_share, validation, total)
+
+    def _say(self, trainer: L.Trainer, share: float, validation: float, total: float) -> None:
+        interval = int(trainer.val_check_batch) // trainer.accumulate_grad_batches
+        if self.choose_interval or self.choose_tokens:
+            times = f", about {total / interval:,.0f} times in this run" if math.isfinite(total) else ""
+            what = f"each on all {self.val_tokens:,} val tokens (about {validation:.1f} s)"
+            if share < 1:
+                what = (
+                    f"each on {share:.0%} of the {self.val_tokens:,} val tokens (about {share * validation:.1f} s), "
+                    f"the last on all of them (about {validation:.1f} s)"
+                )
+            print(
+                f"validating every {interval:,} steps{times}, {what}; --eval_interval N and --eval_tokens N choose, "
+                "and a smaller --val_fraction at prepare shrinks every validation",
+                flush=True,
+            )
+        if validation > self.LARGE_SHARE * self.max_time:
             print(
                 f"a validation will take about {validation:.0f} s, {validation / self.max_time:.0%} of --max_time "
                 f"{self.max_time:g}: prepare a smaller val split (--val_fraction), validate less often "

@@ -32,7 +32,7 @@ SCRIPT_FLAGS: dict[str, str] = {
     "prepare": "input glob workdir seed overwrite seq_len normalize_nfkc add_bos add_eos val_fraction test_fraction "
     "separator",
     "train": "workdir run seed resume overwrite init_from micro_batch_size grad_accum_steps precision max_steps "
-    "max_time peak_lr weight_decay grad_clip warmup_steps min_lr eval_interval ckpt_interval log_interval "
+    "max_time peak_lr weight_decay grad_clip warmup_steps min_lr eval_interval eval_tokens ckpt_interval log_interval "
     "sample_prompt sample_tokens wandb_project wandb_entity wandb_run_name wandb_tags wandb_mode",
     "eval": "workdir run checkpoint split json batch_size stride adapt adapt_lr adapt_clip adapt_order device "
     "compressors compressor_context",

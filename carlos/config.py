@@ -340,6 +340,9 @@ class RegularizationConfig:
             raise CarlosError(f"regularization.weight_decay values must be in [0, 10), got {list(self.weight_decay)}")
 
 
+EVAL_INTERVAL = 250  # eval_interval=auto in a run bounded by steps alone
+
+
 @dataclass
 class TrainConfig:
     workdir: str
@@ -348,7 +351,8 @@ class TrainConfig:
     resume: Any  # false, true or auto
     overwrite: bool
     init_from: str | None
-    eval_interval: int
+    eval_interval: Any  # optimizer steps, or auto
+    eval_tokens: Any  # val tokens, or auto
     ckpt_interval: int
     log_interval: int
     ema_decay: float | None
@@ -373,7 +377,11 @@ class TrainConfig:
             raise CarlosError(
                 "--init_from is empty; give a checkpoint path, or leave the flag out to train from scratch"
             )
-        for name in ("eval_interval", "ckpt_interval", "log_interval"):
+        for name in ("eval_interval", "eval_tokens"):
+            value = getattr(self, name)
+            if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise CarlosError(f"{name} (--{name}) must be a whole number > 0 or auto, got {value!r}")
+        for name in ("ckpt_interval", "log_interval"):
             _positive(name, getattr(self, name))
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise CarlosError(f"ema_decay must be between 0 and 1 (or null: off), got {self.ema_decay}")

@@ -79,6 +79,7 @@ class CarlosLM(L.LightningModule):
         self.deadline_s: float | None = None  # set by the TimeBudget callback under --max_time
         self.pace: tuple[int, float] | None = None  # (step, training seconds) at a step's end, as TimeBudget saw it
         self.eval_seconds = 0.0  # this session's validations, with their samples and checkpoints
+        self.eval_share = 1.0  # of the val batches, scored by each validation but the last (--eval_tokens)
 
     def total_steps(self, step: int) -> float:
         """The run's length in optimizer steps, as the lr schedule sees it: max_steps, or under a time
@@ -149,6 +150,10 @@ class CarlosLM(L.LightningModule):
         self.val_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        # the last validation (should_stop) scores the whole split; the others every k-th batch, eval_share of
+        # it spread over the whole split (its first part alone can differ from the rest: the end of a corpus)
+        if batch_idx % max(round(1 / self.eval_share), 1) and not self.trainer.should_stop:
+            return
         x, y = batch
         self.val_sums += score_batch(self.model, x, y)
 

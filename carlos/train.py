@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
-from carlos.config import TrainConfig, parse, to_plain
+from carlos.config import EVAL_INTERVAL, TrainConfig, parse, to_plain
 from carlos.errors import CarlosError, first_line, release_stop_handlers
 from carlos.lock import DirLock
 from carlos.manifest import Aside, Manifest
@@ -115,7 +115,7 @@ def build_run(plan: RunPlan, started: float) -> Run:
 
     config, run_dir = plan.config, plan.run_dir
     metrics = TrainMetrics(config.log_interval, plan.data.seq_len * config.data.micro_batch_size)
-    checkpoints = Checkpoints(plan.checkpoint_dir, plan.manifest, config.ckpt_interval, config.eval_interval)
+    checkpoints = Checkpoints(plan.checkpoint_dir, plan.manifest, config.ckpt_interval)
     preemption = Preemption(checkpoints)
     jsonl = JsonlLogger(run_dir / "metrics.jsonl", plan.manifest, plan.resumed["step"] if plan.resumed else None)
     loggers = lightning_loggers(plan)
@@ -141,7 +141,8 @@ def build_run(plan: RunPlan, started: float) -> Run:
         from carlos.callbacks import TimeBudget
 
         budget, val_tokens = config.trainer.max_time_delta.total_seconds(), int(plan.data.info["tokens"]["val"])
-        callbacks.append(TimeBudget(budget, started, val_tokens, metrics.tokens_per_batch))  # last: times the others
+        choose = {"interval": config.eval_interval == "auto", "tokens": config.eval_tokens == "auto"}
+        callbacks.append(TimeBudget(budget, started, val_tokens, metrics.tokens_per_batch, **choose))  # last: times all
     try:
         trainer = L.Trainer(
             **_trainer_arguments(plan), enable_progress_bar=terminal, logger=[jsonl, *loggers], callbacks=callbacks
@@ -168,7 +169,7 @@ def _trainer_arguments(plan: RunPlan) -> dict:
         "gradient_clip_val": trainer.gradient_clip_val,
         "deterministic": trainer.deterministic,
         # validation every eval_interval optimizer steps; Lightning counts micro-batches here
-        "val_check_interval": min(plan.config.eval_interval * trainer.accumulate_grad_batches, LONGEST),
+        "val_check_interval": min(_eval_interval(plan.config) * trainer.accumulate_grad_batches, LONGEST),
         "check_val_every_n_epoch": None,
         "num_sanity_val_steps": 0,
         "plugins": trainer_plugins(plan.manifest),
@@ -178,6 +179,14 @@ def _trainer_arguments(plan: RunPlan) -> dict:
         "use_distributed_sampler": False,  # carlos's samplers split the batches between ranks
         "log_every_n_steps": plan.config.log_interval,  # silences a warning; carlos logs through TrainMetrics
     }
+
+
+def _eval_interval(config: TrainConfig) -> int:
+    """Optimizer steps between validations: eval_interval, or for auto EVAL_INTERVAL, or under --max_time
+    none until TimeBudget has measured the pace and chosen (at step 30)."""
+    if config.eval_interval != "auto":
+        return config.eval_interval
+    return LONGEST if config.trainer.max_time_delta is not None else EVAL_INTERVAL
 
 
 def trainer_plugins(manifest: Manifest) -> list:
@@ -301,6 +310,8 @@ def fit(run: Run) -> tuple[CarlosLM, float]:
         plan.model.to_dict(), plan.optimizer, plan.schedule, config.trainer.max_steps, _record(plan),
         config.data.context_schedule,
     )  # fmt: skip
+    if config.eval_tokens != "auto":  # the share of the val split each validation but the last scores
+        module.eval_share = min(1.0, config.eval_tokens / max(int(data.info["tokens"]["val"]), 1))
     if plan.init is not None:  # fine-tuning: the weights only; the optimizer, step and schedule start anew
         module.model.load_state_dict(plan.init)
     datamodule = ByteDataModule(data, config.data, config.seed)

@@ -29,12 +29,25 @@ def test_best_pt_is_written_at_a_validation_only_when_its_loss_is_the_lowest_yet
     saved = []
     trainer = SimpleNamespace(sanity_checking=False, should_stop=False, global_step=0)
     trainer.save_checkpoint = lambda path, weights_only: saved.append((trainer.global_step, Path(path).name))
-    callback = Checkpoints(tmp_path, manifest=None, ckpt_interval=1000, eval_interval=1)
+    callback = Checkpoints(tmp_path, manifest=None, ckpt_interval=1000)
     for step, loss in [(1, 3.0), (2, 2.0), (3, 2.5), (4, 1.5), (5, 1.5), (6, 1.7)]:
         trainer.global_step = step
-        callback.on_validation_end(trainer, SimpleNamespace(val_metrics={"loss": loss, "bpb": loss / 2}))
+        callback.on_validation_end(trainer, SimpleNamespace(val_metrics={"loss": loss, "bpb": loss / 2}, eval_share=1))
     assert saved == [(1, "best.pt"), (2, "best.pt"), (4, "best.pt")]  # a tie keeps the earlier step
-    assert callback.state_dict() == {"best": 1.5, "best_bpb": 0.75, "best_step": 4}
+    assert callback.state_dict() == {"best": 1.5, "best_bpb": 0.75, "best_step": 4, "part": False}
+
+
+def test_validations_of_part_of_the_val_split_are_compared_only_with_each_other(tmp_path):
+    saved = []
+    trainer = SimpleNamespace(sanity_checking=False, should_stop=False, global_step=0)
+    trainer.save_checkpoint = lambda path, weights_only: saved.append(trainer.global_step)
+    callback = Checkpoints(tmp_path, manifest=None, ckpt_interval=1000)
+    for step, loss in [(1, 3.0), (2, 2.0), (3, 2.5), (4, 2.2)]:  # the last scores all of it
+        module = SimpleNamespace(val_metrics={"loss": loss, "bpb": loss}, eval_share=0.3 if step < 4 else 1.0)
+        trainer.global_step = step
+        callback.on_validation_end(trainer, module)
+    assert saved == [1, 2, 4]  # the whole split's loss is not compared with a part's: the last one is best
+    assert callback.state_dict() == {"best": 2.2, "best_bpb": 2.2, "best_step": 4, "part": False}
 
 
 def test_train_writes_the_original_scripts_layout(workdir):
@@ -259,23 +272,47 @@ def test_time_budget_completes_the_schedule_and_the_final_checkpoint_by_the_dead
     assert train_recs[-1]["lr"] < 0.1 * peak
 
 
-def test_time_budget_reserves_the_final_validation_from_the_val_split_and_says_when_it_is_large(capsys):
+def budget_at_start(accumulate: int = 1, **choose):
     from types import SimpleNamespace
 
     from carlos.callbacks import TimeBudget
 
-    budget = TimeBudget(20.0, started=time.time() - 6.0, val_tokens=1_400_000, tokens_per_batch=4096)
-    trainer = SimpleNamespace(global_step=0, accumulate_grad_batches=1, world_size=1, is_global_zero=True)
-    module = SimpleNamespace(deadline_s=None)
+    budget = TimeBudget(20.0, started=time.time() - 6.0, val_tokens=1_400_000, tokens_per_batch=4096, **choose)
+    trainer = SimpleNamespace(global_step=30, accumulate_grad_batches=accumulate, world_size=1, is_global_zero=True)
+    trainer.sanity_checking = False
+    trainer.val_check_batch = 2**62
+    module = SimpleNamespace(deadline_s=None, eval_share=1.0, total_steps=lambda step: 1234.0)
     budget.on_train_start(trainer, module)
+    return budget, trainer, module
+
+
+def test_time_budget_reserves_the_final_validation_from_the_val_split_and_says_when_it_is_large(capsys):
+    budget, trainer, module = budget_at_start()
     assert budget.startup == pytest.approx(6.0, abs=0.5) and module.deadline_s == pytest.approx(13.0, abs=0.5)
-    budget._estimate(trainer, 20, 1.2)  # 81,920 tokens in 1.2 s: scoring 1.4M takes 0.3 x 20.5 s, + 0.5 s
+    budget._estimate(trainer, module, 20, 1.2)  # 81,920 tokens in 1.2 s: scoring 1.4M takes 0.3 x 20.5 s, + 0.5 s
     validation = 0.3 * 1_400_000 * 1.2 / 81_920 + 0.5
     assert budget.reserve == pytest.approx(1.5 * validation + 0.5)
+    assert trainer.val_check_batch == 2**62 and module.eval_share == 1.0  # eval_interval, eval_tokens: the user's
     out = capsys.readouterr().out
-    assert f"a validation will take about {validation:.0f} s, {validation / 20:.0%} of --max_time 20: prepare" in out
-    budget._estimate(trainer, 20, 0.12)  # ten times the pace: a small share, no word
+    assert out == (
+        f"a validation will take about {validation:.0f} s, {validation / 20:.0%} of --max_time 20: prepare a smaller "
+        "val split (--val_fraction), validate less often (--eval_interval) or give more time\n"
+    )
+    budget._estimate(trainer, module, 20, 0.12)  # ten times the pace: a small share, no word
     assert capsys.readouterr().out == ""
+
+
+def test_time_budget_chooses_about_ten_validations_and_the_share_of_the_val_split_they_score(capsys):
+    budget, trainer, module = budget_at_start(accumulate=2, interval=True, tokens=True)
+    budget._estimate(trainer, module, 20, 0.12)
+    validation = 0.3 * 1_400_000 * 0.12 / 163_840 + 0.5  # 0.81 s; ten of them within 10% of 20 s: 0.2 s each
+    assert trainer.val_check_batch == 123 * 2  # 1,234 steps / 10, in micro-batches
+    assert module.eval_share == pytest.approx(0.2 / validation)
+    out = capsys.readouterr().out
+    assert out.startswith("validating every 123 steps, about 10 times in this run, each on 25% of the 1,400,000 val ")
+    assert f"the last on all of them (about {validation:.1f} s); --eval_interval N and --eval_tokens N choose" in out
+    budget.on_validation_end(trainer, SimpleNamespace(validation_seconds=lambda: 0.2, eval_share=module.eval_share))
+    assert budget.reserve == pytest.approx(1.5 * validation + 0.5)  # the last validation scores all of the split
 
 
 def test_schedule_horizon_follows_elapsed_time(workdir):
