@@ -167,7 +167,8 @@ def render_suite(head: list[str], against: list[str], rows: list[dict]) -> str:
         *head,
         f"Each cell: the median over seeds of `carlos train --max_time B` then `carlos eval --split test --adapt` of "
         f'its best checkpoint. "against": the defaults plus `{" ".join(against) or "(nothing)"}`. "adaptive": '
-        "the defaults' `--adapt` score; xz and PPMd: the compressors of `carlos eval` on the same test split.",
+        "the defaults' `--adapt` score (dynamic evaluation mixed with the n-gram); xz and PPMd: the compressors "
+        "of `carlos eval` on the same test split.",
         "",
         "| corpus | train bytes | budget | against: test bpb | defaults: test bpb | better by | seeds won "
         "| val bpb against / defaults | epochs (defaults) | adaptive | xz -9e | PPMd |",
