@@ -753,7 +753,12 @@ CASES = [
     Case("grad-accum", "grad_accum_steps <= 0", ["train", "--grad_accum_steps", "0"], "must be > 0"),
     Case("max-steps", "max_steps <= 0 without a time budget", ["train", "--max_steps", "0"], "must be > 0 unless"),
     Case("max-time", "max_time not a duration", ["train", "--max_time", "soon"], "is not a duration"),
-    Case("intervals", "eval_interval <= 0", ["train", "--eval_interval", "0"], "eval_interval must be > 0"),
+    Case(
+        "intervals",
+        "eval_interval <= 0",
+        ["train", "--eval_interval", "0"],
+        "eval_interval (--eval_interval) must be a whole",
+    ),
     Case("grad-clip", "grad_clip <= 0", ["train", "--grad_clip", "0"], "gradient_clip_val must be > 0"),
     Case("resume-value", "resume not false, true or auto", ["train", "resume=maybe"], "resume must be false"),
     Case(
