@@ -112,7 +112,7 @@ def test_a_terminal_gets_one_bar_counting_optimizer_steps_with_the_latest_number
 def test_help_lists_the_flags_with_meaning_and_default_and_only_the_commands_groups(tmp_path):
     p = subprocess.run([CARLOS, "train", "--help"], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert "--overwrite         delete an earlier run's outputs (never the prepared data) and start over " in p.stdout
-    assert "(default false)" in p.stdout and "--eval_interval" in p.stdout and "(default 250)" in p.stdout
+    assert "(default false)" in p.stdout and "--ckpt_interval" in p.stdout and "(default 500)" in p.stdout
     assert "  model: baseline (default), medium, modern" in p.stdout
     assert "  logger: csv, tensorboard, wandb  (none by default)" in p.stdout
     p = subprocess.run([CARLOS, "sample", "--help"], cwd=tmp_path, capture_output=True, text=True, check=True)
