@@ -212,7 +212,7 @@ def check(command: str, cfg, overrides: list[str], multirun: bool = False) -> No
     """A composed config (without Hydra's node) against the command's schema, and the rules across keys
     that hold before anything runs."""
     parsed = parse(cfg, SCHEMAS[command])
-    slurm = any(o.replace(" ", "") == "hydra/launcher=submitit_slurm" for o in overrides)
+    slurm = any(o.replace(" ", "").startswith("hydra/launcher=submitit_slurm") for o in overrides)  # or _cpu
     if command == "train" and multirun:
         parsed.check_in_sweep(ranks_started=slurm)
     if command == "bench":

@@ -426,8 +426,8 @@ class TrainConfig:
         if self.trainer.several_processes and not ranks_started:
             raise CarlosError(
                 f"trainer.devices={self.trainer.devices} (DDP) cannot run inside a multirun job on this launcher: use "
-                "hydra/launcher=submitit_slurm with hydra.launcher.tasks_per_node equal to trainer.devices, "
-                "or run it on its own without -m"
+                "hydra/launcher=submitit_slurm (or submitit_slurm_cpu) with hydra.launcher.tasks_per_node equal to "
+                "trainer.devices, or run it on its own without -m"
             )
 
 
