@@ -87,8 +87,8 @@ def hydra_quote(value: str) -> str:
 def _format(key: str, value: str, default: Any, sweep: bool = False) -> str:
     if sweep and key in CHOICE_KEYS and "," in value:  # -m --precision 32-true,bf16-mixed: one job per value
         return f"{key}={','.join(hydra_quote(v.strip()) for v in value.split(','))}"
-    if key in TEXT_KEYS or isinstance(default, str):
-        return f"{key}={hydra_quote(value)}"
+    if key in TEXT_KEYS or (isinstance(default, str) and not (default == "auto" and re.fullmatch(NUMBER, value))):
+        return f"{key}={hydra_quote(value)}"  # text; a number where auto is the default stays a number
     if PLAIN_VALUE.match(value) or SWEEP_FUNCTION.match(value):
         return f"{key}={value}"
     return f"{key}={hydra_quote(value)}"

@@ -387,3 +387,14 @@ def test_a_workdir_named_with_bytes_that_are_not_utf8_prints_as_those_bytes_on_a
     assert done.value.code == 0 and (odd / "splits.json").is_file()
     assert out.buffer.getvalue().startswith(b"prepared " + os.fsencode(odd) + b": train ")  # as ls shows it
     assert out.errors == "strict"  # given back when the command ended
+
+
+def test_a_number_given_to_a_flag_whose_default_is_auto_is_a_number():
+    from carlos.cli import translate
+    from carlos.compose import compose
+    from carlos.config import config_keys
+
+    defaults = config_keys(compose("train", []))
+    args = ["--weight_decay", "0.1", "--eval_interval", "5", "--eval_tokens", "auto", "--run", "7"]
+    _, overrides = translate("train", args, defaults)
+    assert overrides == ["optimizer.weight_decay=0.1", "eval_interval=5", "eval_tokens='auto'", "run='7'"]
