@@ -483,8 +483,7 @@ def _terminal_shape(_file) -> tuple[int, int]:
     """The terminal's columns and lines, the standard library's way: tqdm reads a terminal that reports 0
     columns and lines (some CI terminals, `script`) as -1 x -1 and then draws nothing; shutil falls back
     to $COLUMNS and $LINES, or 80 x 24."""
-    columns, lines = shutil.get_terminal_size()
-    return columns, lines
+    return tuple(shutil.get_terminal_size())
 
 
 class ProgressBar(TQDMProgressBar):

@@ -330,10 +330,8 @@ def files_read(files: list[dict], left_out: dict[str, list[str]]) -> str:
     why = []
     for reason, paths in left_out.items():
         if paths:
-            named = ", ".join(printable(p) for p in paths[:3]) + (
-                f" and {len(paths) - 3:,} more" if len(paths) > 3 else ""
-            )
-            why.append(f"{len(paths):,} {reason} ({named})")
+            more = f" and {len(paths) - 3:,} more" if len(paths) > 3 else ""
+            why.append(f"{len(paths):,} {reason} ({', '.join(printable(p) for p in paths[:3])}{more})")
     return line + ("; left out: " + "; ".join(why) if why else "")
 
 
