@@ -5,6 +5,7 @@ loss and tokens/s."""
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import signal
 import sys
@@ -479,11 +480,17 @@ def _agreed(trainer: L.Trainer, seconds: float, deadline: float) -> tuple[float,
     return both[0].item(), -both[1].item()
 
 
-def _terminal_shape(_file) -> tuple[int, int]:
-    """The terminal's columns and lines, the standard library's way: tqdm reads a terminal that reports 0
-    columns and lines (some CI terminals, `script`) as -1 x -1 and then draws nothing; shutil falls back
-    to $COLUMNS and $LINES, or 80 x 24."""
-    return tuple(shutil.get_terminal_size())
+def _terminal_shape(file) -> tuple[int, int]:
+    """The terminal's columns and lines as the terminal reports them; where it reports 0 (some CI
+    terminals, `script`), which tqdm reads as -1 x -1 and then draws nothing, the standard library's
+    fallback: $COLUMNS and $LINES, or 80 x 24. The terminal comes first because a $COLUMNS left in the
+    environment is often stale."""
+    try:
+        columns, lines = os.get_terminal_size(file.fileno())
+    except (AttributeError, ValueError, OSError):  # not a file, closed, or not a terminal
+        columns = lines = 0
+    fallback = shutil.get_terminal_size()
+    return columns or fallback.columns, lines or fallback.lines
 
 
 class ProgressBar(TQDMProgressBar):

@@ -95,7 +95,7 @@ def test_a_terminal_gets_one_bar_counting_optimizer_steps_with_the_latest_number
     reader.start()
     argv = [CARLOS, "train", "--workdir", "w", *TINY, "--max_steps", "20", "--eval_interval", "10"]
     argv += ["--log_interval", "5", "trainer.accumulate_grad_batches=2"]
-    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env = {**os.environ, "WANDB_MODE": "disabled", "COLUMNS": "40"}  # stale, as CI machines leave it: the terminal wins
     p = subprocess.run(argv, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, env=env)
     os.close(terminal)
     reader.join(30)
