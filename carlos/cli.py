@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from carlos.compose import compose, conf_dir, prefer_carlos_hydra_configs, validate
+from carlos.compose import compose, conf_dir, ready_hydra, validate
 from carlos.config import SCHEMAS, config_keys, text_keys
 from carlos.errors import CarlosError, guarded, nearest, stop_handlers
 from carlos.openmp import choose_wait_policy
@@ -264,7 +264,7 @@ def run_hydra(command: str, hydra_args: list[str], overrides: list[str]) -> Any:
     sys.argv = [argv[0], *hydra_args, *overrides]
     # Lightning's DDP re-runs this command line for the other ranks without the command's name
     os.environ["CARLOS_COMMAND"] = command
-    prefer_carlos_hydra_configs()
+    ready_hydra()
     try:
         with refusals():  # a SLURM sweep that sbatch refuses: one line, not Hydra's traceback
             return app()

@@ -22,16 +22,19 @@ def conf_dir() -> Path:
     raise CarlosError(f"carlos's configs are missing (looked in {here / 'conf'}); reinstall carlos")
 
 
-def prefer_carlos_hydra_configs() -> None:
-    """conf/hydra/<group>/<name>.yaml (the Optuna sweeper's search space, the SLURM launcher's settings)
-    replace the plugins' registered configs of the same name. Hydra would otherwise use the registered
-    one as the file's schema: deprecated since Hydra 1.1, and refused when that schema has a defaults
-    list, as Optuna's has. The plugins register when Hydra's plugin scan runs their modules, once a
-    process: so the scan runs here first, then the entries that carlos's files replace are dropped."""
+def ready_hydra() -> None:
+    """Hydra made ready for carlos, before it reads an override or a config:
+    - conf/hydra/<group>/<name>.yaml (the Optuna sweeper's search space, the SLURM launcher's settings)
+      replace the plugins' registered configs of the same name. Hydra would otherwise use the registered
+      one as the file's schema: deprecated since Hydra 1.1, and refused when that schema has a defaults
+      list, as Optuna's has. The plugins register when Hydra's plugin scan runs their modules, once a
+      process: so the scan runs here first, then the entries that carlos's files replace are dropped.
+    - a list in an override (prepare's many files) is parsed in time linear in its length."""
     from hydra.core.plugins import Plugins
 
-    from carlos.private import drop_registered
+    from carlos.private import drop_registered, parse_overrides_fast
 
+    parse_overrides_fast()
     Plugins.instance()  # the scan (later calls return the same instance and do not scan again)
     root = conf_dir() / "hydra"
     for path in root.rglob("*.yaml"):
@@ -45,7 +48,7 @@ def _hydra():
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    prefer_carlos_hydra_configs()
+    ready_hydra()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
             yield GlobalHydra.instance()
@@ -157,6 +160,7 @@ def _first_of_each_sweep(overrides: list[str]) -> list[str]:
     space (hydra.sweeper.params) left to the sweeper."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    ready_hydra()
     parser = OverridesParser.create()
     single = []
     for text in overrides:

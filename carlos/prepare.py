@@ -331,6 +331,7 @@ def files_read(files: list[dict], left_out: dict[str, list[str]]) -> str:
     for reason, paths in left_out.items():
         if paths:
             more = f" and {len(paths) - 3:,} more" if len(paths) > 3 else ""
+            reason += "s" if reason == "duplicate" and len(paths) > 1 else ""  # the one reason that is a noun
             why.append(f"{len(paths):,} {reason} ({', '.join(printable(p) for p in paths[:3])}{more})")
     return line + ("; left out: " + "; ".join(why) if why else "")
 

@@ -143,6 +143,15 @@ def test_prepare_says_how_many_files_it_read_and_what_it_left_out_and_why(texts,
     )  # one file: as it always was
 
 
+def test_the_left_out_files_are_counted_in_words():
+    from carlos.prepare import files_read
+
+    one = files_read([{"bytes": 5}], {"duplicate": ["b (the same file as a)"], "empty": []})
+    assert one == "read 1 file, 5 bytes; left out: 1 duplicate (b (the same file as a))"
+    many = files_read([{"bytes": 5}] * 2, {"duplicate": ["b", "c"], "hidden": [".1", ".2", ".3", ".4", ".5"]})
+    assert many == "read 2 files, 10 bytes; left out: 2 duplicates (b, c); 5 hidden (.1, .2, .3 and 2 more)"
+
+
 def test_the_workdir_inside_the_input_directory_is_not_read(texts, capsys):
     assert run(["prepare", "--input", "texts", "--workdir", "texts/w", "--seq_len", "16"], capsys)[0] == 0
     assert run(["train", "--workdir", "texts/w", "--max_steps", "2", "--sample_tokens", "4"], capsys)[0] == 0

@@ -48,3 +48,30 @@ def test_hydra_config_store_still_keeps_plugin_configs_by_group_and_file_name():
     assert "carlos_private_test.yaml" in launchers, "Hydra's ConfigStore.repo changed its layout"
     private.drop_registered(("launcher",), "carlos_private_test.yaml")
     assert "carlos_private_test.yaml" not in launchers
+
+
+def test_hydra_overrides_parsed_once_and_lists_in_one_pass_hold_hydras_own_results(monkeypatch):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.overrides_visitor import HydraOverrideVisitor
+    from hydra.grammar.gen.OverrideParser import OverrideParser
+
+    private.parse_overrides_fast()
+    one_pass, once = HydraOverrideVisitor.visitListContainer, OverridesParser.parse_rule
+    assert hasattr(one_pass, "hydra") and hasattr(once, "hydra"), "Hydra's parser was not changed"
+    text = "input=['a b.txt',x.txt,[1,2.5,null,[]],{k: v},int(3),'c,d',\"e\",${x},[]]"
+    parser = OverridesParser.create()
+
+    def indexed(*_):  # the quadratic way: every ctx.element(i) scans from the first child
+        raise AssertionError("a list was read element by element through ctx.element(i)")
+
+    with monkeypatch.context() as m:
+        m.setattr(OverrideParser.ListContainerContext, "element", indexed)
+        ours = parser.parse_override(text)
+    ours.value()[2].append("changed by its caller")
+    with monkeypatch.context() as m:  # parsed already: the text is not read again, and the copy is new
+        m.setattr(OverrideParser, "override", indexed)
+        again = parser.parse_override(text)
+    monkeypatch.setattr(HydraOverrideVisitor, "visitListContainer", one_pass.hydra)
+    monkeypatch.setattr(OverridesParser, "parse_rule", once.hydra)
+    hydras = parser.parse_override(text)
+    assert again == hydras and len(again.value()) == 9 and again.value()[2] == [1, 2.5, None, []], again

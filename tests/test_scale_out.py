@@ -191,10 +191,10 @@ def compose_hydra_launcher(tmp_path):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from carlos.compose import conf_dir, prefer_carlos_hydra_configs
+    from carlos.compose import conf_dir, ready_hydra
 
     GlobalHydra.instance().clear()
-    prefer_carlos_hydra_configs()
+    ready_hydra()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
             cfg = hydra_compose(
