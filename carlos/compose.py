@@ -29,7 +29,8 @@ def ready_hydra() -> None:
       one as the file's schema: deprecated since Hydra 1.1, and refused when that schema has a defaults
       list, as Optuna's has. The plugins register when Hydra's plugin scan runs their modules, once a
       process: so the scan runs here first, then the entries that carlos's files replace are dropped.
-    - a list in an override (prepare's many files) is parsed in time linear in its length."""
+    - each override is parsed once, and a list in one (prepare's many files) in time linear in its length
+      (private.parse_overrides_fast)."""
     from hydra.core.plugins import Plugins
 
     from carlos.private import drop_registered, parse_overrides_fast
