@@ -389,11 +389,11 @@ class TimeBudget(StepCallback):
     VAL_SHARE = 0.1
 
     def __init__(
-        self, max_time_s: float, started: float, val_tokens: int, tokens_per_batch: int, **choose: bool
+        self, max_time_s: float, started: float, val_tokens: int, tokens_per_batch: int, *, interval=False, tokens=False
     ) -> None:
         self.max_time, self.started = max_time_s, started
         self.val_tokens, self.tokens_per_batch = val_tokens, tokens_per_batch
-        self.choose_interval, self.choose_tokens = choose.get("interval", False), choose.get("tokens", False)
+        self.choose_interval, self.choose_tokens = interval, tokens  # eval_interval, eval_tokens: auto
         self.reserve = self.final_reserve = 0.05 * max_time_s
         self.startup = 0.0
         self.longest_val = 0.0

@@ -378,11 +378,9 @@ class TrainConfig:
                 "--init_from is empty; give a checkpoint path, or leave the flag out to train from scratch"
             )
         for name in ("eval_interval", "eval_tokens"):
-            value = getattr(self, name)  # a flag's value comes as text: its default, auto, is text
-            value = int(value) if isinstance(value, str) and value.strip().isdigit() else value
+            value = getattr(self, name)
             if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise CarlosError(f"{name} (--{name}) must be a whole number > 0 or auto, got {value!r}")
-            setattr(self, name, value)
         for name in ("ckpt_interval", "log_interval"):
             _positive(name, getattr(self, name))
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
